@@ -1,0 +1,3 @@
+from influencespace.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,170 @@
+"""Command line: ``influencespace run|demo|<stage>|data|report|config``.
+
+Only argparse and the standard library are imported at start, so ``--help`` is instant; each command
+imports what it needs. Errors a user can act on print one message and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+STAGE_COMMANDS = ("embed", "cluster", "influence", "curate", "train", "evaluate")
+
+
+def _add_config_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    if default is None:
+        parser.add_argument("config", help="preset name (demo, test, cluster) or YAML file (local or s3://)")
+    else:
+        parser.add_argument("config", nargs="?", default=default, help=f"preset or YAML file (default: {default})")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set cluster.k=4096 (repeatable)",
+    )
+
+
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="replace stage results made with another config")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from influencespace import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="influencespace",
+        description="Influence-guided curation of image–text training sets on Ray.",
+    )
+    parser.add_argument("--version", action="version", version=f"influencespace {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the pipeline (every implemented stage, or --stages)")
+    _add_config_args(p)
+    _add_run_args(p)
+    p.add_argument("--stages", help="comma-separated stages to run, e.g. data,embed")
+
+    p = sub.add_parser("demo", help="run the pipeline on the built-in benchmark (local Ray, CPU)")
+    _add_config_args(p, default="demo")
+    _add_run_args(p)
+
+    for stage in STAGE_COMMANDS:
+        p = sub.add_parser(stage, help=f"run the {stage} stage alone (its inputs must have finished)")
+        _add_config_args(p)
+        _add_run_args(p)
+
+    p = sub.add_parser("data", help="build benchmark data")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    b = data_sub.add_parser("build", help="build a benchmark data set")
+    b.add_argument("dataset", choices=["fashion-captions"], help="which benchmark")
+    b.add_argument("--out", required=True, help="output directory (local or s3://)")
+    b.add_argument("--size", default="small", choices=["tiny", "small", "full"], help="size preset (default: small)")
+    b.add_argument("--format", default="parquet", choices=["parquet", "webdataset"], help="format of the pool")
+    b.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a builder setting, e.g. --set seed=3 --set pool_size=1000",
+    )
+
+    p = sub.add_parser("report", help="rebuild the report of a run from its artifacts")
+    p.add_argument("run_dir", help="run directory (local or s3://)")
+
+    p = sub.add_parser("config", help="show or validate a configuration")
+    cfg_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    for action, text in (("show", "print the resolved configuration as YAML"), ("validate", "check a configuration")):
+        c = cfg_sub.add_parser(action, help=text)
+        _add_config_args(c, default="demo")
+
+    p = sub.add_parser("stages", help="list the pipeline stages and which are implemented")
+    return parser
+
+
+def _run(config_source: str, overrides: list[str], stages: list[str] | None, overwrite: bool) -> int:
+    from influencespace.config import load_config
+    from influencespace.stages import missing_stages, run_pipeline
+
+    config = load_config(config_source, overrides)
+    print(f"run directory: {config.run_dir}")
+    run_pipeline(config, stages, overwrite=overwrite)
+    if stages is None and missing_stages():
+        print(
+            "note: these stages are not implemented yet and were not run: " + ", ".join(missing_stages()),
+        )
+    print(f"done: artifacts in {config.run_dir}")
+    return 0
+
+
+def _data_build(args: argparse.Namespace) -> int:
+    from influencespace import storage
+    from influencespace.config import benchmark_config
+    from influencespace.datasets.benchmark import SIZES, build_fashion_captions, write_splits
+
+    cfg = benchmark_config(SIZES[args.size], args.overrides, origin=f"data build --size {args.size}")
+    storage.configure()
+    print(f"building fashion-captions ({args.size}: pool {cfg.pool_size}, seed {cfg.seed}) into {args.out}")
+    splits = build_fashion_captions(cfg)
+    write_splits(splits, args.out, cfg.shard_rows, fmt=args.format)
+    for key, value in splits.counts.items():
+        print(f"  {key:18s} {value}")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from influencespace.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.config_command == "show":
+        print(config.to_yaml(), end="")
+    else:
+        print(f"{args.config}: valid")
+    return 0
+
+
+def _stages() -> int:
+    from influencespace.stages import PIPELINE, STAGE_CLASSES
+
+    for name in PIPELINE:
+        print(f"{name:10s} {'implemented' if name in STAGE_CLASSES else 'not implemented yet'}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from influencespace.errors import InfluenceSpaceError
+    from influencespace.stages import STAGE_CLASSES
+
+    if "report" not in STAGE_CLASSES:
+        raise InfluenceSpaceError(f"cannot rebuild the report of {args.run_dir}: the report stage is not implemented yet")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from influencespace.errors import InfluenceSpaceError
+
+    try:
+        if args.command == "run":
+            stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
+            return _run(args.config, args.overrides, stages, args.overwrite)
+        if args.command == "demo":
+            return _run(args.config, args.overrides, None, args.overwrite)
+        if args.command in STAGE_COMMANDS:
+            return _run(args.config, args.overrides, [args.command], args.overwrite)
+        if args.command == "data":
+            return _data_build(args)
+        if args.command == "config":
+            return _config(args)
+        if args.command == "stages":
+            return _stages()
+        if args.command == "report":
+            return _report(args)
+    except InfluenceSpaceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""Typed, validated pipeline configuration.
+
+One frozen pydantic model per stage, gathered in :class:`PipelineConfig`. A config is loaded from a
+preset shipped with the package (``demo``, ``test``, ``cluster``) or from any YAML file (local or
+``s3://``), then dotted overrides are applied (``--set cluster.k=4096``). Unknown keys are errors, and
+every error names the key, the value given and what is allowed.
+
+Fields marked ``execution_only`` (batch sizes, actor counts, ...) change how fast a stage runs, not
+what it produces, so they are left out of the stage fingerprint: changing them does not invalidate
+finished stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from influencespace.errors import ConfigError
+
+PRESETS = ("demo", "test", "cluster")
+
+
+def _execution_only(**kwargs: Any) -> Any:
+    """A field that does not change a stage's output (excluded from fingerprints)."""
+    return Field(json_schema_extra={"execution_only": True}, **kwargs)
+
+
+class Section(BaseModel):
+    """Base for every config section: frozen, no unknown keys, defaults validated too."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    def fingerprint_payload(self) -> dict[str, Any]:
+        """The section as plain data, without execution-only fields (recursively)."""
+        out: dict[str, Any] = {}
+        for name, field in type(self).model_fields.items():
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            if extra.get("execution_only"):
+                continue
+            value = getattr(self, name)
+            out[name] = value.fingerprint_payload() if isinstance(value, Section) else _plain(value)
+        return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+class RuntimeConfig(Section):
+    """Where and how stages run."""
+
+    runner: Literal["ray", "local"] = Field(
+        "ray", description="'ray': stages run on a Ray cluster; 'local': in this process (tests, debugging)."
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join ('auto' inside `ray job submit`); None starts a local Ray on 127.0.0.1."
+    )
+    num_cpus: int | None = _execution_only(default=None, ge=1, description="CPUs for a local Ray (None: all).")
+    use_gpu: bool = Field(False, description="Place GPU work (embed actors, training workers) on GPUs.")
+    progress: bool = _execution_only(default=True, description="Show progress bars.")
+
+
+class StorageConfig(Section):
+    """Object-store settings; credentials come only from the environment or the instance role."""
+
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (e.g. http://127.0.0.1:8333); default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL."
+    )
+    s3_region: str | None = Field(None, description="S3 region; default: $AWS_REGION / $AWS_DEFAULT_REGION.")
+    retries: int = _execution_only(default=5, ge=0, le=50, description="Attempts per S3 request before failing.")
+
+
+class BenchmarkDataConfig(Section):
+    """The fashion-captions benchmark (see docs/benchmark-data.md): real images, planted defects."""
+
+    pool_size: int = Field(6000, ge=100, le=1_000_000, description="Rows in the pool to curate.")
+    validation_size: int = Field(600, ge=20, description="Trusted, group-balanced validation rows (held-out train images).")
+    test_size: int = Field(2000, ge=20, le=10_000, description="Test rows from the 10k test images, minority style on half.")
+    duplicate_fraction: float = Field(0.2, ge=0.0, lt=0.9, description="Share of the pool that are near-duplicate copies.")
+    duplicate_sources: int | None = Field(
+        None, ge=1, description="Distinct source pairs the duplicates copy (None: about 0.6% of the pool, at least 2)."
+    )
+    random_caption_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="Share with a caption of a random other class.")
+    swap_caption_fraction: float = Field(
+        0.05, ge=0.0, lt=0.3, description="Share with systematically swapped captions inside visual slices (harmful clusters)."
+    )
+    corrupted_image_fraction: float = Field(0.01, ge=0.0, lt=0.5, description="Share of images replaced by noise or blanks.")
+    undecodable_count: int = Field(5, ge=0, description="Rows whose image bytes cannot be decoded.")
+    minority_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="Share of the pool in the minority style (inverted polarity).")
+    seed: int = Field(0, description="Seed for every random choice of the builder.")
+    shard_rows: int = _execution_only(default=2000, ge=10, description="Rows per Parquet shard.")
+    fashion_mnist_dir: str = Field(
+        "/usr/share/datasets/fashion-mnist", description="Directory with the four Fashion-MNIST IDX .gz files."
+    )
+    wordnet_dir: str = Field("/usr/share/wordnet", description="Directory with WordNet's index.noun and data.noun.")
+
+    @model_validator(mode="after")
+    def _fractions_fit(self) -> BenchmarkDataConfig:
+        noise = self.random_caption_fraction + self.swap_caption_fraction + self.corrupted_image_fraction
+        if self.duplicate_fraction + noise + self.minority_fraction >= 0.95:
+            raise ValueError(
+                "duplicate_fraction + random_caption_fraction + swap_caption_fraction + corrupted_image_fraction + "
+                "minority_fraction must stay below 0.95 so that clean rows remain"
+            )
+        return self
+
+
+class DataConfig(Section):
+    """Input pairs: the built-in benchmark, or the user's Parquet / WebDataset (local or s3://)."""
+
+    source: Literal["benchmark", "parquet", "webdataset"] = Field(
+        "benchmark", description="'benchmark' builds the fashion-captions set into the run directory."
+    )
+    uri: str | None = Field(None, description="Input pairs (directory or file, local or s3://) when source is not 'benchmark'.")
+    validation_uri: str | None = Field(None, description="Trusted validation pairs for user data (needed by influence).")
+    test_uri: str | None = Field(None, description="Test pairs for user data (needed by evaluate).")
+    benchmark: BenchmarkDataConfig = BenchmarkDataConfig()
+
+    @model_validator(mode="after")
+    def _uri_given(self) -> DataConfig:
+        if self.source != "benchmark" and not self.uri:
+            raise ValueError(f"data.uri is required when data.source is '{self.source}' (where the input pairs are)")
+        return self
+
+
+class EmbedConfig(Section):
+    """Stage 1: x = f(v, t) into one cross-modal space."""
+
+    model: Literal["offline-default", "open_clip"] = Field(
+        "offline-default", description="'offline-default': EfficientNet-Lite0 + MiniLM with aligned heads; 'open_clip': by name."
+    )
+    open_clip_model: str = Field("ViT-B-32", description="open_clip architecture name (model='open_clip').")
+    pretrained: str | None = Field(None, description="open_clip pretrained tag (needs hub access) or checkpoint path/URI.")
+    fusion: Literal["concat", "sum"] = Field("concat", description="f(v,t): normalised concatenation or weighted sum.")
+    image_weight: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the image embedding in the fusion.")
+    dtype: Literal["float16", "float32"] = Field("float16", description="Stored embedding dtype.")
+    batch_size: int = _execution_only(default=128, ge=1, description="Pairs per encoder batch.")
+    num_actors: int = _execution_only(default=1, ge=1, description="Encoder actors (one GPU each when use_gpu).")
+    rows_per_shard: int = _execution_only(default=4096, ge=1, description="Rows per output shard.")
+
+
+class ClusterConfig(Section):
+    """Stage 2: distributed k-means."""
+
+    k: int = Field(64, ge=2, description="Number of clusters.")
+    max_iter: int = Field(25, ge=1, description="Most Lloyd iterations.")
+    tol: float = Field(1e-4, ge=0.0, description="Stop when the relative objective change is below this.")
+    spherical: bool = Field(True, description="Cosine k-means on normalised embeddings.")
+    seeding: Literal["kmeans++", "kmeans||", "random"] = Field("kmeans++", description="Initial centroids.")
+    seeding_sample: int = Field(100_000, ge=100, description="Points sampled for seeding.")
+    hierarchical: bool = Field(False, description="Two-level k-means: k_coarse clusters, then k/k_coarse inside each.")
+    k_coarse: int | None = Field(None, ge=2, description="Coarse clusters for hierarchical k-means (None: sqrt(k)).")
+    device: Literal["cpu", "gpu"] = Field("cpu", description="faiss index on CPU or GPU (no silent fallback).")
+    seed: int = Field(0, description="Seed for sampling and seeding.")
+    num_workers: int = _execution_only(default=2, ge=1, description="Assignment workers.")
+
+
+class InfluenceConfig(Section):
+    """Stage 3: per-cluster influence from sketched per-example gradients."""
+
+    task: str = Field("contrastive", description="Registered task: 'contrastive', 'probe' or a user task name.")
+    samples_per_cluster: int = Field(32, ge=1, description="m: examples sampled per cluster (all if the cluster is smaller).")
+    projection_dim: int = Field(512, ge=1, description="k: sketch dimension of the random projection.")
+    projection: Literal["gaussian", "sparse"] = Field("gaussian", description="Dense Gaussian or sparse JL projector.")
+    rank: int = Field(256, ge=1, description="r: eigenpairs kept from the sketched Fisher.")
+    damping: float = Field(0.1, gt=0.0, description="λ = damping × mean eigenvalue.")
+    proxy_steps: int = Field(200, ge=0, description="Warm-start steps of the proxy model on a random subset.")
+    checkpoints: int = Field(1, ge=1, description="Proxy checkpoints averaged over.")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence level of the per-cluster intervals.")
+    seed: int = Field(0, description="Seed of the projector and the sampling.")
+    dtype: Literal["float32", "float64"] = Field("float32", description="Gradient and sketch precision.")
+    num_workers: int = _execution_only(default=2, ge=1, description="Ray Train workers.")
+
+
+class CurateConfig(Section):
+    """Stage 4: turn cluster scores into a per-sample keep/weight manifest."""
+
+    keep_fraction: float = Field(0.6, gt=0.0, le=1.0, description="Data budget: share of the pool kept.")
+    min_weight: float = Field(0.25, gt=0.0, description="Lowest sampling weight of a kept row.")
+    max_weight: float = Field(4.0, ge=1.0, description="Highest sampling weight of a kept row.")
+    fairness_weight: float = Field(1.0, ge=0.0, description="How much the worst-off group's influence counts.")
+    dedup_threshold: float = Field(0.95, gt=0.0, le=1.0, description="Cosine above which pairs are near-duplicates (comparison policy).")
+    comparison_policies: tuple[Literal["random", "dedup", "clipscore"], ...] = Field(
+        ("random", "dedup", "clipscore"), description="Comparison policies curated at the same budget."
+    )
+    seed: int = Field(0, description="Seed for the random policy and tie-breaks.")
+
+    @model_validator(mode="after")
+    def _weights_ordered(self) -> CurateConfig:
+        if self.min_weight > 1.0 or self.min_weight > self.max_weight:
+            raise ValueError("curate.min_weight must be ≤ 1 ≤ curate.max_weight")
+        return self
+
+
+class TrainConfig(Section):
+    """Stage 5: DeepSpeed training inside Ray Train."""
+
+    epochs: int = Field(3, ge=1, description="Epochs over the full-data baseline; others get the same step count.")
+    batch_size: int = Field(128, ge=1, description="Global batch size.")
+    lr: float = Field(1e-3, gt=0.0, description="Learning rate.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision (fp32 on CPU).")
+    num_workers: int = _execution_only(default=2, ge=1, description="Ray Train workers.")
+    seed: int = Field(0, description="Seed of the model init and sampler.")
+
+
+class EvaluateConfig(Section):
+    """Evaluation and report."""
+
+    seeds: tuple[int, ...] = Field((0,), min_length=1, description="Training seeds; metrics are mean ± sd over them.")
+    budgets: tuple[float, ...] = Field((0.6,), min_length=1, description="Keep fractions for the reduction-vs-accuracy curve.")
+
+
+class PipelineConfig(Section):
+    """The whole pipeline. ``run_dir`` is where every stage writes (local path or s3://)."""
+
+    name: str = Field("run", description="A label for this run.")
+    run_dir: str = Field("runs/demo", description="Run directory (local path, file:// or s3://).")
+    runtime: RuntimeConfig = RuntimeConfig()
+    storage: StorageConfig = StorageConfig()
+    data: DataConfig = DataConfig()
+    embed: EmbedConfig = EmbedConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    influence: InfluenceConfig = InfluenceConfig()
+    curate: CurateConfig = CurateConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    def section_fingerprint(self, section: str) -> str:
+        """Stable hash of one section's output-relevant settings."""
+        payload = getattr(self, section).fingerprint_payload()
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(_plain(self.model_dump(mode="json")), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(source: str = "demo", overrides: list[str] | tuple[str, ...] = (), **storage: Any) -> PipelineConfig:
+    """Load a preset name or YAML file (local or s3://), apply ``key.path=value`` overrides, validate."""
+    raw = _read_source(source)
+    for override in overrides:
+        apply_override(raw, override)
+    return validate_config(raw, origin=source)
+
+
+def benchmark_config(base: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), origin: str = "<dict>") -> BenchmarkDataConfig:
+    """A benchmark-builder config from a size preset plus ``key=value`` overrides."""
+    raw = dict(base)
+    for override in overrides:
+        apply_override(raw, override)
+    try:
+        return BenchmarkDataConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, origin, BenchmarkDataConfig)) from None
+
+
+def validate_config(raw: dict[str, Any], origin: str = "<dict>") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, origin)) from None
+
+
+def preset_names() -> tuple[str, ...]:
+    return PRESETS
+
+
+def _read_source(source: str) -> dict[str, Any]:
+    if source in PRESETS:
+        text = resources.files("influencespace.presets").joinpath(f"{source}.yaml").read_text()
+        origin = f"preset '{source}'"
+    elif source.startswith("s3://"):
+        from influencespace import storage
+
+        text = storage.read_bytes(source).decode()
+        origin = source
+    else:
+        path = Path(source.removeprefix("file://"))
+        if not path.is_file():
+            raise ConfigError(
+                f"config '{source}' is neither a preset ({', '.join(PRESETS)}) nor an existing YAML file"
+            )
+        text = path.read_text()
+        origin = str(path)
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin} must hold a mapping of sections (runtime:, data:, embed:, ...), got {type(data).__name__}")
+    return data
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' must look like key.path=value, e.g. cluster.k=4096")
+    key, _, text = override.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override '{override}' has an empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{override}': '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _allowed_keys(loc: tuple[Any, ...], model: type[BaseModel]) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def format_validation_error(exc: ValidationError, origin: str, model: type[BaseModel] = PipelineConfig) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc, model)
+            lines.append(f"  {key}: unknown key; allowed here: {', '.join(allowed)}")
+            continue
+        message = err["msg"].removeprefix("Value error, ")
+        given = err.get("input")
+        shown = "" if isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"  {key}: {message}{shown}")
+    return "\n".join(lines)

@@ -1,0 +1,48 @@
+"""Ray start-up, chosen at the edge: stages never call ``ray.init`` themselves.
+
+A local Ray is bound to 127.0.0.1 (no service of ours listens on other interfaces) and started
+without the dashboard unless asked; inside ``ray job submit`` (``ray_address: auto``) the driver
+joins the existing cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+
+
+def ensure_ray(runtime: Any, include_dashboard: bool = False) -> None:
+    """Connect to (or start) Ray as ``runtime`` (a :class:`~influencespace.config.RuntimeConfig`) says."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Keep Ray on loopback for local clusters, and quiet about usage stats (no network here).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kwargs: dict[str, Any] = {"log_to_driver": True, "ignore_reinit_error": True}
+    if runtime.ray_address:
+        log.info("joining Ray cluster at %s", runtime.ray_address)
+        ray.init(address=runtime.ray_address, **kwargs)
+        return
+    log.info("starting a local Ray on %s (num_cpus=%s)", LOOPBACK, runtime.num_cpus or "all")
+    ray.init(
+        num_cpus=runtime.num_cpus,
+        include_dashboard=include_dashboard,
+        _node_ip_address=LOOPBACK,
+        **kwargs,
+    )
+
+
+def configure_data_context(progress: bool) -> None:
+    """Ray Data settings shared by every stage: progress bars on or off, deterministic block order."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    ctx.execution_options.preserve_order = True

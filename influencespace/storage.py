@@ -1,0 +1,284 @@
+"""One place that turns URIs into filesystems, and the few file operations every stage needs.
+
+URIs are plain local paths, ``file://`` paths or ``s3://bucket/key``. S3 goes through
+``pyarrow.fs.S3FileSystem`` (what Ray Data and pyarrow read and write with) and, where an fsspec
+filesystem is needed, ``s3fs``; both get the same endpoint, region and retry settings. Credentials are
+never passed around or logged here: both libraries take them from the standard AWS environment
+variables or the instance role.
+
+Endpoint override, first found wins: :func:`configure` (from ``storage.s3_endpoint_url``),
+``$AWS_ENDPOINT_URL_S3``, ``$AWS_ENDPOINT_URL``.
+
+Atomicity: :func:`write_bytes` and :func:`write_table` make a file appear whole or not at all. Locally
+they write a temporary sibling and rename it; on S3 an object only becomes visible when its (multipart)
+upload completes. Stages build on this: a shard that exists is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from influencespace.errors import StorageError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint_url: str | None = None
+    region: str | None = None
+    retries: int = 5
+
+
+_settings = S3Settings()
+
+
+def configure(endpoint_url: str | None = None, region: str | None = None, retries: int = 5) -> None:
+    """Set process-wide S3 settings (called once from the pipeline config)."""
+    global _settings
+    _settings = S3Settings(endpoint_url, region, retries)
+    _s3_pyarrow.cache_clear()
+    _s3_fsspec.cache_clear()
+
+
+def configure_from(storage_config: Any) -> None:
+    configure(storage_config.s3_endpoint_url, storage_config.s3_region, storage_config.retries)
+
+
+def current_settings() -> S3Settings:
+    """Settings with environment defaults filled in (what a Ray worker needs to rebuild the filesystem)."""
+    endpoint = _settings.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = _settings.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    return S3Settings(endpoint, region, _settings.retries)
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI with '/' (also for local paths)."""
+    if is_s3(uri):
+        return uri.rstrip("/") + "/" + "/".join(p.strip("/") for p in parts)
+    return posixpath.join(_local_path(uri), *parts)
+
+
+def _local_path(uri: str) -> str:
+    if uri.startswith("file://"):
+        return uri[len("file://") :]
+    if "://" in uri:
+        scheme = uri.split("://", 1)[0]
+        raise StorageError(f"unsupported URI scheme '{scheme}://' in '{uri}': use a local path, file:// or s3://")
+    return uri
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Return the pyarrow filesystem for ``uri`` and the path inside it."""
+    if is_s3(uri):
+        parsed = urlparse(uri)
+        if not parsed.netloc:
+            raise StorageError(f"'{uri}' names no bucket: use s3://bucket/prefix")
+        return _s3_pyarrow(current_settings()), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    import pyarrow.fs as pafs
+
+    return pafs.LocalFileSystem(), os.path.abspath(_local_path(uri))
+
+
+def fsspec_filesystem(uri: str) -> tuple[Any, str]:
+    """Return an fsspec filesystem (s3fs on S3) and the path inside it."""
+    if is_s3(uri):
+        parsed = urlparse(uri)
+        return _s3_fsspec(current_settings()), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    import fsspec
+
+    return fsspec.filesystem("file"), os.path.abspath(_local_path(uri))
+
+
+@lru_cache(maxsize=4)
+def _s3_pyarrow(settings: S3Settings) -> pafs.S3FileSystem:
+    import pyarrow.fs as pafs
+
+    kwargs: dict[str, Any] = {
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=max(1, settings.retries)),
+    }
+    if settings.region:
+        kwargs["region"] = settings.region
+    if settings.endpoint_url:
+        endpoint = urlparse(settings.endpoint_url)
+        if not endpoint.scheme or not endpoint.netloc:
+            raise StorageError(
+                f"S3 endpoint '{settings.endpoint_url}' must be a URL like http://127.0.0.1:8333 or https://s3.example.com"
+            )
+        kwargs["endpoint_override"] = endpoint.netloc
+        kwargs["scheme"] = endpoint.scheme
+        kwargs.setdefault("region", "us-east-1")
+    return pafs.S3FileSystem(**kwargs)
+
+
+@lru_cache(maxsize=4)
+def _s3_fsspec(settings: S3Settings) -> Any:
+    import s3fs
+
+    client_kwargs: dict[str, Any] = {}
+    if settings.region:
+        client_kwargs["region_name"] = settings.region
+    return s3fs.S3FileSystem(
+        endpoint_url=settings.endpoint_url,
+        client_kwargs=client_kwargs,
+        config_kwargs={"retries": {"max_attempts": max(1, settings.retries), "mode": "standard"}},
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# File operations
+
+
+def _wrap(action: str, uri: str, exc: Exception) -> StorageError:
+    return StorageError(f"could not {action} '{uri}': {exc}")
+
+
+def exists(uri: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = resolve(uri)
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as exc:
+        raise _wrap("check", uri, exc) from exc
+
+
+def is_file(uri: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = resolve(uri)
+    try:
+        return fs.get_file_info(path).type == pafs.FileType.File
+    except OSError as exc:
+        raise _wrap("check", uri, exc) from exc
+
+
+def list_files(uri: str, suffix: str = "", recursive: bool = False) -> list[str]:
+    """Sorted URIs of the files under a directory URI (hidden and temporary files left out)."""
+    import pyarrow.fs as pafs
+
+    fs, path = resolve(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=recursive))
+    except OSError as exc:
+        raise _wrap("list", uri, exc) from exc
+    out = []
+    for info in infos:
+        if info.type != pafs.FileType.File or not info.base_name.endswith(suffix):
+            continue
+        relative = info.path[len(path) :].lstrip("/")
+        if any(part.startswith((".", "_")) for part in relative.split("/")):
+            continue
+        out.append(join(uri, relative))
+    return sorted(out)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError as exc:
+        raise StorageError(f"'{uri}' does not exist") from exc
+    except OSError as exc:
+        raise _wrap("read", uri, exc) from exc
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` so that ``uri`` appears complete or not at all."""
+    fs, path = resolve(uri)
+    try:
+        if is_s3(uri):
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+            return
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise _wrap("write", uri, exc) from exc
+
+
+def read_json(uri: str) -> Any:
+    raw = read_bytes(uri)
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StorageError(f"'{uri}' is not valid JSON ({exc}); delete it or rerun with --overwrite") from None
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def write_table(table: pa.Table, uri: str, compression: str = "zstd") -> None:
+    """Write a Parquet file atomically."""
+    import pyarrow.parquet as pq
+
+    fs, path = resolve(uri)
+    try:
+        if is_s3(uri):
+            pq.write_table(table, path, filesystem=fs, compression=compression)
+            return
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        pq.write_table(table, tmp, compression=compression)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise _wrap("write", uri, exc) from exc
+
+
+def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """Read one Parquet file, or every ``*.parquet`` file under a directory, as one table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = [uri] if is_file(uri) else list_files(uri, ".parquet", recursive=True)
+    if not files:
+        raise StorageError(f"no Parquet files at '{uri}'")
+    tables = []
+    for file_uri in files:
+        fs, path = resolve(file_uri)
+        try:
+            tables.append(pq.read_table(path, filesystem=fs, columns=columns))
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise StorageError(f"could not read Parquet file '{file_uri}': {exc}") from exc
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def remove_tree(uri: str) -> None:
+    import pyarrow.fs as pafs
+
+    fs, path = resolve(uri)
+    try:
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif fs.get_file_info(path).type == pafs.FileType.File:
+            fs.delete_file(path)
+    except OSError as exc:
+        raise _wrap("delete", uri, exc) from exc
+
+
+def make_dirs(uri: str) -> None:
+    """Create a local directory (no-op on S3, where prefixes need no creating)."""
+    if not is_s3(uri):
+        os.makedirs(_local_path(uri), exist_ok=True)
