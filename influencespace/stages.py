@@ -159,6 +159,14 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _has_outputs(directory: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(directory)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
+    return any(info.type == pafs.FileType.File and info.base_name != STARTED for info in infos)
+
+
 @dataclass
 class StageOutcome:
     name: str
@@ -207,7 +215,8 @@ def run_stage(
         if previous == fp:
             status = "resumed"
             log.info("%s: resuming an interrupted run (fingerprint %s)", stage.name, fp)
-        elif overwrite:
+        elif overwrite or not _has_outputs(directory):
+            # Nothing was produced under the old config (e.g. it failed validating its input): start clean.
             storage.remove_tree(directory)
         else:
             raise StageStateError(

@@ -1,0 +1,90 @@
+import pytest
+
+from influencespace.config import PRESETS, load_config
+from influencespace.errors import ConfigError
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_load_and_validate(preset):
+    config = load_config(preset)
+    assert config.name == preset
+
+
+def test_dotted_override_sets_nested_value_with_yaml_types():
+    config = load_config("test", ["cluster.k=16", "cluster.spherical=false", "evaluate.seeds=[1, 2]"])
+    assert config.cluster.k == 16
+    assert config.cluster.spherical is False
+    assert config.evaluate.seeds == (1, 2)
+
+
+def test_errors_name_key_value_and_what_is_allowed():
+    with pytest.raises(ConfigError) as info:
+        load_config("test", ["cluster.k=1", "embed.fusion=max", "runtime.runner=slurm"])
+    message = str(info.value)
+    assert "cluster.k: Input should be greater than or equal to 2 (got 1)" in message
+    assert "embed.fusion: Input should be 'concat' or 'sum' (got 'max')" in message
+    assert "runtime.runner" in message and "'slurm'" in message
+
+
+def test_unknown_key_is_an_error_listing_allowed_keys():
+    with pytest.raises(ConfigError) as info:
+        load_config("test", ["cluster.kk=3"])
+    assert "cluster.kk: unknown key; allowed here: k, " in str(info.value)
+
+
+def test_unknown_section_is_an_error():
+    with pytest.raises(ConfigError, match="clusters: unknown key; allowed here: name, run_dir"):
+        load_config("test", ["clusters.k=3"])
+
+
+def test_cross_field_rules():
+    with pytest.raises(ConfigError, match="data.uri is required"):
+        load_config("test", ["data.source=parquet"])
+    with pytest.raises(ConfigError, match="min_weight"):
+        load_config("test", ["curate.min_weight=2.0"])
+
+
+def test_malformed_override_and_missing_file():
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config("test", ["cluster.k"])
+    with pytest.raises(ConfigError, match="neither a preset"):
+        load_config("/nonexistent/config.yaml")
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config("test", ["name.x=1"])
+
+
+def test_yaml_file_and_invalid_yaml(tmp_path):
+    good = tmp_path / "c.yaml"
+    good.write_text("name: mine\ncluster:\n  k: 5\n")
+    assert load_config(str(good)).cluster.k == 5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cluster: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(str(listy))
+
+
+def test_config_is_frozen():
+    config = load_config("test")
+    with pytest.raises(Exception):
+        config.cluster.k = 3  # type: ignore[misc]
+
+
+def test_fingerprint_ignores_execution_only_fields_but_not_results():
+    base = load_config("test")
+    faster = load_config("test", ["embed.batch_size=7", "embed.num_actors=3"])
+    different = load_config("test", ["embed.fusion=sum"])
+    assert base.section_fingerprint("embed") == faster.section_fingerprint("embed")
+    assert base.section_fingerprint("embed") != different.section_fingerprint("embed")
+
+
+def test_config_from_s3(s3_prefix):
+    from influencespace import storage
+
+    uri = f"{s3_prefix}/config.yaml"
+    storage.write_bytes(uri, b"name: remote\ncluster:\n  k: 9\n")
+    config = load_config(uri)
+    assert (config.name, config.cluster.k) == ("remote", 9)

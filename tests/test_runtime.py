@@ -1,0 +1,21 @@
+import pytest
+
+
+@pytest.mark.ray
+def test_local_ray_is_bound_to_loopback(ray_cluster):
+    nodes = ray_cluster.nodes()
+    assert nodes and all(node["NodeManagerAddress"] == "127.0.0.1" for node in nodes)
+    assert ray_cluster.cluster_resources()["CPU"] == 2
+
+
+@pytest.mark.ray
+def test_workers_inherit_s3_settings(ray_cluster, s3_prefix):
+    from influencespace import storage
+
+    @ray_cluster.remote
+    def write(uri):
+        storage.write_bytes(uri, b"from a worker")
+        return True
+
+    assert ray_cluster.get(write.remote(f"{s3_prefix}/w.bin"))
+    assert storage.read_bytes(f"{s3_prefix}/w.bin") == b"from a worker"
