@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     for action, text in (("show", "print the resolved configuration as YAML"), ("validate", "check a configuration")):
         c = cfg_sub.add_parser(action, help=text)
         _add_config_args(c, default="demo")
+    cfg_sub.add_parser("keys", help="list every key with its type, default and meaning (Markdown)")
 
     p = sub.add_parser("stages", help="list the pipeline stages and which are implemented")
     return parser
@@ -109,8 +110,11 @@ def _data_build(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from influencespace.config import load_config
+    from influencespace.config import keys_markdown, load_config
 
+    if args.config_command == "keys":
+        print(keys_markdown(), end="")
+        return 0
     config = load_config(args.config, args.overrides)
     if args.config_command == "show":
         print(config.to_yaml(), end="")

@@ -246,6 +246,27 @@ class PipelineConfig(Section):
         return yaml.safe_dump(_plain(self.model_dump(mode="json")), sort_keys=False)
 
 
+def keys_markdown() -> str:
+    """Every config key as a Markdown table (docs/configuration.md is generated from this)."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{prefix}{name}.")
+                continue
+            kind = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            note = " *(execution only: not part of the fingerprint)*" if extra.get("execution_only") else ""
+            meaning = (field.description or "") + note
+            cells = [f"`{prefix}{name}`", f"`{kind}`", f"`{_plain(field.default)!r}`", meaning]
+            rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+
+    walk(PipelineConfig, "")
+    return "\n".join(rows) + "\n"
+
+
 # --------------------------------------------------------------------------------------------------
 # Loading
 

@@ -88,3 +88,12 @@ def test_config_from_s3(s3_prefix):
     storage.write_bytes(uri, b"name: remote\ncluster:\n  k: 9\n")
     config = load_config(uri)
     assert (config.name, config.cluster.k) == ("remote", 9)
+
+
+def test_configuration_doc_lists_every_key_as_the_code_does():
+    from pathlib import Path
+
+    from influencespace.config import keys_markdown
+
+    doc = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    assert keys_markdown() in doc, "docs/configuration.md is stale: regenerate it with `influencespace config keys`"
