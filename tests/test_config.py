@@ -1,4 +1,5 @@
 import pytest
+from pydantic import ValidationError
 
 from influencespace.config import PRESETS, load_config
 from influencespace.errors import ConfigError
@@ -69,7 +70,7 @@ def test_yaml_file_and_invalid_yaml(tmp_path):
 
 def test_config_is_frozen():
     config = load_config("test")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         config.cluster.k = 3  # type: ignore[misc]
 
 
