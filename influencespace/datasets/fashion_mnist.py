@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from influencespace.errors import MissingDependencyError, InputDataError
+from influencespace.errors import InputDataError, MissingDependencyError
 
 CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
