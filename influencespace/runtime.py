@@ -31,7 +31,10 @@ def ensure_ray(runtime: Any, include_dashboard: bool = False) -> None:
         ray.init(address=runtime.ray_address, **kwargs)
         return
     log.info("starting a local Ray on %s (num_cpus=%s)", LOOPBACK, runtime.num_cpus or "all")
+    # address="local" always starts a fresh instance: a bare ray.init() would silently join whatever
+    # cluster `ray start` last left on this machine.
     ray.init(
+        address="local",
         num_cpus=runtime.num_cpus,
         include_dashboard=include_dashboard,
         _node_ip_address=LOOPBACK,
