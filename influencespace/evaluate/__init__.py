@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot accuracy, retrieval recall, group and fairness metrics, curation quality."""
