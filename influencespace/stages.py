@@ -247,7 +247,7 @@ def run_stage(
         "resumed": status == "resumed",
     }
     storage.write_json(success_uri, manifest)
-    log.info("%s: %s in %.1fs, counts %s", stage.name, status, manifest["seconds"], result.counts)
+    log.debug("%s: %s in %.1fs, counts %s", stage.name, status, manifest["seconds"], result.counts)
     return StageOutcome(stage.name, status, manifest)
 
 
