@@ -163,6 +163,11 @@ class ClusterConfig(Section):
     device: Literal["cpu", "gpu"] = Field("cpu", description="faiss index on CPU or GPU (no silent fallback).")
     seed: int = Field(0, description="Seed for sampling and seeding.")
     num_workers: int = _execution_only(default=2, ge=1, description="Assignment workers.")
+    worker_cpus: float = _execution_only(default=1.0, gt=0.0, description="CPUs per assignment worker (Ray actor).")
+    cache_shards: bool = _execution_only(
+        default=True,
+        description="Workers keep their shards in memory (rows×dim×4 B / num_workers each); false: re-read one shard at a time every pass.",
+    )
 
 
 class InfluenceConfig(Section):
@@ -179,6 +184,18 @@ class InfluenceConfig(Section):
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence level of the per-cluster intervals.")
     seed: int = Field(0, description="Seed of the projector and the sampling.")
     dtype: Literal["float32", "float64"] = Field("float32", description="Gradient and sketch precision.")
+    fisher: Literal["ggn", "empirical"] = Field(
+        "ggn", description="Curvature: exact Gauss–Newton of the cross-entropy loss, or the empirical Fisher (any loss)."
+    )
+    damping_floor: float = Field(1e-8, gt=0.0, description="Smallest λ, so an all-zero or singular curvature stays invertible.")
+    weight_decay: float = Field(1e-4, ge=0.0, description="L2 coefficient of the proxy; part of its Hessian (added to λ).")
+    proxy_rows: int = Field(10_000, ge=1, description="Random pool rows the proxy is warm-started on.")
+    proxy_batch_size: int = Field(256, ge=1, description="Minibatch of the proxy warm start.")
+    proxy_lr: float = Field(1e-2, gt=0.0, description="Adam learning rate of the proxy warm start.")
+    negatives: int = Field(31, ge=1, description="contrastive task: size of the fixed negative bank drawn from the pool.")
+    head_dim: int = Field(64, ge=1, description="contrastive task: width of the trainable projection heads.")
+    logit_scale: float = Field(10.0, gt=0.0, description="contrastive task: fixed inverse temperature of the logits.")
+    batch_size: int = _execution_only(default=32, ge=1, description="Examples per vmapped gradient chunk.")
     num_workers: int = _execution_only(default=2, ge=1, description="Ray Train workers.")
 
 
@@ -189,7 +206,12 @@ class CurateConfig(Section):
     min_weight: float = Field(0.25, gt=0.0, description="Lowest sampling weight of a kept row.")
     max_weight: float = Field(4.0, ge=1.0, description="Highest sampling weight of a kept row.")
     fairness_weight: float = Field(1.0, ge=0.0, description="How much the worst-off group's influence counts.")
-    dedup_threshold: float = Field(0.95, gt=0.0, le=1.0, description="Cosine above which pairs are near-duplicates (comparison policy).")
+    upweight_power: float = Field(
+        0.5, ge=0.0, le=2.0, description="Helpful under-represented clusters get weight (median size / size)^power."
+    )
+    worst_group: str | None = Field(
+        None, description="Group whose validation loss counts extra (None: the highest-loss group the influence stage measured)."
+    )
     comparison_policies: tuple[Literal["random", "dedup", "clipscore"], ...] = Field(
         ("random", "dedup", "clipscore"), description="Comparison policies curated at the same budget."
     )

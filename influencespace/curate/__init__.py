@@ -1,0 +1,1 @@
+"""Stage 4: curation policies and the per-sample manifest."""

@@ -1,0 +1,147 @@
+"""The ``curate`` stage: cluster scores + assignments → manifests for InfluenceSpace and comparison policies.
+
+Outputs (docs/architecture.md): ``manifest/`` (the InfluenceSpace policy), ``policies/<name>/`` for
+each comparison policy, ``cluster_decisions.parquet`` and ``summary.json``. Every input id appears
+exactly once in every manifest: rows the embed stage rejected are listed with ``keep = false`` and
+reason ``rejected: <why>`` (cluster -1), so nothing is silently dropped.
+
+Memory: the stage holds the per-sample columns it needs (id, cluster, distance, image–text cosine;
+the fused embeddings one cluster at a time for the dedup policy) — about 40 bytes per row plus one
+cluster's embeddings, so 1B rows need a ~40 GB driver. Cluster decisions themselves are k rows.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+from influencespace import storage
+from influencespace.curate import policy
+from influencespace.errors import InputDataError, StageStateError
+from influencespace.stages import Stage, StageContext, StageResult
+
+log = logging.getLogger(__name__)
+
+ROWS_PER_SHARD = 1_000_000
+
+
+def _read(uri: str, columns: list[str]) -> pd.DataFrame:
+    return storage.read_table(uri, columns=columns).to_pandas()
+
+
+def write_manifest(frame: pd.DataFrame, directory: str) -> None:
+    """Write a manifest sorted by id as Parquet shards (atomic per shard)."""
+    import pyarrow as pa
+
+    frame = frame.sort_values("id", kind="stable").reset_index(drop=True)
+    table = pa.Table.from_pandas(frame[policy.KEEP_COLUMNS], preserve_index=False)
+    for shard, start in enumerate(range(0, max(1, table.num_rows), ROWS_PER_SHARD)):
+        storage.write_table(table.slice(start, ROWS_PER_SHARD), storage.join(directory, f"part-{shard:05d}.parquet"))
+
+
+def manifest_summary(frame: pd.DataFrame) -> dict:
+    kept = frame[frame["keep"]]
+    return {
+        "rows": int(len(frame)),
+        "kept": int(len(kept)),
+        "removed": int(len(frame) - len(kept)),
+        "keep_fraction": float(len(kept) / max(1, len(frame))),
+        "mean_weight_kept": float(kept["weight"].mean()) if len(kept) else 0.0,
+        "max_weight": float(kept["weight"].max()) if len(kept) else 0.0,
+        "reasons": {str(k): int(v) for k, v in frame["reason"].value_counts().sort_index().items()},
+    }
+
+
+def _worst_group(ctx: StageContext) -> str | None:
+    configured = ctx.config.curate.worst_group
+    if configured:
+        return configured
+    losses = ctx.input_manifests["influence"].get("extra", {}).get("group_validation_loss") or {}
+    return max(losses, key=losses.get) if losses else None
+
+
+def _rejected_rows(ctx: StageContext) -> pd.DataFrame:
+    outputs = ctx.input_manifests["embed"].get("outputs", {})
+    if "rejects" not in outputs:
+        return pd.DataFrame(columns=policy.KEEP_COLUMNS)
+    uri = ctx.input_path("embed", "rejects")
+    if not storage.list_files(uri, ".parquet", recursive=True):
+        return pd.DataFrame(columns=policy.KEEP_COLUMNS)
+    rejects = _read(uri, ["id", "split", "reason"])
+    rejects = rejects[rejects["split"] == "pool"]
+    return pd.DataFrame({
+        "id": rejects["id"].to_numpy(), "cluster": -1, "keep": False, "weight": 0.0,
+        "reason": ("rejected: " + rejects["reason"].astype(str)).to_numpy(),
+    })
+
+
+class CurateStage(Stage):
+    name = "curate"
+    inputs = ("embed", "cluster", "influence")
+    section = "curate"
+
+    def run(self, ctx: StageContext) -> StageResult:
+        import pyarrow as pa
+
+        cfg = ctx.config.curate
+        assignments = _read(ctx.input_path("cluster", "assignments"), ["id", "cluster", "distance"])
+        scores = storage.read_table(ctx.input_path("influence", "scores")).to_pandas()
+        if assignments["id"].duplicated().any():
+            dup = assignments.loc[assignments["id"].duplicated(), "id"].iloc[0]
+            raise InputDataError(f"cluster assignments list id '{dup}' more than once; rerun the cluster stage")
+        missing = {"cluster", "influence", "ci_low", "ci_high"} - set(scores.columns)
+        if missing:
+            raise StageStateError(f"influence scores lack column(s) {', '.join(sorted(missing))}; rerun the influence stage")
+        rejected = _rejected_rows(ctx)
+        params = policy.PolicyParams(
+            keep_fraction=cfg.keep_fraction, min_weight=cfg.min_weight, max_weight=cfg.max_weight,
+            fairness_weight=cfg.fairness_weight, upweight_power=cfg.upweight_power, seed=cfg.seed,
+        )
+        worst_group = _worst_group(ctx)
+        log.info("curate: worst-off group for fairness: %s", worst_group or "none measured")
+
+        manifest, decisions = policy.influence_policy(assignments, scores, params, worst_group)
+        manifests = {"influencespace": manifest}
+        if cfg.comparison_policies:
+            manifests.update(self._comparisons(ctx, assignments))
+
+        summary: dict = {"worst_group": worst_group, "budget_rows": policy.budget_rows(len(assignments), cfg.keep_fraction)}
+        for name, frame in manifests.items():
+            full = pd.concat([frame, rejected], ignore_index=True)
+            directory = ctx.path("manifest") if name == "influencespace" else ctx.path("policies", name)
+            write_manifest(full, directory)
+            summary[name] = manifest_summary(full)
+        storage.write_table(pa.Table.from_pandas(decisions, preserve_index=False), ctx.path("cluster_decisions.parquet"))
+        storage.write_json(ctx.path("summary.json"), summary)
+        ours = summary["influencespace"]
+        outputs = {"manifest": "manifest", "decisions": "cluster_decisions.parquet", "summary": "summary.json"}
+        outputs.update({f"policy_{n}": f"policies/{n}" for n in manifests if n != "influencespace"})
+        return StageResult(
+            counts={"rows": ours["rows"], "kept": ours["kept"], "removed": ours["removed"],
+                    "rejected": int(len(rejected)), "harmful_clusters": int((decisions["dropped_reason"] == policy.HARMFUL).sum())},
+            outputs=outputs,
+            extra={"worst_group": worst_group, "policies": sorted(manifests)},
+        )
+
+    def _comparisons(self, ctx: StageContext, assignments: pd.DataFrame) -> dict[str, pd.DataFrame]:
+        cfg = ctx.config.curate
+        wanted = set(cfg.comparison_policies)
+        columns = ["id"] + (["image_text_cosine"] if "clipscore" in wanted else []) + (["embedding"] if "dedup" in wanted else [])
+        pool = _read(ctx.input_path("embed", "pool"), columns).set_index("id")
+        pool = pool.loc[assignments["id"].to_numpy()]  # align with assignments' row order
+        out: dict[str, pd.DataFrame] = {}
+        if "random" in wanted:
+            out["random"] = policy.random_policy(assignments, cfg.keep_fraction, cfg.seed)
+        if "clipscore" in wanted:
+            out["clipscore"] = policy.clipscore_policy(assignments, pool["image_text_cosine"].to_numpy(), cfg.keep_fraction)
+        if "dedup" in wanted:
+            scores = np.zeros(len(assignments))
+            embeddings = pool["embedding"].to_numpy()
+            for _, rows in assignments.groupby("cluster"):
+                index = rows.index.to_numpy()
+                matrix = np.stack(embeddings[index]).astype(np.float32)
+                scores[index] = policy.semdedup_scores(matrix, rows["distance"].to_numpy())
+            out["dedup"] = policy.dedup_policy(assignments, scores, cfg.keep_fraction)
+        return out
