@@ -65,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a builder setting, e.g. --set seed=3 --set pool_size=1000",
     )
 
+    p = sub.add_parser("export", help="write the curated subset of a run as uids, WebDataset or Parquet")
+    p.add_argument("run_dir", help="run directory (local or s3://) with a finished curate stage")
+    p.add_argument("--format", required=True, choices=["uids", "webdataset", "parquet"])
+    p.add_argument("--out", required=True, help="output directory (local or s3://)")
+    p.add_argument("--policy", default="influencespace", help="which manifest: influencespace (default), random, dedup, clipscore")
+    p.add_argument("--weights", default="field", choices=["field", "repeats"],
+                   help="WebDataset: weight as a JSON field (default) or as max(1, round(weight)) repeats")
+    p.add_argument("--rows-per-file", type=int, default=10_000, help="rows per output file (default 10000)")
+
     p = sub.add_parser("report", help="rebuild the report of a run from its artifacts")
     p.add_argument("run_dir", help="run directory (local or s3://)")
 
@@ -140,6 +149,21 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from influencespace import storage
+    from influencespace.config import RuntimeConfig
+    from influencespace.export import export_run
+
+    storage.configure()
+    if args.format != "uids":
+        from influencespace.runtime import ensure_ray
+
+        ensure_ray(RuntimeConfig())
+    counts = export_run(args.run_dir, args.format, args.out, args.policy, args.weights, args.rows_per_file)
+    print(f"exported {counts['kept']} kept samples of {args.run_dir} as {args.format} to {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -161,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             return _stages()
         if args.command == "report":
             return _report(args)
+        if args.command == "export":
+            return _export(args)
     except InfluenceSpaceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
