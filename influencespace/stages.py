@@ -47,8 +47,6 @@ PIPELINE = ("data", "embed", "cluster", "influence", "curate", "train", "evaluat
 
 STAGE_CLASSES: dict[str, str] = {
     "data": "influencespace.datasets.stage:DataStage",
-    "cluster": "influencespace.cluster.stage:ClusterStage",
-    "influence": "influencespace.influence.stage:InfluenceStage",
     "curate": "influencespace.curate.stage:CurateStage",
 }
 
