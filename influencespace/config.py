@@ -67,6 +67,12 @@ class RuntimeConfig(Section):
     )
     num_cpus: int | None = _execution_only(default=None, ge=1, description="CPUs for a local Ray (None: all).")
     use_gpu: bool = Field(False, description="Place GPU work (embed actors, training workers) on GPUs.")
+    gpu_node_resource: str | None = _execution_only(
+        default=None, description="Custom Ray resource marking GPU worker nodes (cluster_configs use 'gpu_node'): embed, influence and train work is pinned there."
+    )
+    cpu_node_resource: str | None = _execution_only(
+        default=None, description="Custom Ray resource marking CPU worker nodes (cluster_configs use 'cpu_node'): k-means work is pinned there."
+    )
     progress: bool = _execution_only(default=True, description="Show progress bars.")
 
 

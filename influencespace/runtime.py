@@ -49,3 +49,25 @@ def configure_data_context(progress: bool) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.execution_options.preserve_order = True
+
+
+# A sliver of a custom resource pins work to a node type without limiting how much of it runs there.
+NODE_RESOURCE_SHARE = 0.001
+
+
+def placement(runtime: Any, kind: str) -> dict[str, Any]:
+    """Ray resource requests for work of ``kind`` ('gpu': embed / influence / train; 'cpu': k-means).
+
+    Returns keyword arguments for ``.options()`` / ``ray_remote_args``: ``num_gpus`` when GPUs are
+    used, and a sliver of the node-type marker resource when the config names one (the cluster
+    configs give GPU nodes ``gpu_node`` and CPU nodes ``cpu_node``).
+    """
+    if kind not in ("gpu", "cpu"):
+        raise ValueError(f"placement kind must be 'gpu' or 'cpu', got {kind!r}")
+    args: dict[str, Any] = {}
+    marker = runtime.gpu_node_resource if kind == "gpu" else runtime.cpu_node_resource
+    if marker:
+        args["resources"] = {marker: NODE_RESOURCE_SHARE}
+    if kind == "gpu" and runtime.use_gpu:
+        args["num_gpus"] = 1
+    return args
