@@ -164,6 +164,26 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def job_main(stages: list[str] | None, argv: list[str] | None = None, description: str = "") -> int:
+    """Entrypoint shared by ``jobs/*.py``: join the Ray cluster the job runs on and run ``stages``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default="cluster", help="preset name or YAML file (local or s3://)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--overwrite", action="store_true", help="replace stage results made with another config")
+    if stages is None:
+        parser.add_argument("--stages", help="comma-separated subset of stages (default: all)")
+    args = parser.parse_args(argv)
+    chosen = stages
+    if stages is None and args.stages:
+        chosen = [s.strip() for s in args.stages.split(",")]
+    command = ["run", args.config, "--set=runtime.ray_address=auto", *(f"--set={o}" for o in args.overrides)]
+    if chosen:
+        command += ["--stages", ",".join(chosen)]
+    if args.overwrite:
+        command.append("--overwrite")
+    return main(command)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -11,6 +11,8 @@ import logging
 import os
 from typing import Any
 
+from influencespace.errors import InfluenceSpaceError
+
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
@@ -28,7 +30,13 @@ def ensure_ray(runtime: Any, include_dashboard: bool = False) -> None:
     kwargs: dict[str, Any] = {"log_to_driver": True, "ignore_reinit_error": True}
     if runtime.ray_address:
         log.info("joining Ray cluster at %s", runtime.ray_address)
-        ray.init(address=runtime.ray_address, **kwargs)
+        try:
+            ray.init(address=runtime.ray_address, **kwargs)
+        except ConnectionError as exc:
+            raise InfluenceSpaceError(
+                f"could not join the Ray cluster at '{runtime.ray_address}' ({exc}); start one (`ray start --head`), "
+                f"submit with `ray job submit`, or set runtime.ray_address=null to start a local Ray"
+            ) from None
         return
     log.info("starting a local Ray on %s (num_cpus=%s)", LOOPBACK, runtime.num_cpus or "all")
     # address="local" always starts a fresh instance: a bare ray.init() would silently join whatever
