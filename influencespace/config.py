@@ -124,10 +124,21 @@ class BenchmarkDataConfig(Section):
 class DataConfig(Section):
     """Input pairs: the built-in benchmark, or the user's Parquet / WebDataset (local or s3://)."""
 
-    source: Literal["benchmark", "parquet", "webdataset"] = Field(
-        "benchmark", description="'benchmark' builds the fashion-captions set into the run directory."
+    source: Literal["benchmark", "parquet", "webdataset", "embeddings"] = Field(
+        "benchmark",
+        description="'benchmark' builds the fashion-captions set into the run directory; 'embeddings' starts from "
+        "precomputed embeddings (the embed stage converts instead of encoding).",
     )
     uri: str | None = Field(None, description="Input pairs (directory or file, local or s3://) when source is not 'benchmark'.")
+    embeddings_format: Literal["parquet", "npz"] = Field(
+        "parquet", description="source 'embeddings': Parquet with embedding column(s), or DataComp-style .npz + .parquet uid shards."
+    )
+    id_column: str = Field("id", description="source 'embeddings': column holding the sample id (DataComp: 'uid').")
+    image_key: str = Field("image_embedding", description="source 'embeddings': image embedding column / .npz key (DataComp: 'b32_img').")
+    text_key: str = Field("text_embedding", description="source 'embeddings': text embedding column / .npz key (DataComp: 'b32_txt').")
+    fused_key: str | None = Field(
+        None, description="source 'embeddings': column already holding x = f(v, t); when set, image/text keys are optional."
+    )
     validation_uri: str | None = Field(None, description="Trusted validation pairs for user data (needed by influence).")
     test_uri: str | None = Field(None, description="Test pairs for user data (needed by evaluate).")
     benchmark: BenchmarkDataConfig = BenchmarkDataConfig()
@@ -146,13 +157,23 @@ class EmbedConfig(Section):
         "offline-default", description="'offline-default': EfficientNet-Lite0 + MiniLM with aligned heads; 'open_clip': by name."
     )
     open_clip_model: str = Field("ViT-B-32", description="open_clip architecture name (model='open_clip').")
-    pretrained: str | None = Field(None, description="open_clip pretrained tag (needs hub access) or checkpoint path/URI.")
+    pretrained: str | None = Field(
+        None,
+        description="open_clip pretrained tag (needs hub access) or checkpoint path/URI; for offline-default a checkpoint "
+        "(None: the cached default, built on first use).",
+    )
+    open_clip_config: str | None = Field(
+        None, description="Custom open_clip model-config JSON (path or s3://), registered as open_clip_model."
+    )
     fusion: Literal["concat", "sum"] = Field("concat", description="f(v,t): normalised concatenation or weighted sum.")
     image_weight: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the image embedding in the fusion.")
     dtype: Literal["float16", "float32"] = Field("float16", description="Stored embedding dtype.")
     batch_size: int = _execution_only(default=128, ge=1, description="Pairs per encoder batch.")
     num_actors: int = _execution_only(default=1, ge=1, description="Encoder actors (one GPU each when use_gpu).")
     rows_per_shard: int = _execution_only(default=4096, ge=1, description="Rows per output shard.")
+    threads_per_actor: int | None = _execution_only(
+        default=None, ge=1, description="torch threads per encoder actor (None: CPUs / num_actors on CPU; torch's default on GPU)."
+    )
 
 
 class ClusterConfig(Section):

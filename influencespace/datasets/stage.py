@@ -44,6 +44,10 @@ class DataStage(Stage):
         if data.source == "parquet":
             files = check_parquet_schema(data.uri)
             counts = {"files": len(files)}
+        elif data.source == "embeddings":
+            from influencespace.datasets.precomputed import PrecomputedSpec, list_shards
+
+            counts = {"files": len(list_shards(data.uri, PrecomputedSpec.from_config(data)))}
         else:
             files = storage.list_files(data.uri, ".tar") if not data.uri.endswith(".tar") else [data.uri]
             if not files:

@@ -1,0 +1,97 @@
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from influencespace import storage
+from influencespace.datasets.precomputed import PrecomputedSpec, read_shards, to_embed_table, write_precomputed
+from influencespace.errors import InputDataError
+
+NPZ = PrecomputedSpec("npz", id_column="uid", image_key="b32_img", text_key="b32_txt")
+PARQUET = PrecomputedSpec("parquet", id_column="uid", image_key="img", text_key="txt")
+
+
+def _vectors(n=12, d=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return [f"{i:032x}" for i in range(n)], rng.normal(size=(n, d)).astype(np.float16), rng.normal(size=(n, d)).astype(np.float16)
+
+
+def write_npz_shard(directory, name, uids, img, txt, extra=None):
+    buf = io.BytesIO()
+    np.savez(buf, b32_img=img, b32_txt=txt, **(extra or {}))
+    storage.write_bytes(f"{directory}/{name}.npz", buf.getvalue())
+    storage.write_table(pa.table({"uid": uids, "text": ["caption"] * len(uids)}), f"{directory}/{name}.parquet")
+
+
+def write_parquet_shard(directory, name, uids, img, txt):
+    storage.write_table(pa.table({
+        "uid": uids,
+        "img": pa.FixedSizeListArray.from_arrays(pa.array(img.astype(np.float32).ravel()), img.shape[1]),
+        "txt": [row.tolist() for row in txt.astype(np.float32)],
+        "group": ["a"] * len(uids),
+    }), f"{directory}/{name}.parquet")
+
+
+def test_npz_and_parquet_layouts_give_the_same_embeddings(tmp_path):
+    uids, img, txt = _vectors()
+    write_npz_shard(tmp_path / "npz", "00000000", uids[:7], img[:7], txt[:7])
+    write_npz_shard(tmp_path / "npz", "00000001", uids[7:], img[7:], txt[7:])
+    write_parquet_shard(tmp_path / "pq", "part-0", uids, img, txt)
+    from_npz = [to_embed_table(s, "concat", 0.5, "float32")[0] for s in read_shards(str(tmp_path / "npz"), NPZ)]
+    [from_parquet] = [to_embed_table(s, "concat", 0.5, "float32")[0] for s in read_shards(str(tmp_path / "pq"), PARQUET)]
+    npz_table = pa.concat_tables([t.select(["id", "embedding", "image_text_cosine"]) for t in from_npz])
+    assert npz_table.column("id").to_pylist() == from_parquet.column("id").to_pylist() == uids
+    a = np.stack(npz_table.column("embedding").to_numpy(zero_copy_only=False))
+    b = np.stack(from_parquet.column("embedding").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)  # unit towers, normalised concat
+    assert from_parquet.column("group").to_pylist() == ["a"] * 12
+
+
+def test_write_precomputed_rejects_non_finite_rows_and_resumes(tmp_path):
+    uids, img, txt = _vectors()
+    img[3, 0] = np.nan
+    write_npz_shard(tmp_path / "in", "s0", uids, img, txt)
+    out = str(tmp_path / "embed")
+    first = write_precomputed(str(tmp_path / "in"), NPZ, "sum", 0.5, "float16", out)
+    assert first["counts"] == {"pool": 12, "embedded": 11, "rejected": 1} and first["dim"] == 6
+    rejects = storage.read_table(f"{out}/rejects").to_pylist()
+    assert rejects[0]["id"] == uids[3] and "non-finite" in rejects[0]["reason"]
+    assert write_precomputed(str(tmp_path / "in"), NPZ, "sum", 0.5, "float16", out) == first
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (lambda u, i, t: (u[:-1], i, t), "11 ids but 12 image embeddings"),
+    (lambda u, i, t: (u, i, t[:, :4]), "image embeddings have dimension 6 but text embeddings 4"),
+    (lambda u, i, t: (u, (i * 100).astype(np.int32), t), "has dtype int32"),
+    (lambda u, i, t: (u[:1] * 12, i, t), "ids are not unique"),
+])
+def test_validation_errors_name_the_file(tmp_path, break_it, message):
+    uids, img, txt = break_it(*_vectors())
+    write_npz_shard(tmp_path, "bad", uids, img, txt)
+    with pytest.raises(InputDataError, match=message) as info:
+        list(read_shards(str(tmp_path), NPZ))
+    assert "bad.npz" in str(info.value)
+
+
+def test_dimension_must_agree_across_shards_and_files_must_exist(tmp_path):
+    uids, img, txt = _vectors()
+    write_npz_shard(tmp_path, "a", uids[:6], img[:6], txt[:6])
+    u2, i2, t2 = _vectors(6, 8, seed=1)
+    write_npz_shard(tmp_path, "b", u2, i2, t2)
+    with pytest.raises(InputDataError, match="dimension 8 differs from 6"):
+        list(read_shards(str(tmp_path), NPZ))
+    storage.write_bytes(str(tmp_path / "lonely" / "x.npz"), b"")
+    with pytest.raises(InputDataError, match="no id file beside it"):
+        list(read_shards(str(tmp_path / "lonely"), NPZ))
+    with pytest.raises(InputDataError, match=r"no \.parquet files"):
+        list(read_shards(str(tmp_path / "nothing"), PARQUET))
+
+
+@pytest.mark.s3
+def test_npz_shards_from_s3(s3_prefix):
+    uids, img, txt = _vectors()
+    write_npz_shard(f"{s3_prefix}/pool", "s0", uids, img, txt)
+    [shard] = list(read_shards(f"{s3_prefix}/pool", NPZ))
+    assert shard.ids == uids and shard.image.shape == (12, 6)
