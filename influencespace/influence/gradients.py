@@ -1,0 +1,190 @@
+"""Per-example gradients with ``torch.func`` and their sketches φ_i = P ∇_θ ℓ_i.
+
+Only the tracked parameters θ are differentiated (``functional_call`` with the others held fixed);
+``vmap`` over a chunk of examples gives the per-example gradients (or logit Jacobians) in one call,
+without a Python loop over examples.
+
+Curvature (``fisher``):
+
+``ggn`` (default)
+    The Gauss–Newton matrix of the cross-entropy training loss, exact per example:
+    ``G_i = (1/R) Σ_r J_rᵀ (diag p_r − p_r p_rᵀ) J_r`` with ``J_r = ∂ logits_r / ∂θ`` and
+    ``p_r = softmax(logits_r)``. It equals the Fisher of the model's own predictive distribution and,
+    for a model linear in θ (the probe), the Hessian itself. The sketch needs only ``P J_rᵀ``
+    (``R·C`` projected vectors per example), and the gradient comes for free:
+    ``∇ℓ_i = (1/R) Σ_r J_rᵀ (p_r − e_{y_r})``.
+``empirical``
+    The empirical Fisher ``G_i = ∇ℓ_i ∇ℓ_iᵀ``: one gradient per example, works for any
+    ``train_loss``, but a poorer curvature model near a minimum.
+
+Non-finite results are never accumulated: an example whose gradient, Jacobian or probabilities
+contain NaN/inf gets weight 0 and is reported through the returned mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call, grad, jacrev, vmap
+
+from influencespace.influence.errors import InfluenceError
+from influencespace.influence.projector import RandomProjector
+from influencespace.influence.tasks import Task
+
+FISHERS = ("ggn", "empirical")
+
+
+@dataclass
+class TrainSketches:
+    """Sketches of one rank's training examples under one proxy checkpoint."""
+
+    phi: torch.Tensor  # (n, k) projected per-example training-loss gradients (zeros where not finite)
+    curvature: torch.Tensor  # (k, k) float64: Σ_i w_i P G_i Pᵀ over finite examples
+    finite: torch.Tensor  # (n,) bool
+
+
+def flat_tracked(model: torch.nn.Module, names: list[str]) -> int:
+    params = dict(model.named_parameters())
+    return sum(params[n].numel() for n in names)
+
+
+class GradientSketcher:
+    """Sketches per-example gradients and curvature of a task's model under a given parameter state."""
+
+    def __init__(
+        self,
+        task: Task,
+        model: torch.nn.Module,
+        projector: RandomProjector,
+        fisher: str = "ggn",
+        chunk_size: int = 32,
+    ):
+        if fisher not in FISHERS:
+            raise InfluenceError(f"unknown influence.fisher '{fisher}'; use one of: {', '.join(FISHERS)}")
+        if fisher == "ggn" and not task.uses_cross_entropy():
+            raise InfluenceError(
+                f"task '{task.name}' defines its own train_loss, so the exact Gauss–Newton curvature does not apply; "
+                "set influence.fisher=empirical"
+            )
+        self.task, self.model, self.projector = task, model, projector
+        self.fisher, self.chunk_size = fisher, max(1, chunk_size)
+        self.names = task.tracked_parameters(model)
+        if not self.names:
+            raise InfluenceError(f"task '{task.name}' tracks no parameters; tracked_parameters must name at least one")
+        self.num_params = flat_tracked(model, self.names)
+        if self.num_params != projector.num_params:
+            raise InfluenceError(f"projector built for {projector.num_params} parameters, the model tracks {self.num_params}")
+        self.dtype, self.device = projector.dtype, projector.device
+
+    # -- parameters -------------------------------------------------------------------------------
+
+    def tracked(self) -> dict[str, torch.Tensor]:
+        params = dict(self.model.named_parameters())
+        return {n: params[n].detach().to(self.dtype) for n in self.names}
+
+    def _fixed(self) -> dict[str, torch.Tensor]:
+        fixed = {n: p.detach() for n, p in self.model.named_parameters() if n not in self.names}
+        fixed.update({n: b for n, b in self.model.named_buffers()})
+        return fixed
+
+    def _logits_fn(self):
+        fixed = self._fixed()
+
+        def logits(tracked, example):
+            return functional_call(self.model, {**fixed, **tracked}, (example,))
+
+        return logits
+
+    def _flatten(self, per_param: dict[str, torch.Tensor], lead: int) -> torch.Tensor:
+        return torch.cat([per_param[n].reshape(*per_param[n].shape[:lead], -1) for n in self.names], dim=-1)
+
+    @staticmethod
+    def _chunk(features: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+        return {k: v[start:stop] for k, v in features.items()}
+
+    # -- training examples --------------------------------------------------------------------------
+
+    def train_sketches(self, features: dict[str, torch.Tensor], weights: torch.Tensor) -> TrainSketches:
+        """φ_i for every example and ``Σ_i w_i P G_i Pᵀ`` (float64), skipping non-finite examples."""
+        n = next(iter(features.values())).shape[0]
+        k = self.projector.dim
+        phi = torch.zeros(n, k, dtype=self.dtype, device=self.device)
+        curvature = torch.zeros(k, k, dtype=torch.float64, device=self.device)
+        finite = torch.zeros(n, dtype=torch.bool, device=self.device)
+        weights = weights.to(device=self.device, dtype=torch.float64)
+        tracked = self.tracked()
+        for start in range(0, n, self.chunk_size):
+            stop = min(n, start + self.chunk_size)
+            chunk = self._chunk(features, start, stop)
+            if self.fisher == "ggn":
+                phi_c, curv_factors, ok = self._ggn_chunk(tracked, chunk)
+            else:
+                phi_c, ok = self._gradient_chunk(tracked, chunk, self.task.train_loss)
+                curv_factors = None
+            w = torch.where(ok, weights[start:stop], torch.zeros_like(weights[start:stop]))
+            phi_c = torch.where(ok[:, None], phi_c, torch.zeros_like(phi_c))
+            phi[start:stop] = phi_c
+            finite[start:stop] = ok
+            if curv_factors is None:
+                p64 = phi_c.to(torch.float64)
+                curvature += (p64 * w[:, None]).T @ p64
+            else:
+                curvature += curv_factors(w)
+        return TrainSketches(phi, curvature, finite)
+
+    def _gradient_chunk(self, tracked, chunk, loss):
+        logits_fn = self._logits_fn()
+
+        def example_loss(params, example):
+            return loss(logits_fn(params, example), example)
+
+        grads = vmap(grad(example_loss), in_dims=(None, 0))(tracked, chunk)
+        flat = self._flatten(grads, lead=1)
+        ok = torch.isfinite(flat).all(dim=1)
+        flat = torch.where(ok[:, None], flat, torch.zeros_like(flat))
+        return self.projector.project(flat), ok
+
+    def _ggn_chunk(self, tracked, chunk):
+        logits_fn = self._logits_fn()
+
+        def with_aux(params, example):
+            out = logits_fn(params, example)
+            return out, out.detach()
+
+        jac, logits = vmap(jacrev(with_aux, has_aux=True), in_dims=(None, 0))(tracked, chunk)
+        b, rows, classes = logits.shape
+        flat = self._flatten(jac, lead=3)  # (b, R, C, p)
+        targets = vmap(self.task.targets)(chunk).reshape(b, rows)
+        probs = torch.softmax(logits.to(torch.float64), dim=-1)
+        ok = torch.isfinite(flat).flatten(1).all(dim=1) & torch.isfinite(probs).flatten(1).all(dim=1)
+        flat = torch.where(ok[:, None, None, None], flat, torch.zeros_like(flat))
+        probs = torch.where(ok[:, None, None], probs, torch.zeros_like(probs))
+        proj = self.projector.project(flat.reshape(b * rows * classes, -1)).reshape(b, rows, classes, -1)
+        residual = probs - torch.nn.functional.one_hot(targets, classes).to(probs.dtype)
+        phi = torch.einsum("brck,brc->bk", proj.to(torch.float64), residual) / rows
+
+        def curvature(w: torch.Tensor) -> torch.Tensor:
+            # Σ_i w_i (1/R) Σ_r [Σ_c p_rc Φ_rc Φ_rcᵀ − (Φᵀp)(Φᵀp)ᵀ]: the sketched Gauss–Newton matrix.
+            p64 = proj.to(torch.float64)
+            scaled = p64 * (probs * w[:, None, None])[..., None]
+            first = torch.einsum("brck,brcl->kl", scaled, p64)
+            mean = torch.einsum("brck,brc->brk", p64, probs)
+            second = torch.einsum("brk,brl->kl", mean * w[:, None, None], mean)
+            return (first - second) / rows
+
+        return phi.to(self.dtype), curvature, ok
+
+    # -- validation ---------------------------------------------------------------------------------
+
+    def measurement_sketches(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected per-example gradients of the validation measurement, and their finiteness."""
+        n = next(iter(features.values())).shape[0]
+        out = torch.zeros(n, self.projector.dim, dtype=self.dtype, device=self.device)
+        finite = torch.zeros(n, dtype=torch.bool, device=self.device)
+        tracked = self.tracked()
+        for start in range(0, n, self.chunk_size):
+            stop = min(n, start + self.chunk_size)
+            phi, ok = self._gradient_chunk(tracked, self._chunk(features, start, stop), self.task.measurement)
+            out[start:stop], finite[start:stop] = phi, ok
+        return out, finite

@@ -1,0 +1,138 @@
+"""Per-cluster influence, its standard error and confidence interval, from per-example terms.
+
+Sign convention (used everywhere): influence > 0 means the cluster *lowers* the validation loss,
+i.e. it helps. Derivation: the proxy minimises (1/n) Σ_i ℓ_i(θ) (+ its L2 term). Dropping cluster c
+moves the optimum by Δθ ≈ (1/n) H⁻¹ Σ_{i∈c} ∇ℓ_i (one Newton step), which changes the validation
+loss by ∇L_valᵀ Δθ. So
+
+    influence(c) = (1/n) Σ_{i∈c} t_i,   t_i = φ_valᵀ (H + λI)⁻¹ φ_i,
+
+is the *increase* of the validation loss caused by removing c, ≈ (|c|/n) · φ_valᵀ (F/n + λI)⁻¹ mean_{i∈c} φ_i
+(H = F/n plus the sketched L2 term of the proxy).
+Per group g, φ_val is replaced by the sketched gradient of that group's mean validation loss.
+
+Estimator: t_i is known only for the sampled members, so the cluster total is estimated by the
+stratified estimator T_c = Σ_g N_cg · mean_{S_cg} t (see :mod:`.sampling`), and
+
+    Var(T_c) = Σ_g N_cg² (1 − m_cg/N_cg) s²_cg / m_cg       (finite-population correction)
+
+with s²_cg the sample variance of t in stratum g (the cluster's pooled variance where a stratum has a
+single draw). stderr = sqrt(Var)/n and the interval is influence ± t_{df}·stderr with df = m_c − 1
+(Student t). A cluster sampled in full has stderr 0: the interval covers the sampling error only, not
+the error of the influence approximation itself. Examples whose gradients were not finite are left
+out; their stratum's share is spread over the cluster's other strata (ratio estimator). A cluster
+with no usable example gets influence 0 and an infinite interval ("unknown"); an empty cluster
+gets 0 with stderr 0 (removing nothing changes nothing).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+
+def group_column(name: str) -> str:
+    """The score column of one validation group: ``influence_group_<name>`` (name made column-safe)."""
+    return "influence_group_" + re.sub(r"[^0-9A-Za-z_]+", "_", str(name))
+
+
+def t_quantile(confidence: float, df: np.ndarray) -> np.ndarray:
+    from scipy import stats
+
+    return stats.t.ppf((1 + confidence) / 2, np.maximum(df, 1))
+
+
+def cluster_statistics(
+    cluster: np.ndarray,
+    stratum: np.ndarray,
+    stratum_size: np.ndarray,
+    finite: np.ndarray,
+    terms: np.ndarray,
+    cluster_sizes: np.ndarray,
+    n: int,
+    confidence: float,
+    group_names: list[str],
+) -> dict[str, np.ndarray]:
+    """Score columns for the clusters that appear in ``cluster`` (rows of one worker's shard).
+
+    ``terms`` is (s, 1 + G): column 0 uses the overall validation gradient, column 1 + g group g's.
+    """
+    terms = np.asarray(terms, dtype=np.float64)
+    out: dict[str, list] = {"cluster": [], "size": [], "n_sampled": [], "n_dropped": [], "influence": [], "stderr": []}
+    group_cols = [group_column(g) for g in group_names]
+    group_values: list[np.ndarray] = []
+    if len(cluster) == 0:
+        return _finish(out, group_cols, np.zeros((0, len(group_cols))), confidence)
+    keys, inverse = np.unique(np.stack([cluster, stratum], axis=1), axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    valid = np.asarray(finite, dtype=bool)
+    m = np.bincount(inverse, weights=valid, minlength=len(keys))
+    big_n = np.zeros(len(keys))
+    big_n[inverse] = stratum_size
+    sums = np.stack([np.bincount(inverse, weights=terms[:, j] * valid, minlength=len(keys)) for j in range(terms.shape[1])], 1)
+    means = np.divide(sums, m[:, None], out=np.zeros_like(sums), where=m[:, None] > 0)
+    dev = (terms[:, 0] - means[inverse, 0]) * valid
+    ss = np.bincount(inverse, weights=dev**2, minlength=len(keys))
+    key_cluster = keys[:, 0]
+    for c in np.unique(key_cluster):
+        ks = np.flatnonzero(key_cluster == c)
+        rows = (cluster == c) & valid
+        size = int(cluster_sizes[c])
+        m_c = int(m[ks].sum())
+        out["cluster"].append(int(c))
+        out["size"].append(size)
+        out["n_sampled"].append(m_c)
+        out["n_dropped"].append(int(((cluster == c) & ~valid).sum()))
+        seen = ks[m[ks] > 0]
+        if m_c == 0:
+            out["influence"].append(0.0)
+            out["stderr"].append(np.inf)
+            group_values.append(np.zeros(len(group_cols)))
+            continue
+        scale = size / big_n[seen].sum()  # spreads strata with no usable draw over the others
+        total = scale * (big_n[seen, None] * means[seen]).sum(axis=0)
+        pooled = terms[rows, 0].var(ddof=1) if m_c > 1 else np.inf
+        var = 0.0
+        for kk in seen:
+            if m[kk] >= big_n[kk]:
+                continue  # stratum taken in full: no sampling error
+            s2 = ss[kk] / (m[kk] - 1) if m[kk] > 1 else pooled
+            var += big_n[kk] ** 2 * (1 - m[kk] / big_n[kk]) * s2 / m[kk]
+        out["influence"].append(total[0] / n)
+        out["stderr"].append(scale * np.sqrt(var) / n)
+        group_values.append(total[1:] / n)
+    values = np.array(group_values, dtype=np.float64).reshape(len(out["cluster"]), len(group_cols))
+    return _finish(out, group_cols, values, confidence)
+
+
+def _finish(out: dict[str, list], group_cols: list[str], group_values: np.ndarray, confidence: float) -> dict[str, np.ndarray]:
+    cols = {
+        "cluster": np.asarray(out["cluster"], dtype=np.int64),
+        "size": np.asarray(out["size"], dtype=np.int64),
+        "n_sampled": np.asarray(out["n_sampled"], dtype=np.int64),
+        "n_dropped": np.asarray(out["n_dropped"], dtype=np.int64),
+        "influence": np.asarray(out["influence"], dtype=np.float64),
+        "stderr": np.asarray(out["stderr"], dtype=np.float64),
+    }
+    half = t_quantile(confidence, cols["n_sampled"] - 1) * cols["stderr"]
+    half = np.where(cols["stderr"] == 0, 0.0, half)  # 0·inf guard not needed, but keep exact zeros exact
+    cols["ci_low"] = cols["influence"] - half
+    cols["ci_high"] = cols["influence"] + half
+    for j, name in enumerate(group_cols):
+        cols[name] = group_values[:, j].astype(np.float64) if len(group_values) else np.zeros(0)
+    return cols
+
+
+def merge_scores(parts: list[dict[str, np.ndarray]], clusters: np.ndarray, sizes: np.ndarray, group_names: list[str]) -> dict[str, np.ndarray]:
+    """Concatenate the workers' score columns and add empty clusters; sorted by cluster."""
+    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    missing = np.setdiff1d(clusters, cols["cluster"])
+    if len(missing):
+        if sizes[missing].any():
+            raise AssertionError("a non-empty cluster has no sampled rows; the sample plan is inconsistent")
+        for key in cols:
+            fill = missing if key == "cluster" else np.zeros(len(missing), dtype=cols[key].dtype)
+            cols[key] = np.concatenate([cols[key], fill])
+    order = np.argsort(cols["cluster"], kind="stable")
+    return {k: v[order] for k, v in cols.items()}

@@ -1,0 +1,94 @@
+"""The influence stage on synthetic embed/cluster artifacts: in-process, on Ray Train, and bad input."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from influencespace import storage
+from influencespace.errors import InfluenceSpaceError, InputDataError
+from influencespace.influence.stage import InfluenceStage
+from influencespace.stages import load_stage, run_stage
+
+from .synthetic import make_data, write_upstream
+
+BASE = ("influence.dtype=float64", "influence.negatives=8", "influence.head_dim=4", "influence.samples_per_cluster=8")
+
+
+@pytest.fixture
+def upstream(tmp_path):
+    return write_upstream(str(tmp_path / "up"), make_data(), num_clusters=9)
+
+
+def scores(config):
+    return pq.read_table(storage.join(config.run_dir, "influence", "cluster_scores.parquet")).to_pydict()
+
+
+@pytest.mark.parametrize("task", ["contrastive", "probe"])
+def test_local_run_writes_scores_and_curvature(make_config, upstream, task):
+    config = make_config("runtime.runner=local", f"influence.task={task}", *BASE)
+    outcome = run_stage(config, load_stage("influence"), upstream=upstream)
+    assert outcome.status == "ran"
+    assert outcome.manifest["counts"]["clusters"] == 9 and outcome.manifest["counts"]["dropped_nonfinite"] == 0
+    out = scores(config)
+    assert {"cluster", "size", "n_sampled", "influence", "stderr", "ci_low", "ci_high"} <= set(out)
+    assert {"influence_group_majority", "influence_group_minority"} <= set(out)
+    assert out["cluster"] == list(range(9)) and sum(out["size"]) == 240
+    assert out["size"][8] == 0 and out["influence"][8] == 0 and out["stderr"][8] == 0  # empty cluster
+    assert all(lo <= x <= hi for lo, x, hi in zip(out["ci_low"], out["influence"], out["ci_high"], strict=True))
+    assert all(s <= 8 for s in out["n_sampled"])
+    curvature_dir = storage.join(config.run_dir, "influence", "curvature")
+    meta = storage.read_json(storage.join(curvature_dir, "curvature.json"))
+    assert meta["projector"]["dim"] == config.influence.projection_dim and meta["projector"]["seed"] == 0
+    eigvals = np.load(storage.join(curvature_dir, "checkpoint-0", "eigenvalues.npy"))
+    eigvecs = np.load(storage.join(curvature_dir, "checkpoint-0", "eigenvectors.npy"))
+    assert eigvals.shape == (64,) and eigvecs.shape == (64, 32) and meta["checkpoints"][0]["damping"] > 0
+    assert run_stage(config, InfluenceStage(), upstream=upstream).status == "skipped"
+
+
+def test_nan_embeddings_are_reported_not_propagated(make_config, tmp_path):
+    data = make_data()
+    data.pool["image_embedding"][[3, 100]] = np.nan
+    data.pool["embedding"][[3, 100]] = np.nan
+    upstream = write_upstream(str(tmp_path / "up"), data)
+    config = make_config("runtime.runner=local", "influence.samples_per_cluster=1000", *BASE[:3])
+    outcome = run_stage(config, InfluenceStage(), upstream=upstream)
+    assert outcome.manifest["counts"]["dropped_nonfinite"] == 2
+    out = scores(config)
+    assert sum(out["n_dropped"]) == 2 and np.isfinite(out["influence"]).all()
+
+
+def test_checkpoint_averaging_runs(make_config, upstream):
+    config = make_config("runtime.runner=local", "influence.checkpoints=2", *BASE)
+    run_stage(config, InfluenceStage(), upstream=upstream)
+    meta = storage.read_json(storage.join(config.run_dir, "influence", "curvature", "curvature.json"))
+    assert len(meta["checkpoints"]) == 2
+
+
+def test_missing_column_and_unknown_task_are_clear_errors(make_config, tmp_path, upstream):
+    with pytest.raises(InfluenceSpaceError, match="unknown influence task 'nope'.*contrastive"):
+        run_stage(make_config("runtime.runner=local", "influence.task=nope"), InfluenceStage(), upstream=upstream)
+    data = make_data()
+    del data.pool["label"]
+    bad = write_upstream(str(tmp_path / "bad"), data)
+    config = make_config("runtime.runner=local", "influence.task=probe", run_dir=str(tmp_path / "run2"))
+    with pytest.raises(InputDataError, match="lacks column.*label"):
+        run_stage(config, InfluenceStage(), upstream=bad)
+
+
+@pytest.mark.ray
+def test_two_ray_train_workers_equal_single_process(ray_cluster, make_config, tmp_path, upstream):
+    local = make_config("runtime.runner=local", *BASE, run_dir=str(tmp_path / "local"))
+    sharded = make_config("runtime.runner=ray", "influence.num_workers=2", *BASE, run_dir=str(tmp_path / "ray"))
+    run_stage(local, InfluenceStage(), upstream=upstream)
+    outcome = run_stage(sharded, InfluenceStage(), upstream=upstream)
+    assert outcome.manifest["extra"]["workers"] == 2
+    a, b = scores(local), scores(sharded)
+    assert a.keys() == b.keys() and a["cluster"] == b["cluster"] and a["n_sampled"] == b["n_sampled"]
+    for key in a:
+        assert np.allclose(a[key], b[key], rtol=1e-6, atol=1e-9), key
+    summary = storage.read_json(storage.join(sharded.run_dir, "influence", "summary.json"))
+    fingerprints = summary["projector_fingerprints"]
+    assert len(fingerprints) == 2 and len(set(fingerprints)) == 1  # the same projector on every worker
+    ev_local = np.load(storage.join(local.run_dir, "influence", "curvature", "checkpoint-0", "eigenvalues.npy"))
+    ev_ray = np.load(storage.join(sharded.run_dir, "influence", "curvature", "checkpoint-0", "eigenvalues.npy"))
+    assert np.allclose(ev_local, ev_ray, rtol=1e-6, atol=1e-12)
