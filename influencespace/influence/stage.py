@@ -321,6 +321,28 @@ def write_outputs(stage_dir: str, result: Any, inputs: Inputs, cfg: Any, task: A
     return summary
 
 
+def group_validation_loss(inputs: Inputs, task: Any, model: Any, states: list, cfg: Any) -> dict[str, float]:
+    """Mean validation measurement of the warm-started proxy per group (curation up-weights the worst)."""
+    import torch
+
+    from influencespace.influence.engine import to_tensors
+    from influencespace.influence.proxy import mean_loss, set_state
+
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    finite = np.ones(len(inputs.val_group), dtype=bool)
+    for name, values in inputs.val_features.items():
+        if name != "label":
+            finite &= np.isfinite(np.asarray(values, dtype=np.float64)).reshape(len(finite), -1).all(axis=1)
+    set_state(model, states[-1])
+    out = {}
+    for g, name in enumerate(inputs.group_names):
+        rows = finite & (inputs.val_group == g)
+        if rows.any():
+            feats = to_tensors({k: v[rows] for k, v in inputs.val_features.items()}, dtype, "cpu")
+            out[name] = round(mean_loss(task, model, feats, measurement=True), 6)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Ray Train worker
 
@@ -438,6 +460,7 @@ class InfluenceStage(Stage):
         }
         extra = {
             "groups": inputs.group_names,
+            "group_validation_loss": group_validation_loss(inputs, task, model, states, cfg),
             "examples_per_second": round(float(summary["examples_per_second"]), 2),
             "workers": 1 if ctx.config.runtime.runner == "local" else cfg.num_workers,
         }

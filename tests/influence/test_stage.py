@@ -32,6 +32,8 @@ def test_local_run_writes_scores_and_curvature(make_config, upstream, task):
     out = scores(config)
     assert {"cluster", "size", "n_sampled", "influence", "stderr", "ci_low", "ci_high"} <= set(out)
     assert {"influence_group_majority", "influence_group_minority"} <= set(out)
+    losses = outcome.manifest["extra"]["group_validation_loss"]
+    assert set(losses) == {"majority", "minority"} and all(v > 0 for v in losses.values())
     assert out["cluster"] == list(range(9)) and sum(out["size"]) == 240
     assert out["size"][8] == 0 and out["influence"][8] == 0 and out["stderr"][8] == 0  # empty cluster
     assert all(lo <= x <= hi for lo, x, hi in zip(out["ci_low"], out["influence"], out["ci_high"], strict=True))
