@@ -261,6 +261,18 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision (fp32 on CPU).")
     num_workers: int = _execution_only(default=2, ge=1, description="Ray Train workers.")
     seed: int = Field(0, description="Seed of the model init and sampler.")
+    seeds: tuple[int, ...] | None = Field(
+        None, min_length=1, description="Train every variant once per seed (None: train.seed only); evaluate.seeds must be among them."
+    )
+    optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="DeepSpeed optimizer (torch implementation).")
+    weight_decay: float = Field(1e-4, ge=0.0, description="Weight decay of the optimizer.")
+    head_dim: int = Field(128, ge=1, description="Width of the trainable image and text projection heads.")
+    logit_scale_init: float = Field(14.285714, gt=0.0, le=100.0, description="Initial inverse temperature (CLIP: 1/0.07); learned, capped at 100.")
+    step_policy: Literal["same_steps", "same_epochs"] = Field(
+        "same_steps",
+        description="'same_steps': every variant trains the baseline's epochs × ceil(pool/batch) steps (equal compute); "
+        "'same_epochs': each variant trains epochs × ceil(kept/batch) steps (smaller sets train faster).",
+    )
 
 
 class EvaluateConfig(Section):
@@ -268,6 +280,9 @@ class EvaluateConfig(Section):
 
     seeds: tuple[int, ...] = Field((0,), min_length=1, description="Training seeds; metrics are mean ± sd over them.")
     budgets: tuple[float, ...] = Field((0.6,), min_length=1, description="Keep fractions for the reduction-vs-accuracy curve.")
+    positive_classes: tuple[int, ...] | None = Field(
+        None, description="Labels that are positive in the binary fairness task (None: footwear_classes from classes.json)."
+    )
 
 
 class PipelineConfig(Section):

@@ -161,7 +161,7 @@ def read_shards(uri: str, spec: PrecomputedSpec) -> Iterator[Shard]:
         yield shard
 
 
-def to_embed_table(shard: Shard, fusion: str, image_weight: float, dtype: str) -> tuple[Any, Any]:
+def to_embed_table(shard: Shard, fusion: str, image_weight: float, dtype: str, split: str = "pool") -> tuple[Any, Any]:
     """(rows in the embed stage's format, rejects) for one shard."""
     import pyarrow as pa
 
@@ -191,31 +191,31 @@ def to_embed_table(shard: Shard, fusion: str, image_weight: float, dtype: str) -
             columns[name] = [v for v, ok in zip(values, finite, strict=True) if ok]
     rejects = pa.table({
         "id": ids[~finite].tolist(),
-        "split": ["pool"] * int((~finite).sum()),
+        "split": [split] * int((~finite).sum()),
         "reason": [f"non-finite embedding value in {shard.source}"] * int((~finite).sum()),
     })
     return pa.table(columns), rejects
 
 
 def write_precomputed(uri: str, spec: PrecomputedSpec, fusion: str, image_weight: float, dtype: str,
-                      out_dir: str) -> dict[str, Any]:
-    """Convert every shard into ``out_dir/pool/part-NNNNN.parquet`` (+ ``rejects/``); resumable shard by shard."""
+                      out_dir: str, split: str = "pool") -> dict[str, Any]:
+    """Convert every shard into ``out_dir/<split>/part-NNNNN.parquet`` (+ ``rejects/``); resumable shard by shard."""
     import pyarrow.parquet as pq
 
-    counts = {"pool": 0, "embedded": 0, "rejected": 0}
+    counts = {"input": 0, "embedded": 0, "rejected": 0}
     dim = 0
     for index, shard in enumerate(read_shards(uri, spec)):
-        out_uri = storage.join(out_dir, "pool", f"part-{index:05d}.parquet")
-        rejects_uri = storage.join(out_dir, "rejects", f"part-{index:05d}.parquet")
+        out_uri = storage.join(out_dir, split, f"part-{index:05d}.parquet")
+        rejects_uri = storage.join(out_dir, "rejects", f"{split}-{index:05d}.parquet")
         if storage.is_file(out_uri) and storage.is_file(rejects_uri):
             fs, path = storage.resolve(out_uri)
             embedded = pq.read_metadata(path, filesystem=fs).num_rows
         else:
-            table, rejects = to_embed_table(shard, fusion, image_weight, dtype)
+            table, rejects = to_embed_table(shard, fusion, image_weight, dtype, split)
             storage.write_table(rejects, rejects_uri)
             storage.write_table(table, out_uri)  # written last: its presence marks the shard done
             embedded = table.num_rows
-        counts["pool"] += len(shard.ids)
+        counts["input"] += len(shard.ids)
         counts["embedded"] += embedded
         counts["rejected"] += len(shard.ids) - embedded
         dim = (shard.fused if shard.fused is not None else shard.image).shape[1]

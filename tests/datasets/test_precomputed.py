@@ -55,7 +55,7 @@ def test_write_precomputed_rejects_non_finite_rows_and_resumes(tmp_path):
     write_npz_shard(tmp_path / "in", "s0", uids, img, txt)
     out = str(tmp_path / "embed")
     first = write_precomputed(str(tmp_path / "in"), NPZ, "sum", 0.5, "float16", out)
-    assert first["counts"] == {"pool": 12, "embedded": 11, "rejected": 1} and first["dim"] == 6
+    assert first["counts"] == {"input": 12, "embedded": 11, "rejected": 1} and first["dim"] == 6
     rejects = storage.read_table(f"{out}/rejects").to_pylist()
     assert rejects[0]["id"] == uids[3] and "non-finite" in rejects[0]["reason"]
     assert write_precomputed(str(tmp_path / "in"), NPZ, "sum", 0.5, "float16", out) == first
