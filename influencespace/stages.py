@@ -48,6 +48,7 @@ PIPELINE = ("data", "embed", "cluster", "influence", "curate", "train", "evaluat
 STAGE_CLASSES: dict[str, str] = {
     "data": "influencespace.datasets.stage:DataStage",
     "embed": "influencespace.embed.stage:EmbedStage",
+    "cluster": "influencespace.cluster.stage:ClusterStage",
     "influence": "influencespace.influence.stage:InfluenceStage",
     "curate": "influencespace.curate.stage:CurateStage",
 }

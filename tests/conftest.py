@@ -70,6 +70,16 @@ def tiny_benchmark(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def offline_checkpoint(tmp_path_factory):
+    """A tiny offline-default checkpoint (200 images, 20 steps, 32 px), built once per session."""
+    from influencespace.embed.offline_default import AlignmentSettings, build_default_checkpoint
+
+    path = tmp_path_factory.mktemp("is-cache") / "offline-default-tiny.pt"
+    build_default_checkpoint(str(path), AlignmentSettings(images=200, steps=20, batch_size=64, dim=32, image_size=32))
+    return path
+
+
 @pytest.fixture
 def make_config(tmp_path):
     """``make_config(*overrides)``: the test preset, writing into this test's tmp dir."""

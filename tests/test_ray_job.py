@@ -76,14 +76,15 @@ def ray_head(s3_server):
 
 @pytest.mark.ray_job
 @pytest.mark.s3
-def test_pipeline_job_through_ray_job_submit(ray_head, s3_prefix):
+def test_pipeline_job_through_ray_job_submit(ray_head, s3_prefix, offline_checkpoint):
     address, env = ray_head
     run_dir = f"{s3_prefix}/run"
     command = [
         RAY, "job", "submit", f"--address={address}", "--working-dir", str(REPO), "--",
         "python", "jobs/pipeline.py", "--config", "test", "--set", f"run_dir={run_dir}",
+        "--set", f"embed.pretrained={offline_checkpoint}",
     ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200, cwd=REPO)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "succeeded" in output.lower(), output[-4000:]

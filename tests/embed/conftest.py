@@ -36,16 +36,6 @@ def tiny_clip(tmp_path_factory):
     return config_path, checkpoint
 
 
-@pytest.fixture(scope="session")
-def offline_checkpoint(tmp_path_factory):
-    """A tiny offline-default checkpoint (200 images, 20 steps, 32 px), built once per session."""
-    from influencespace.embed.offline_default import AlignmentSettings, build_default_checkpoint
-
-    path = tmp_path_factory.mktemp("is-cache") / "offline-default-tiny.pt"
-    build_default_checkpoint(str(path), AlignmentSettings(images=200, steps=20, batch_size=64, dim=32, image_size=32))
-    return path
-
-
 def png(array: np.ndarray) -> bytes:
     from PIL import Image
 
