@@ -13,6 +13,7 @@ PIL does the resizing, as torchvision does for PIL input, so no torch import is 
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -54,7 +55,9 @@ class ImagePreprocess:
                 img.load()  # decode now: truncated files only fail here
                 rgb = img.convert("RGB")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise ImageDecodeError(f"undecodable image: {type(exc).__name__}: {exc}") from None
+            # Object reprs (" at 0x7f…") would make the reason differ between identical runs.
+            detail = re.sub(r"<[^>]* at 0x[0-9a-f]+>", "the image bytes", str(exc))
+            raise ImageDecodeError(f"undecodable image: {type(exc).__name__}: {detail}") from None
         return self.transform(rgb)
 
     def transform(self, image) -> np.ndarray:
