@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="WebDataset: weight as a JSON field (default) or as max(1, round(weight)) repeats")
     p.add_argument("--rows-per-file", type=int, default=10_000, help="rows per output file (default 10000)")
 
+    p = sub.add_parser("embedder", help="the offline default embedder (EfficientNet-Lite0 + MiniLM, aligned heads)")
+    emb_sub = p.add_subparsers(dest="embedder_command", required=True, metavar="ACTION")
+    e = emb_sub.add_parser("build", help="train its projection heads and cache the checkpoint (one time, ~1-3 min on CPU)")
+    e.add_argument("--out", help="checkpoint path or s3:// URI (default: $INFLUENCESPACE_CACHE/offline-default-v1.pt)")
+    e.add_argument("--images", type=int, default=6000, help="alignment images: the last N Fashion-MNIST train images")
+    e.add_argument("--steps", type=int, default=600, help="training steps")
+    e.add_argument("--force", action="store_true", help="rebuild even if the checkpoint exists")
+
     p = sub.add_parser("report", help="rebuild the report of a run from its artifacts")
     p.add_argument("run_dir", help="run directory (local or s3://)")
 
@@ -118,6 +126,23 @@ def _data_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embedder(args: argparse.Namespace) -> int:
+    from influencespace import storage
+    from influencespace.embed.offline_default import (
+        AlignmentSettings,
+        build_default_checkpoint,
+        default_checkpoint_path,
+    )
+
+    out = args.out or default_checkpoint_path()
+    storage.configure()
+    if storage.exists(out) and not args.force:
+        print(f"{out} exists (use --force to rebuild)")
+        return 0
+    build_default_checkpoint(out, AlignmentSettings(images=args.images, steps=args.steps), progress=print)
+    return 0
+
+
 def _config(args: argparse.Namespace) -> int:
     from influencespace.config import keys_markdown, load_config
 
@@ -141,11 +166,12 @@ def _stages() -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from influencespace.errors import InfluenceSpaceError
-    from influencespace.stages import STAGE_CLASSES
+    from influencespace import storage
+    from influencespace.report.build import build_report
 
-    if "report" not in STAGE_CLASSES:
-        raise InfluenceSpaceError(f"cannot rebuild the report of {args.run_dir}: the report stage is not implemented yet")
+    storage.configure()
+    files = build_report(args.run_dir)
+    print(f"report: {files['index']} (Markdown: {files['markdown']})")
     return 0
 
 
@@ -199,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args.config, args.overrides, [args.command], args.overwrite)
         if args.command == "data":
             return _data_build(args)
+        if args.command == "embedder":
+            return _embedder(args)
         if args.command == "config":
             return _config(args)
         if args.command == "stages":

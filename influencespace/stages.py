@@ -51,6 +51,9 @@ STAGE_CLASSES: dict[str, str] = {
     "cluster": "influencespace.cluster.stage:ClusterStage",
     "influence": "influencespace.influence.stage:InfluenceStage",
     "curate": "influencespace.curate.stage:CurateStage",
+    "train": "influencespace.train.stage:TrainStage",
+    "evaluate": "influencespace.evaluate.stage:EvaluateStage",
+    "report": "influencespace.report.stage:ReportStage",
 }
 
 

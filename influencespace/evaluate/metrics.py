@@ -74,3 +74,21 @@ def recall_at_k(image_embeddings: np.ndarray, text_embeddings: np.ndarray, ks: t
 def _normalise(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def recall_at_k_distinct(
+    image_embeddings: np.ndarray, text_embeddings: np.ndarray, ks: tuple[int, ...] = (1, 5), decimals: int = 5
+) -> dict[int, float]:
+    """Image→text recall@k over the *distinct* captions of the set.
+
+    Rows that share a caption (the benchmark's test captions are the ten class prompts) would otherwise
+    tie with each other and turn recall@k into a count of duplicates. Captions are grouped by their
+    embedding (rounded to ``decimals``); an image scores a hit when its own caption is among the k
+    distinct captions most similar to it. With all captions distinct this is :func:`recall_at_k`.
+    """
+    texts = np.asarray(text_embeddings, dtype=np.float64)
+    _, first, owner = np.unique(np.round(texts, decimals), axis=0, return_index=True, return_inverse=True)
+    sims = _normalise(image_embeddings) @ _normalise(texts[first]).T
+    own = sims[np.arange(len(sims)), owner.reshape(-1)]
+    rank = (sims > own[:, None]).sum(axis=1)
+    return {k: float(np.mean(rank < k)) for k in ks}

@@ -1,0 +1,333 @@
+"""The training recipe: one variant, one seed, DeepSpeed, on whatever process group the runner set up.
+
+A torchtune-style recipe in four parts — setup (model, DeepSpeed engine, sampler), train (epochs of
+weighted global batches), save (a DeepSpeed checkpoint + plain weights per epoch, reported through
+the runner), cleanup — written once and run unchanged by both runners:
+
+- Ray Train workers (``runtime.runner: ray``): ``TorchTrainer`` has initialised the process group
+  (gloo on CPU, NCCL on GPU), the recipe calls ``deepspeed.initialize(..., dist_init_required=False)``
+  and reports each epoch with ``ray.train.report`` (see :mod:`influencespace.train.stage`);
+- in this process (``runtime.runner: local``): a one-rank gloo group, same engine, checkpoints copied
+  into the stage directory.
+
+Nothing here imports Ray: the runner hands in a :class:`Session` that knows how to report.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from influencespace import storage
+from influencespace.train.data import TrainingSet
+from influencespace.train.model import build_model, clip_loss
+from influencespace.train.sampler import WeightedShardSampler
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pt"
+RUN_FILE = "run.json"
+DEEPSPEED_TAG = "deepspeed"
+_OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """What the recipe takes from ``TrainConfig`` (plain data, so it pickles to Ray workers)."""
+
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-4
+    zero_stage: int = 1
+    precision: str = "fp32"
+    head_dim: int = 128
+    logit_scale_init: float = 1 / 0.07
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Hyperparameters:
+        return cls(cfg.batch_size, cfg.lr, cfg.optimizer, cfg.weight_decay, cfg.zero_stage, cfg.precision,
+                   cfg.head_dim, cfg.logit_scale_init)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run: which data, which seed, how long, where its results go."""
+
+    variant: str
+    seed: int
+    manifest_uri: str | None  # None: the baseline, every pool row with weight 1
+    epochs: int
+    steps_per_epoch: int
+    output_uri: str  # train/<variant>/seed-<seed>/: model.pt and run.json (written by rank 0)
+    checkpoint_root: str  # where reported checkpoints end up (Ray Train storage, or the stage dir)
+    stage_dir: str = ""  # paths under it are recorded relative to it
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}-seed{self.seed}"
+
+
+@dataclass
+class Session:
+    """What the runner provides: this worker's place, its device, and how to report an epoch.
+
+    ``report(metrics, checkpoint_dir, checkpoint_name)`` must persist ``checkpoint_dir`` (a local
+    directory every rank wrote its part into) under ``checkpoint_name`` before returning.
+    """
+
+    rank: int
+    world_size: int
+    device: Any  # torch.device
+    report: Callable[[dict, str, str], None]
+    extra: dict = field(default_factory=dict)
+
+
+def steps_per_epoch(policy: str, pool_rows: int, kept_rows: int, batch_size: int) -> int:
+    """Optimizer steps per epoch under the step policy (docs/training.md, "Fairness of the comparison").
+
+    ``same_steps``: every variant takes the baseline's ⌈pool/batch⌉ steps per epoch (equal compute,
+    the accuracy comparison is at equal samples seen). ``same_epochs``: ⌈kept/batch⌉, so a smaller
+    curated set also trains faster (the training-time ratio then measures that saving).
+    """
+    if policy == "same_steps":
+        return max(1, math.ceil(pool_rows / batch_size))
+    if policy == "same_epochs":
+        return max(1, math.ceil(kept_rows / batch_size))
+    raise ValueError(f"unknown step policy '{policy}' (allowed: same_steps, same_epochs)")
+
+
+def deepspeed_config(hp: Hyperparameters, world_size: int) -> dict:
+    """The DeepSpeed config for ``hp`` on ``world_size`` data-parallel workers.
+
+    ``torch_adam`` makes DeepSpeed use torch's Adam/AdamW instead of FusedAdam, which would JIT-compile
+    a kernel on first use (and has no CPU build); for heads this small the fused kernel buys nothing.
+    """
+    if hp.batch_size % world_size:
+        raise ValueError(
+            f"train.batch_size {hp.batch_size} is not divisible by {world_size} workers; "
+            "choose a multiple of train.num_workers"
+        )
+    if hp.optimizer not in _OPTIMIZERS:
+        raise ValueError(f"unknown optimizer '{hp.optimizer}' (allowed: {', '.join(_OPTIMIZERS)})")
+    params: dict[str, Any] = {"lr": hp.lr, "weight_decay": hp.weight_decay}
+    if hp.optimizer in ("adam", "adamw"):
+        params["torch_adam"] = True
+        params["adam_w_mode"] = hp.optimizer == "adamw"
+    else:
+        params["momentum"] = 0.9
+    config = {
+        "train_batch_size": hp.batch_size,
+        "train_micro_batch_size_per_gpu": hp.batch_size // world_size,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": _OPTIMIZERS[hp.optimizer], "params": params},
+        "zero_optimization": {"stage": hp.zero_stage},
+        "bf16": {"enabled": hp.precision == "bf16"},
+        "fp16": {"enabled": hp.precision == "fp16"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if hp.optimizer == "sgd" and hp.zero_stage > 0:
+        # ZeRO lists only its own Adam-family optimizers as tested; torch's SGD keeps no state that
+        # partitioning could break.
+        config["zero_allow_untested_optimizer"] = True
+    return config
+
+
+# --------------------------------------------------------------------------------------------------
+# The recipe
+
+
+def train_run(spec: RunSpec, hp: Hyperparameters, data: TrainingSet, session: Session) -> dict:
+    """Train one variant for one seed; return its record (also written to ``run.json`` by rank 0)."""
+    import torch
+
+    started = time.perf_counter()
+    engine, sampler, dtype = _setup(spec, hp, data, session)
+    setup_seconds = time.perf_counter() - started
+    image = torch.from_numpy(data.image).to(session.device, dtype)
+    text = torch.from_numpy(data.text).to(session.device, dtype)
+
+    history: list[dict] = []
+    checkpoint = ""
+    for epoch in range(spec.epochs):
+        metrics = _train_epoch(engine, sampler, epoch, image, text, session)
+        metrics.update({"variant": spec.variant, "seed": spec.seed, "epoch": epoch + 1,
+                        "step": (epoch + 1) * spec.steps_per_epoch})
+        history.append(metrics)
+        checkpoint = _save_and_report(engine, spec, metrics, session, epoch + 1)
+        if session.rank == 0:
+            log.info("%s epoch %d/%d: loss %.4f (%.1fs)", spec.name, epoch + 1, spec.epochs, metrics["loss"],
+                     metrics["seconds"])
+
+    record = {
+        "variant": spec.variant,
+        "seed": spec.seed,
+        "rows": int(len(data)),
+        "weight_sum": float(data.weight.sum()),
+        "epochs": spec.epochs,
+        "steps_per_epoch": spec.steps_per_epoch,
+        "steps": spec.epochs * spec.steps_per_epoch,
+        "global_batch": hp.batch_size,
+        "world_size": session.world_size,
+        "hyperparameters": asdict(hp),
+        "history": history,
+        "final_loss": history[-1]["loss"],
+        "train_seconds": float(sum(h["seconds"] for h in history)),
+        "setup_seconds": float(setup_seconds),
+        "wall_seconds": float(time.perf_counter() - started),
+        "model": _relative(storage.join(spec.output_uri, MODEL_FILE), spec.stage_dir),
+        "checkpoint": _relative(checkpoint, spec.stage_dir),
+    }
+    state = _full_state_dict(engine)
+    if session.rank == 0:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        storage.write_bytes(storage.join(spec.output_uri, MODEL_FILE), buffer.getvalue())
+        # run.json last: its presence marks the run complete (a resumed stage skips it).
+        storage.write_json(storage.join(spec.output_uri, RUN_FILE), record)
+    _barrier(session)
+    engine.destroy()
+    return record
+
+
+def warm_up(spec: RunSpec, hp: Hyperparameters, data: TrainingSet, session: Session, steps: int = 3) -> None:
+    """A few throwaway steps before the first timed run of a process.
+
+    The first steps in a fresh process pay for allocator growth, thread pools and the collectives'
+    first-call setup; without this the first variant trained (the baseline) would look slower than
+    the rest and every time ratio would be biased in the curated sets' favour. Nothing is saved.
+    """
+    import torch
+
+    engine, sampler, dtype = _setup(replace(spec, steps_per_epoch=steps), hp, data, session)
+    image = torch.from_numpy(data.image).to(session.device, dtype)
+    text = torch.from_numpy(data.text).to(session.device, dtype)
+    _train_epoch(engine, sampler, 0, image, text, session)
+    engine.destroy()
+
+
+def _setup(spec: RunSpec, hp: Hyperparameters, data: TrainingSet, session: Session):
+    import deepspeed
+    import torch
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)  # DeepSpeed logs every config key at INFO on every rank
+    model = build_model(data.image.shape[1], data.text.shape[1], hp.head_dim, hp.logit_scale_init, spec.seed)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(hp, session.world_size),
+        dist_init_required=False,  # the runner (Ray Train or the local runner) owns the process group
+    )
+    sampler = WeightedShardSampler(data.weight, spec.steps_per_epoch, hp.batch_size, session.rank,
+                                   session.world_size, spec.seed)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[hp.precision]
+    return engine, sampler, dtype
+
+
+def _train_epoch(engine, sampler: WeightedShardSampler, epoch: int, image, text, session: Session) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    engine.train()
+    sampler.set_epoch(epoch)
+    losses = []
+    t0 = time.perf_counter()
+    for rows in sampler:
+        index = torch.from_numpy(rows).to(image.device)
+        loss = _loss(engine, image[index], text[index], session)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach().float())
+    _barrier(session)  # the epoch ends when the slowest worker is done
+    seconds = time.perf_counter() - t0
+    # Each worker's loss covers its rows of every global batch; their mean is the global-batch loss.
+    mean = torch.stack(losses).mean().reshape(1)
+    if session.world_size > 1:
+        dist.all_reduce(mean)
+        mean /= session.world_size
+    return {"loss": float(mean.item()), "seconds": float(seconds), "samples": len(sampler) * sampler.global_batch}
+
+
+def _loss(engine, image, text, session: Session):
+    image_features, text_features, scale = engine(image, text)
+    if session.world_size == 1:
+        return clip_loss(image_features, text_features, scale)
+    import torch
+    from torch.distributed.nn.functional import all_gather
+
+    # Gathered with gradients: every pair is scored against the whole global batch (as CLIP does), and
+    # the gradient that flows back to each worker's features includes the other workers' losses.
+    all_images = torch.cat(all_gather(image_features))
+    all_texts = torch.cat(all_gather(text_features))
+    offset = session.rank * len(image_features)
+    return clip_loss(image_features, text_features, scale, all_images, all_texts, offset)
+
+
+def _save_and_report(engine, spec: RunSpec, metrics: dict, session: Session, epoch: int) -> str:
+    """Write this epoch's checkpoint (every rank its part) and hand it to the runner; return its URI."""
+    import torch
+
+    name = f"{spec.name}-epoch{epoch:03d}"
+    state = _full_state_dict(engine)
+    with tempfile.TemporaryDirectory(prefix="influencespace-ckpt-") as tmp:
+        # DeepSpeed's own checkpoint (module, optimizer and ZeRO partitions: what resuming needs) ...
+        engine.save_checkpoint(tmp, tag=DEEPSPEED_TAG)
+        if session.rank == 0:
+            # ... and the plain weights, which evaluation loads with torch.load(weights_only=True).
+            torch.save(state, os.path.join(tmp, MODEL_FILE))
+            with open(os.path.join(tmp, "metrics.json"), "w") as f:
+                json.dump(metrics, f, indent=2)
+        session.report(dict(metrics), tmp, name)
+    return storage.join(spec.checkpoint_root, name)
+
+
+def _full_state_dict(engine) -> dict:
+    """The module's full weights on CPU (ZeRO-3 partitions gathered first; every rank must call)."""
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _barrier(session: Session) -> None:
+    if session.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _relative(uri: str, base: str) -> str:
+    if base and uri.startswith(base.rstrip("/") + "/"):
+        return uri[len(base.rstrip("/")) + 1 :]
+    return uri
+
+
+def summarize_runs(records: list[dict]) -> dict:
+    """The per-variant ``metrics.json``: every seed's run plus means (what evaluate and the report read)."""
+    records = sorted(records, key=lambda r: r["seed"])
+    seconds = np.array([r["train_seconds"] for r in records], dtype=float)
+    return {
+        "variant": records[0]["variant"],
+        "seeds": [r["seed"] for r in records],
+        "rows": records[0]["rows"],
+        "steps": records[0]["steps"],
+        "epochs": records[0]["epochs"],
+        "final_loss_mean": float(np.mean([r["final_loss"] for r in records])),
+        "train_seconds_mean": float(seconds.mean()),
+        "runs": {str(r["seed"]): r for r in records},
+    }

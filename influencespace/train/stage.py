@@ -1,0 +1,289 @@
+"""The ``train`` stage: the baseline, the InfluenceSpace manifest and every comparison policy, each trained
+with the same recipe, step policy and seeds (docs/training.md).
+
+Outputs, per variant ``v`` (``baseline``, ``influencespace``, ``random``, ``dedup``, ``clipscore`` — those
+the curate stage wrote): ``train/<v>/metrics.json`` (every seed's epochs, losses, timings, where its
+weights and checkpoints are) and ``train/<v>/seed-<s>/model.pt`` (the final weights). Ray Train
+keeps the per-epoch checkpoints (DeepSpeed's checkpoint + ``model.pt``) under ``train/_ray/`` — local
+or ``s3://`` like the run directory.
+
+On Ray all runs go through one ``TorchTrainer.fit`` (workers start, and DeepSpeed's comm op loads, once);
+``runtime.runner: local`` runs the same recipe in this process on a one-rank gloo group. A run whose
+``run.json`` exists is complete: an interrupted stage resumes with the runs that are missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+from influencespace import storage
+from influencespace.errors import ConfigError, InfluenceSpaceError, InputDataError
+from influencespace.stages import Stage, StageContext, StageResult
+from influencespace.train.recipe import RUN_FILE, Hyperparameters, RunSpec, Session, steps_per_epoch, summarize_runs
+
+log = logging.getLogger(__name__)
+
+BASELINE = "baseline"
+CURATED = "influencespace"
+RAY_DIR = "_ray"
+LOCAL_CHECKPOINTS = "_checkpoints"
+
+
+def variant_manifests(curate_manifest: dict) -> dict[str, str | None]:
+    """Variant name → manifest output key of the curate stage (None for the baseline), in report order."""
+    outputs = curate_manifest.get("outputs", {})
+    variants: dict[str, str | None] = {BASELINE: None}
+    if "manifest" in outputs:
+        variants[CURATED] = "manifest"
+    for key in sorted(outputs):
+        if key.startswith("policy_"):
+            variants[key.removeprefix("policy_")] = key
+    return variants
+
+
+def _kept_rows(manifest_uri: str) -> int:
+    frame = storage.read_table(manifest_uri, columns=["keep", "weight"]).to_pandas()
+    return int((frame["keep"].astype(bool) & (frame["weight"] > 0)).sum())
+
+
+def _validate(cfg: Any, runtime: Any) -> None:
+    if cfg.precision == "fp16" and not runtime.use_gpu:
+        raise ConfigError("train.precision=fp16 needs a GPU (runtime.use_gpu=true); on CPU use fp32 or bf16")
+    workers = 1 if runtime.runner == "local" else cfg.num_workers
+    if cfg.batch_size % workers:
+        raise ConfigError(
+            f"train.batch_size ({cfg.batch_size}) must be divisible by train.num_workers ({workers}): "
+            "every worker takes an equal slice of each global batch"
+        )
+
+
+class TrainStage(Stage):
+    name = "train"
+    inputs = ("embed", "curate")
+    section = "train"
+
+    def run(self, ctx: StageContext) -> StageResult:
+        cfg, runtime = ctx.config.train, ctx.config.runtime
+        _validate(cfg, runtime)
+        hp = Hyperparameters.from_config(cfg)
+        seeds = tuple(cfg.seeds or (cfg.seed,))
+        untrained = [s for s in ctx.config.evaluate.seeds if s not in seeds]
+        if untrained:
+            # Checked here, before hours of training, although only evaluate reads evaluate.seeds.
+            raise ConfigError(
+                f"evaluate.seeds {list(ctx.config.evaluate.seeds)} include seed(s) {untrained} that train would not "
+                f"train (train.seeds={list(cfg.seeds) if cfg.seeds else None}, train.seed={cfg.seed}); "
+                f"set train.seeds={list(ctx.config.evaluate.seeds)}"
+            )
+        pool_uri = ctx.input_path("embed", "pool")
+        pool_rows = storage.read_table(pool_uri, columns=["id"]).num_rows
+        if pool_rows == 0:
+            raise InputDataError(f"the embedded pool at {pool_uri} is empty; nothing to train on")
+
+        specs: list[RunSpec] = []
+        steps: dict[str, int] = {}
+        manifests = {v: (ctx.input_path("curate", key) if key else None)
+                     for v, key in variant_manifests(ctx.input_manifests["curate"]).items()}
+        for variant, manifest_uri in manifests.items():
+            kept = pool_rows if manifest_uri is None else _kept_rows(manifest_uri)
+            steps[variant] = steps_per_epoch(cfg.step_policy, pool_rows, kept, cfg.batch_size)
+        # Seed-major order: the variants of one seed run back to back under the same conditions.
+        for seed in seeds:
+            for variant, manifest_uri in manifests.items():
+                specs.append(RunSpec(
+                    variant=variant, seed=seed, manifest_uri=manifest_uri, epochs=cfg.epochs,
+                    steps_per_epoch=steps[variant], output_uri=ctx.path(variant, f"seed-{seed}"),
+                    checkpoint_root=ctx.path(LOCAL_CHECKPOINTS), stage_dir=ctx.stage_dir,
+                ))
+        pending = [s for s in specs if not storage.is_file(storage.join(s.output_uri, RUN_FILE))]
+        if len(pending) < len(specs):
+            log.info("train: %d of %d runs already complete, resuming", len(specs) - len(pending), len(specs))
+
+        fit_seconds = 0.0
+        if pending:
+            t0 = time.perf_counter()
+            if runtime.runner == "local":
+                _run_local(pending, hp, pool_uri, runtime.use_gpu)
+            else:
+                _run_on_ray(ctx, pending, hp, pool_uri)
+            fit_seconds = time.perf_counter() - t0
+
+        outputs: dict[str, str] = {}
+        for variant in manifests:
+            records = [storage.read_json(storage.join(s.output_uri, RUN_FILE)) for s in specs if s.variant == variant]
+            storage.write_json(ctx.path(variant, "metrics.json"), summarize_runs(records))
+            outputs[variant] = f"{variant}/metrics.json"
+        return StageResult(
+            counts={"variants": len(manifests), "runs": len(specs), "pool": pool_rows,
+                    "baseline_steps": steps[BASELINE] * cfg.epochs},
+            outputs=outputs,
+            extra={
+                "variants": list(manifests),
+                "seeds": list(seeds),
+                "step_policy": cfg.step_policy,
+                "steps": {v: s * cfg.epochs for v, s in steps.items()},
+                "workers": 1 if runtime.runner == "local" else cfg.num_workers,
+                "fit_seconds": round(fit_seconds, 3),
+            },
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Running the recipe
+
+
+def _run_all(specs: list[RunSpec], hp: Hyperparameters, pool_uri: str, session: Session) -> list[dict]:
+    from influencespace.train.data import apply_manifest, read_pool
+    from influencespace.train.recipe import train_run, warm_up
+
+    pool = read_pool(pool_uri)
+    records = []
+    if specs:
+        warm_up(specs[0], hp, pool, session)
+    for spec in specs:
+        data = pool if spec.manifest_uri is None else apply_manifest(pool, spec.manifest_uri)
+        records.append(train_run(spec, hp, data, session))
+    return records
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_LOCAL_GROUP_BACKEND: str | None = None  # the one-rank group this module created, if any
+
+
+@contextlib.contextmanager
+def local_process_group(use_gpu: bool) -> Iterator[Any]:
+    """A one-rank process group on loopback, what DeepSpeed expects to find; yields the device.
+
+    The group is created once per process and then reused, never destroyed: DeepSpeed caches the
+    groups it was handed (``deepspeed.utils.groups``), and a second group in the same process would not
+    match those caches. It ends with the process.
+    """
+    import torch
+    import torch.distributed as dist
+
+    global _LOCAL_GROUP_BACKEND
+    backend = "nccl" if use_gpu else "gloo"
+    if use_gpu and not torch.cuda.is_available():
+        raise ConfigError("runtime.use_gpu=true but torch sees no CUDA device")
+    if dist.is_initialized() and _LOCAL_GROUP_BACKEND != backend:
+        raise InfluenceSpaceError(
+            "runtime.runner=local trains in this process but another torch.distributed group already exists; "
+            "use runtime.runner=ray, or run the stage in a fresh process"
+        )
+    env = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # DeepSpeed reads LOCAL_RANK even when it is handed an existing group
+    try:
+        if not dist.is_initialized():
+            port = _free_port()
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+            _LOCAL_GROUP_BACKEND = backend
+        yield torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy a local directory tree to ``uri`` (local or s3://), file by file, each write atomic."""
+    for root, _, files in os.walk(local_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, local_dir).replace(os.sep, "/")
+            with open(path, "rb") as f:
+                storage.write_bytes(storage.join(uri, relative), f.read())
+
+
+def _run_local(specs: list[RunSpec], hp: Hyperparameters, pool_uri: str, use_gpu: bool) -> list[dict]:
+    with local_process_group(use_gpu) as device:
+        def report(metrics: dict, checkpoint_dir: str, name: str) -> None:
+            upload_dir(checkpoint_dir, storage.join(specs[0].checkpoint_root, name))
+
+        return _run_all(specs, hp, pool_uri, Session(rank=0, world_size=1, device=device, report=report))
+
+
+def _ray_worker(config: dict) -> list[dict]:
+    """Runs in each Ray Train worker (process group already set up by ``TorchTrainer``)."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    storage.configure(**config["storage"])
+    ctx = ray.train.get_context()
+
+    def report(metrics: dict, checkpoint_dir: str, name: str) -> None:
+        # Every worker reports (it is a barrier); each uploads its own DeepSpeed partition into the
+        # same checkpoint directory, rank 0 also the plain weights.
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+                         checkpoint_dir_name=name)
+
+    session = Session(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
+                      device=ray.train.torch.get_device(), report=report)
+    records = _run_all(config["specs"], config["hp"], config["pool_uri"], session)
+    # Without an explicit barrier + teardown, about one run in four aborted here (ENVIRONMENT.md).
+    dist.barrier()
+    dist.destroy_process_group()
+    return records
+
+
+def _run_on_ray(ctx: StageContext, specs: list[RunSpec], hp: Hyperparameters, pool_uri: str) -> list[dict]:
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from influencespace.runtime import NODE_RESOURCE_SHARE, ensure_ray
+
+    cfg, runtime = ctx.config.train, ctx.config.runtime
+    ensure_ray(runtime)
+    # A fresh Ray Train run name per attempt: Ray Train restores a run whose name it finds in storage,
+    # and the checkpoints of runs finished in earlier attempts must stay where their run.json says.
+    name = time.strftime("fit-%Y%m%d-%H%M%S")
+    ray_root = ctx.path(RAY_DIR)
+    fs, path = storage.resolve(ray_root)
+    if not storage.is_s3(ray_root):
+        storage.make_dirs(ray_root)
+    run_config = ray.train.RunConfig(name=name, storage_path=path, storage_filesystem=fs)
+    specs = [replace(s, checkpoint_root=storage.join(ray_root, name)) for s in specs]
+
+    resources: dict[str, float] = {"CPU": 1.0}
+    if runtime.use_gpu:
+        resources["GPU"] = 1.0
+    if runtime.gpu_node_resource:
+        resources[runtime.gpu_node_resource] = NODE_RESOURCE_SHARE
+    settings = storage.current_settings()
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config={
+            "specs": specs,
+            "hp": hp,
+            "pool_uri": pool_uri,
+            "storage": {"endpoint_url": settings.endpoint_url, "region": settings.region, "retries": settings.retries},
+        },
+        torch_config=TorchConfig(backend="nccl" if runtime.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=runtime.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=run_config,
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray wraps worker errors; keep the worker's message for the user
+        text = str(exc)
+        for kind in (InputDataError, ConfigError):
+            if kind.__name__ in text:
+                raise kind(f"training workers stopped: {text[-2000:]}") from None
+        raise
+    return list(result.return_value or [])

@@ -1,0 +1,58 @@
+"""The evaluate stage on synthetic artifacts: summary keys, per-variant scores, ground-truth quality."""
+
+from __future__ import annotations
+
+import pytest
+
+from influencespace import storage
+from influencespace.errors import StageStateError
+from influencespace.evaluate.stage import EvaluateStage
+from influencespace.evaluate.summary import SEED_METRICS
+from influencespace.stages import run_stage
+from tests.train.synthetic import build_run, identity_state, random_state, write_train_outputs
+
+
+def _upstream(root, seeds=(0,)):
+    run = build_run(root, pool=80, test=100, dim=12)
+    states = {"baseline": random_state(12), "influencespace": identity_state(12), "random": random_state(12, seed=1)}
+    seconds = {"baseline": 8.0, "influencespace": 4.0, "random": 5.0}
+    upstream = dict(run["upstream"], train=write_train_outputs(root, states, seconds, seeds))
+    return run, upstream
+
+
+def test_evaluate_writes_the_benchmark_summary(tmp_path, make_config):
+    run, upstream = _upstream(str(tmp_path / "inputs"))
+    outcome = run_stage(make_config(), EvaluateStage(), upstream=upstream)
+    summary = storage.read_json(storage.join(outcome.manifest["stage_dir"], "summary.json"))
+    assert set(summary["policies"]) == {"baseline", "influencespace", "random"}
+    assert summary["positive_classes"] == [5, 7, 9] and summary["minority_group"] == "inverted"
+    for entry in summary["policies"].values():
+        for key in (*SEED_METRICS, "deltas_vs_baseline", "bias_reduction", "recall_at_1", "recall_at_5", "group_acc"):
+            assert key in entry
+        assert set(entry["group_acc"]) == {"regular", "inverted"}
+        assert entry["worst_group_acc"] == pytest.approx(min(entry["group_acc"].values()))
+        assert 0.0 <= entry["dp_diff"] <= 1.0 and 0.0 <= entry["eo_diff"] <= 1.0
+
+    ours, base = summary["policies"]["influencespace"], summary["policies"]["baseline"]
+    kept = int(run["keep"].sum())
+    assert ours["volume_reduction_pct"] == pytest.approx(100.0 * (80 - kept) / 80)
+    assert base["volume_reduction_pct"] == 0.0 and base["accuracy_ratio_pct"] == 100.0
+    # Identity heads on this synthetic space are far better than random narrow heads.
+    assert ours["zero_shot_acc"] > 0.5 and ours["accuracy_ratio_pct"] > 150.0
+    assert ours["accuracy_ratio_pct"] == pytest.approx(100 * ours["zero_shot_acc"] / base["zero_shot_acc"])
+    assert ours["time_ratio"] == pytest.approx(2.0)
+    assert ours["deltas_vs_baseline"]["eo_diff"] == pytest.approx(ours["eo_diff"] - base["eo_diff"])
+    assert ours["bias_reduction"]["eo_diff"] == pytest.approx(base["eo_diff"] - ours["eo_diff"])
+    # The synthetic InfluenceSpace manifest drops every noisy caption and doubles minority weights.
+    assert ours["curation"]["noise_removed_pct"] == 100.0
+    assert ours["curation"]["minority_mean_weight"] > ours["curation"]["majority_mean_weight"]
+    assert base["curation"]["noise_removed_pct"] == 0.0
+    # Identity heads score exactly what the frozen towers score.
+    assert summary["reference"]["frozen_towers"]["zero_shot_acc"] == pytest.approx(ours["zero_shot_acc"])
+    assert ours["loss_history"] == [2.0, 1.5]
+
+
+def test_evaluate_refuses_seeds_that_were_not_trained(tmp_path, make_config):
+    _, upstream = _upstream(str(tmp_path / "inputs"), seeds=(0,))
+    with pytest.raises(StageStateError, match="train.seeds"):
+        run_stage(make_config("evaluate.seeds=[0, 1]"), EvaluateStage(), upstream=upstream)

@@ -1,0 +1,78 @@
+"""The arithmetic of evaluate/summary.json and of the curation-quality shares, on hand-made numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from influencespace.evaluate.curation import curation_quality
+from influencespace.evaluate.summary import SEED_METRICS, mean_sd, summarize
+
+
+def _scores(acc, worst, dp, eo, seconds):
+    return {"zero_shot_acc": acc, "recall_at_1": acc, "recall_at_5": 1.0, "worst_group_acc": worst, "binary_acc": 0.9,
+            "dp_diff": dp, "eo_diff": eo, "train_seconds": seconds, "group_acc": {"a": worst, "b": acc}}
+
+
+def test_summary_ratios_deltas_and_spread_over_seeds():
+    runs = {
+        "baseline": {0: _scores(0.50, 0.40, 0.20, 0.30, 10.0), 1: _scores(0.60, 0.50, 0.10, 0.20, 12.0)},
+        "influencespace": {0: _scores(0.55, 0.50, 0.10, 0.10, 5.0), 1: _scores(0.60, 0.56, 0.10, 0.10, 6.0)},
+    }
+    volume = {"baseline": {"pool_rows": 200, "kept_rows": 200}, "influencespace": {"pool_rows": 200, "kept_rows": 120}}
+    summary = summarize(runs, volume, {"baseline": None, "influencespace": {"noise_removed_pct": 90.0}}, seeds=[0, 1])
+    ours, base = summary["policies"]["influencespace"], summary["policies"]["baseline"]
+    for metric in SEED_METRICS:
+        assert metric in ours and metric in base
+    assert base["volume_reduction_pct"] == 0.0 and base["accuracy_ratio_pct"] == 100.0 and base["time_ratio"] == 1.0
+    assert ours["volume_reduction_pct"] == pytest.approx(40.0)
+    assert ours["accuracy_ratio_pct"] == pytest.approx(105.0)  # (110 + 100) / 2
+    assert ours["sd"]["accuracy_ratio_pct"] == pytest.approx(np.std([110.0, 100.0], ddof=1))
+    assert ours["time_ratio"] == pytest.approx(2.0)
+    assert ours["worst_group_acc"] == pytest.approx(0.53)
+    assert ours["deltas_vs_baseline"]["worst_group_acc"] == pytest.approx(0.08)
+    assert ours["deltas_vs_baseline"]["zero_shot_acc"] == pytest.approx(0.025)
+    assert ours["bias_reduction"]["eo_diff"] == pytest.approx(0.15)  # baseline 0.25 − ours 0.10
+    assert ours["bias_reduction"]["dp_diff"] == pytest.approx(0.05)
+    assert ours["group_acc"] == {"a": pytest.approx(0.53), "b": pytest.approx(0.575)}
+    assert ours["curation"] == {"noise_removed_pct": 90.0}
+    assert set(ours["per_seed"]) == {"0", "1"}
+
+
+def test_one_seed_has_no_spread_and_missing_metrics_stay_null():
+    runs = {"baseline": {3: {**_scores(0.5, 0.4, None, None, 1.0), "group_acc": None}}}
+    summary = summarize(runs, {"baseline": {"pool_rows": 10, "kept_rows": 10}}, {}, seeds=[3])
+    entry = summary["policies"]["baseline"]
+    assert entry["sd"]["accuracy_ratio_pct"] is None and entry["dp_diff"] is None
+    assert entry["bias_reduction"]["dp_diff"] is None and entry["group_acc"] == {}
+    assert mean_sd([None, 1.0, 3.0]) == (2.0, pytest.approx(np.sqrt(2.0)))
+
+
+def test_curation_quality_counts_removed_defects_and_minority_weight():
+    ids = np.array([f"r{i}" for i in range(8)], dtype=object)
+    truth = pd.DataFrame({
+        "id": list(ids) + ["rejected"],
+        "caption_corrupted": [True, True, False, False, False, False, False, False, False],
+        "image_corrupted": [False, False, True, False, False, False, False, False, True],
+        "duplicate_of": [None, None, None, "r5", "r5", None, None, None, None],
+        "group": ["regular"] * 6 + ["inverted", "inverted", "regular"],
+    })
+    manifest = pd.DataFrame({
+        "id": list(ids) + ["rejected"],
+        "keep": [False, True, False, False, True, True, True, False, False],
+        "weight": [0.0, 0.5, 0.0, 0.0, 0.5, 0.5, 2.5, 0.0, 0.0],
+    })
+    quality = curation_quality(ids, manifest, truth, "inverted")
+    assert quality["noise_rows"] == 3 and quality["duplicate_rows"] == 2  # the rejected row is not counted
+    assert quality["noise_removed_pct"] == pytest.approx(200 / 3)
+    assert quality["caption_noise_removed_pct"] == pytest.approx(50.0)
+    assert quality["image_noise_removed_pct"] == pytest.approx(100.0)
+    assert quality["duplicates_removed_pct"] == pytest.approx(50.0)
+    assert quality["clean_removed_pct"] == pytest.approx(100 / 3)  # r7 of r5, r6, r7
+    assert quality["minority_kept_pct"] == pytest.approx(50.0)
+    assert quality["minority_mean_weight"] == pytest.approx(2.5)
+    assert quality["majority_mean_weight"] == pytest.approx(0.5)
+    baseline = curation_quality(ids, None, truth, "inverted")
+    assert baseline["noise_removed_pct"] == 0.0 and baseline["minority_kept_pct"] == 100.0
+    assert baseline["minority_mean_weight"] == 1.0

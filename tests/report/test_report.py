@@ -1,0 +1,81 @@
+"""The report renders from a run's artifacts, as a stage and through `influencespace report RUN_DIR`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from influencespace.cli import main
+from influencespace.evaluate.stage import EvaluateStage
+from influencespace.report.build import goals
+from influencespace.report.stage import ReportStage
+from influencespace.stages import run_stage
+from tests.train.synthetic import build_run, identity_state, random_state, write_train_outputs
+
+
+def _evaluated_run(tmp_path, make_config):
+    inputs = str(tmp_path / "inputs")
+    run = build_run(inputs, pool=60, test=60, dim=10)
+    states = {"baseline": random_state(10), "influencespace": identity_state(10), "random": random_state(10, seed=3)}
+    upstream = dict(run["upstream"], train=write_train_outputs(inputs, states, {v: 3.0 for v in states}, seeds=(0, 1)))
+    config = make_config("evaluate.seeds=[0, 1]")
+    run_stage(config, EvaluateStage(), upstream=upstream)
+    # Influence scores and curation decisions, as those stages write them.
+    k = 12
+    rng = np.random.default_rng(0)
+    influence = rng.normal(0, 1, k)
+    stderr = rng.uniform(0.1, 0.5, k)
+    (tmp_path / "run" / "influence").mkdir(parents=True)
+    pq.write_table(pa.table({"cluster": np.arange(k), "size": rng.integers(5, 200, k), "n_sampled": np.full(k, 8),
+                             "influence": influence, "stderr": stderr, "ci_low": influence - 2 * stderr,
+                             "ci_high": influence + 2 * stderr}),
+                   str(tmp_path / "run" / "influence" / "cluster_scores.parquet"))
+    (tmp_path / "run" / "curate").mkdir(parents=True)
+    decisions = pd.DataFrame({"cluster": np.arange(k), "size": 10, "score": influence,
+                              "keep_rows": np.where(influence < -0.5, 0, 10), "weight": 1.0,
+                              "kept_reason": "kept", "dropped_reason": np.where(influence < -0.5, "harmful", "")})
+    pq.write_table(pa.Table.from_pandas(decisions), str(tmp_path / "run" / "curate" / "cluster_decisions.parquet"))
+    return config
+
+
+def test_report_stage_writes_html_markdown_and_figures(tmp_path, make_config):
+    config = _evaluated_run(tmp_path, make_config)
+    outcome = run_stage(config, ReportStage())
+    report_dir = tmp_path / "run" / "report"
+    for name in ("influence_distribution", "size_vs_influence", "reduction_vs_accuracy", "group_metrics",
+                 "training_loss"):
+        figure = report_dir / "figures" / f"{name}.png"
+        assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert outcome.manifest["outputs"][name] == f"figures/{name}.png"
+    markdown = (report_dir / "report.md").read_text()
+    page = (report_dir / "index.html").read_text()
+    for text in ("The four metrics per policy", "Comparison with the baseline", "Curation quality", "Goals"):
+        assert text in markdown and text in page
+    for policy in ("baseline", "influencespace", "random"):
+        assert f"| {policy} |" in markdown and f"<td>{policy}</td>" in page
+    assert "mean ± sd over seeds [0, 1]" in markdown
+    assert 'src="figures/group_metrics.png"' in page and "](figures/size_vs_influence.png)" in markdown
+
+
+def test_cli_rebuilds_the_report_from_artifacts(tmp_path, make_config, capsys):
+    _evaluated_run(tmp_path, make_config)
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert "index.html" in capsys.readouterr().out
+    assert (tmp_path / "run" / "report" / "figures" / "influence_distribution.png").is_file()
+    assert "InfluenceSpace report" in (tmp_path / "run" / "report" / "index.html").read_text()
+
+
+def test_goals_are_checked_against_the_numbers():
+    def entry(reduction, ratio, eo, worst):
+        return {"volume_reduction_pct": reduction, "accuracy_ratio_pct": ratio, "eo_diff": eo, "worst_group_acc": worst}
+
+    summary = {"policies": {"baseline": entry(0, 100, 0.2, 0.5), "influencespace": entry(40, 101, 0.08, 0.6),
+                            "random": entry(40, 98, 0.2, 0.55), "dedup": entry(40, 102, 0.1, 0.5)}}
+    checked = {goal: ok for goal, ok, _ in goals(summary)}
+    assert checked["budget removes ≥ 30% of the pool"] is True
+    assert checked["accuracy ratio ≥ 100%"] is True
+    assert checked["EO difference ≤ half the baseline's"] is True
+    assert checked["better than every comparison policy on accuracy"] is False  # dedup: 102
+    assert checked["better than every comparison policy on worst-group accuracy"] is True

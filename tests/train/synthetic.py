@@ -1,0 +1,172 @@
+"""Synthetic stage artifacts for the train / evaluate / report tests: small, seeded, learnable.
+
+Ten classes with a centre each in a shared space; an image embedding is its class centre plus noise,
+a caption embedding the centre of its *caption's* class plus noise (so a mismatched caption points at
+the wrong class). Written in the layouts of docs/architecture.md and passed to ``run_stage`` as
+upstream manifests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+FOOTWEAR = [5, 7, 9]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _fixed(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), pa.float32()), matrix.shape[1])
+
+
+def embeddings(labels, caption_labels, minority, dim: int, rng, centres) -> tuple[np.ndarray, np.ndarray]:
+    style = np.where(minority[:, None], 0.6, 0.0) * centres[-1]  # the minority style shifts images
+    image = _unit(centres[labels] + style + 0.35 * rng.standard_normal((len(labels), dim)))
+    text = _unit(centres[caption_labels] + 0.1 * rng.standard_normal((len(labels), dim)))
+    return image, text
+
+
+def write_split(directory: str, prefix: str, image, text, labels, groups) -> list[str]:
+    ids = [f"{prefix}-{i:05d}" for i in range(len(labels))]
+    table = pa.table({
+        "id": ids,
+        "embedding": _fixed(_unit(np.concatenate([image, text], axis=1))),
+        "image_embedding": _fixed(image),
+        "text_embedding": _fixed(text),
+        "image_text_cosine": pa.array((image * text).sum(1), pa.float32()),
+        "group": list(groups),
+        "label": pa.array(labels, pa.int64()),
+    })
+    os.makedirs(directory, exist_ok=True)
+    pq.write_table(table, os.path.join(directory, "part-00000.parquet"))
+    return ids
+
+
+def write_manifest(directory: str, ids, keep, weight, cluster=None) -> None:
+    keep = np.asarray(keep, bool)
+    weight = np.where(keep, np.asarray(weight, float), 0.0)
+    os.makedirs(directory, exist_ok=True)
+    pq.write_table(pa.table({
+        "id": list(ids),
+        "cluster": pa.array(np.zeros(len(ids), int) if cluster is None else cluster, pa.int32()),
+        "keep": keep,
+        "weight": weight,
+        "reason": ["kept" if k else "pruned" for k in keep],
+    }), os.path.join(directory, "part-00000.parquet"))
+
+
+def build_run(root: str, pool: int = 64, test: int = 60, dim: int = 16, seed: int = 0,
+              policies: tuple[str, ...] = ("random",)) -> dict:
+    """Write data/embed/curate artifacts under ``root``; return upstream manifests and the ground truth."""
+    rng = np.random.default_rng(seed)
+    centres = _unit(rng.standard_normal((10, dim)))
+    labels = rng.integers(0, 10, pool)
+    minority = rng.random(pool) < 0.15
+    noisy = rng.random(pool) < 0.2
+    caption_labels = np.where(noisy, (labels + 1 + rng.integers(0, 9, pool)) % 10, labels)
+    duplicate = ~noisy & (rng.random(pool) < 0.1)
+    groups = np.where(minority, "inverted", "regular")
+    image, text = embeddings(labels, caption_labels, minority, dim, rng, centres)
+    embed_dir = os.path.join(root, "embed")
+    pool_ids = write_split(os.path.join(embed_dir, "pool"), "pool", image, text, labels, groups)
+
+    test_labels = np.arange(test) % 10
+    test_minority = (np.arange(test) // 10) % 2 == 1
+    t_image, t_text = embeddings(test_labels, test_labels, test_minority, dim, rng, centres)
+    write_split(os.path.join(embed_dir, "test"), "test", t_image, t_text, test_labels,
+                np.where(test_minority, "inverted", "regular"))
+    write_split(os.path.join(embed_dir, "validation"), "val", t_image[:20], t_text[:20], test_labels[:20],
+                np.where(test_minority[:20], "inverted", "regular"))
+
+    data_dir = os.path.join(root, "data")
+    os.makedirs(os.path.join(data_dir, "ground_truth"), exist_ok=True)
+    with open(os.path.join(data_dir, "classes.json"), "w") as f:
+        json.dump({"names": NAMES, "prompts": [f"a photo of a {n}." for n in NAMES], "footwear_classes": FOOTWEAR,
+                   "groups": {"majority": "regular", "minority": "inverted"}}, f)
+    gt = pa.table({
+        "id": pool_ids + ["pool-undecodable"],
+        "true_label": pa.array(list(labels) + [0], pa.int64()),
+        "caption_label": pa.array(list(caption_labels) + [0], pa.int64()),
+        "caption_corrupted": list(noisy) + [False],
+        "caption_noise": ["random" if n else "none" for n in noisy] + ["none"],
+        "image_corrupted": [False] * pool + [True],
+        "image_corruption": ["none"] * pool + ["undecodable"],
+        "duplicate_of": [pool_ids[0] if d else None for d in duplicate] + [None],
+        "group": list(groups) + ["regular"],
+    })
+    pq.write_table(gt, os.path.join(data_dir, "ground_truth", "ground_truth.parquet"))
+
+    # InfluenceSpace-like manifest: drops every noisy row, up-weights the minority; comparison: random.
+    curate_dir = os.path.join(root, "curate")
+    keep = ~noisy
+    weight = np.where(minority, 2.0, 1.0)
+    weight = weight / weight[keep].mean()
+    ids = pool_ids + ["pool-undecodable"]
+    write_manifest(os.path.join(curate_dir, "manifest"), ids, list(keep) + [False], list(weight) + [0.0])
+    outputs = {"manifest": "manifest", "summary": "summary.json"}
+    for name in policies:
+        random_keep = np.zeros(pool, bool)
+        random_keep[rng.permutation(pool)[: int(keep.sum())]] = True
+        write_manifest(os.path.join(curate_dir, "policies", name), ids, list(random_keep) + [False],
+                       [1.0] * pool + [0.0])
+        outputs[f"policy_{name}"] = f"policies/{name}"
+
+    upstream = {
+        "data": {"fingerprint": "data-fp", "stage_dir": data_dir,
+                 "outputs": {"ground_truth": "ground_truth/ground_truth.parquet", "classes": "classes.json"}},
+        "embed": {"fingerprint": "embed-fp", "stage_dir": embed_dir,
+                  "outputs": {"pool": "pool", "validation": "validation", "test": "test"}},
+        "curate": {"fingerprint": "curate-fp", "stage_dir": curate_dir, "outputs": outputs},
+    }
+    return {"upstream": upstream, "pool_ids": pool_ids, "noisy": noisy, "minority": minority,
+            "duplicate": duplicate, "keep": keep, "weight": weight}
+
+
+def write_train_outputs(root: str, states: dict, seconds: dict, seeds=(0,)) -> dict:
+    """Train-stage artifacts without training: ``states[variant]`` is saved as every seed's model.pt."""
+    import torch
+
+    train_dir = os.path.join(root, "train")
+    outputs = {}
+    for variant, state in states.items():
+        runs = {}
+        for seed in seeds:
+            run_dir = os.path.join(train_dir, variant, f"seed-{seed}")
+            os.makedirs(run_dir, exist_ok=True)
+            torch.save(state, os.path.join(run_dir, "model.pt"))
+            history = [{"epoch": 1, "loss": 2.0, "seconds": seconds[variant] / 2},
+                       {"epoch": 2, "loss": 1.5, "seconds": seconds[variant] / 2}]
+            runs[str(seed)] = {"variant": variant, "seed": seed, "model": f"{variant}/seed-{seed}/model.pt",
+                               "train_seconds": seconds[variant], "wall_seconds": seconds[variant] + 1.0,
+                               "final_loss": 1.5, "steps": 4, "history": history}
+        with open(os.path.join(train_dir, variant, "metrics.json"), "w") as f:
+            json.dump({"variant": variant, "seeds": list(seeds), "runs": runs}, f)
+        outputs[variant] = f"{variant}/metrics.json"
+    return {"fingerprint": "train-fp", "stage_dir": train_dir, "outputs": outputs,
+            "extra": {"variants": list(states), "seeds": list(seeds), "step_policy": "same_steps",
+                      "steps": {v: 4 for v in states}}}
+
+
+def identity_state(dim: int, scale: float = 20.0) -> dict:
+    """Heads that pass the tower embeddings through unchanged (a good model on this synthetic space)."""
+    import math
+
+    import torch
+
+    return {"image_proj.weight": torch.eye(dim), "text_proj.weight": torch.eye(dim),
+            "logit_scale": torch.full((1,), math.log(scale))}
+
+
+def random_state(dim: int, head_dim: int = 4, seed: int = 0) -> dict:
+    """Random narrow heads (a poor model)."""
+    from influencespace.train.model import build_model
+
+    return build_model(dim, dim, head_dim, 20.0, seed).state_dict()

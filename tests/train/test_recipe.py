@@ -1,0 +1,98 @@
+"""Pure parts of training: the DeepSpeed config mapping, the step policy, the loss, the data join."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from influencespace.config import load_config
+from influencespace.errors import InputDataError
+from influencespace.train.data import apply_manifest, read_pool
+from influencespace.train.model import build_model, clip_loss, load_model
+from influencespace.train.recipe import Hyperparameters, deepspeed_config, steps_per_epoch
+from tests.train.synthetic import build_run, write_manifest
+
+
+def test_deepspeed_config_follows_train_config():
+    cfg = load_config("test", ["train.zero_stage=2", "train.precision=bf16", "train.optimizer=adam",
+                               "train.batch_size=64", "train.lr=0.01"]).train
+    ds = deepspeed_config(Hyperparameters.from_config(cfg), world_size=2)
+    assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 32
+    assert ds["gradient_accumulation_steps"] == 1
+    assert ds["zero_optimization"] == {"stage": 2}
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
+    assert ds["optimizer"]["type"] == "Adam"
+    assert ds["optimizer"]["params"]["lr"] == 0.01 and ds["optimizer"]["params"]["adam_w_mode"] is False
+    sgd = deepspeed_config(Hyperparameters(optimizer="sgd", batch_size=8), world_size=1)
+    assert sgd["optimizer"]["type"] == "SGD" and "torch_adam" not in sgd["optimizer"]["params"]
+    assert sgd["zero_allow_untested_optimizer"] is True
+    with pytest.raises(ValueError, match="divisible"):
+        deepspeed_config(Hyperparameters(batch_size=10), world_size=3)
+
+
+def test_step_policies():
+    assert steps_per_epoch("same_steps", pool_rows=1000, kept_rows=400, batch_size=128) == 8
+    assert steps_per_epoch("same_epochs", pool_rows=1000, kept_rows=400, batch_size=128) == 4
+    with pytest.raises(ValueError, match="step policy"):
+        steps_per_epoch("more", 1, 1, 1)
+
+
+def test_sharded_loss_with_gathered_features_equals_full_batch_loss():
+    """What the workers compute (local rows vs gathered columns), averaged, is CLIP's global-batch loss."""
+    torch.manual_seed(0)
+    model = build_model(8, 6, 4, 10.0, seed=0)
+    image, text = torch.randn(12, 8), torch.randn(12, 6)
+    zi, zt, scale = model(image, text)
+    full = clip_loss(zi, zt, scale)
+    # Reference: the CLIP loss written out directly.
+    logits = scale * zi @ zt.T
+    targets = torch.arange(12)
+    expected = 0.5 * (torch.nn.functional.cross_entropy(logits, targets)
+                      + torch.nn.functional.cross_entropy(logits.T, targets))
+    torch.testing.assert_close(full, expected)
+    for world in (2, 3, 4):
+        m = 12 // world
+        parts = [clip_loss(zi[r * m:(r + 1) * m], zt[r * m:(r + 1) * m], scale, zi, zt, offset=r * m)
+                 for r in range(world)]
+        torch.testing.assert_close(torch.stack(parts).mean(), full)
+
+
+def test_model_init_is_seeded_and_state_round_trips():
+    a, b = build_model(8, 6, 4, 10.0, seed=1), build_model(8, 6, 4, 10.0, seed=1)
+    c = build_model(8, 6, 4, 10.0, seed=2)
+    assert torch.equal(a.image_proj.weight, b.image_proj.weight)
+    assert not torch.equal(a.image_proj.weight, c.image_proj.weight)
+    restored = load_model(a.state_dict())
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(restored.encode_image(x), a.encode_image(x))
+
+
+def test_manifest_join_keeps_weights_and_refuses_foreign_ids(tmp_path):
+    run = build_run(str(tmp_path), pool=40, dim=8)
+    pool_dir = str(tmp_path / "embed" / "pool")
+    pool = read_pool(pool_dir)
+    assert len(pool) == 40 and pool.image.shape == (40, 8) and pool.image.dtype == np.float32
+    data = apply_manifest(pool, str(tmp_path / "curate" / "manifest"))
+    assert len(data) == int(run["keep"].sum())
+    expected = dict(zip(run["pool_ids"], run["weight"], strict=True))
+    np.testing.assert_allclose(data.weight, [expected[i] for i in data.ids])
+    assert np.isclose(data.weight.mean(), 1.0)
+
+    write_manifest(str(tmp_path / "foreign"), ["pool-00000", "elsewhere"], [True, True], [1.0, 1.0])
+    with pytest.raises(InputDataError, match="lacks"):
+        apply_manifest(pool, str(tmp_path / "foreign"))
+    write_manifest(str(tmp_path / "empty"), ["pool-00000"], [False], [0.0])
+    with pytest.raises(InputDataError, match="keeps no rows"):
+        apply_manifest(pool, str(tmp_path / "empty"))
+
+
+def test_train_refuses_before_training_when_evaluate_wants_untrained_seeds(tmp_path, make_config):
+    from influencespace.errors import ConfigError
+    from influencespace.stages import run_stage
+    from influencespace.train.stage import TrainStage
+
+    run = build_run(str(tmp_path / "inputs"), pool=16, dim=4, policies=())
+    config = make_config("runtime.runner=local", "evaluate.seeds=[0, 1, 2]", "train.seeds=[0, 1]")
+    with pytest.raises(ConfigError, match=r"train.seeds=\[0, 1, 2\]"):
+        run_stage(config, TrainStage(), upstream=run["upstream"])
