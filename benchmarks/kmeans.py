@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kmeans_data import read_pool, write_pool  # noqa: E402
+from kmeans_data import cluster_config, read_pool, write_pool  # noqa: E402
 
 
 def faiss_train(x: np.ndarray, k: int, iters: int, seed: int, threads: int) -> tuple[np.ndarray, float]:
@@ -69,7 +69,6 @@ def main(argv: list[str] | None = None) -> None:
 
     from influencespace.cluster.kmeans import InMemoryDataset
     from influencespace.cluster.stage import ClusterStage
-    from influencespace.config import load_config
     from influencespace.stages import run_stage
     from influencespace.storage import read_json
 
@@ -81,24 +80,7 @@ def main(argv: list[str] | None = None) -> None:
 
     run_dir = os.path.join(args.workdir, f"run-{n}-{args.dim}-{args.k}")
     shutil.rmtree(run_dir, ignore_errors=True)
-    config = load_config(
-        "test",
-        [
-            f"run_dir={run_dir}",
-            "runtime.runner=ray",
-            f"runtime.num_cpus={os.cpu_count()}",
-            f"cluster.k={args.k}",
-            f"cluster.max_iter={args.iters}",
-            "cluster.tol=0",
-            "cluster.spherical=false",
-            "cluster.seeding=kmeans++",
-            f"cluster.seeding_sample={args.seeding_sample}",
-            f"cluster.num_workers={args.workers}",
-            "cluster.worker_cpus=1",
-            "cluster.cache_shards=true",
-            f"cluster.seed={args.seed}",
-        ],
-    )
+    config = cluster_config(run_dir, args.k, args.iters, args.seeding_sample, args.workers, args.seed, True)
     run_stage(config, ClusterStage(), upstream=upstream)
     log = read_json(os.path.join(run_dir, "cluster", "kmeans_log.json"))
     import ray

@@ -58,3 +58,27 @@ def read_pool(directory: str) -> np.ndarray:
         column = pq.read_table(os.path.join(directory, "pool", name), columns=["embedding"]).column(0).combine_chunks()
         parts.append(column.values.to_numpy().reshape(len(column), -1).astype(np.float32))
     return np.concatenate(parts)
+
+
+def cluster_config(run_dir: str, k: int, iters: int, seeding_sample: int, workers: int, seed: int, cache_shards: bool):
+    """The pipeline config both k-means benchmarks run: Euclidean Lloyd for exactly ``iters`` passes."""
+    from influencespace.config import load_config
+
+    return load_config(
+        "test",
+        [
+            f"run_dir={run_dir}",
+            "runtime.runner=ray",
+            f"runtime.num_cpus={os.cpu_count()}",
+            f"cluster.k={k}",
+            f"cluster.max_iter={iters}",
+            "cluster.tol=0",
+            "cluster.spherical=false",
+            "cluster.seeding=kmeans++",
+            f"cluster.seeding_sample={seeding_sample}",
+            f"cluster.num_workers={workers}",
+            "cluster.worker_cpus=1",
+            f"cluster.cache_shards={'true' if cache_shards else 'false'}",
+            f"cluster.seed={seed}",
+        ],
+    )

@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from kmeans_data import write_pool  # noqa: E402
+from kmeans_data import cluster_config, write_pool  # noqa: E402
 
 
 def run_one(args: argparse.Namespace, n: int) -> dict:
@@ -40,28 +40,12 @@ def run_one(args: argparse.Namespace, n: int) -> dict:
     upstream = {"embed": write_pool(data_dir, n, args.dim, args.centres, args.shard_rows, spread=1.0, seed=0)}
 
     from influencespace.cluster.stage import ClusterStage
-    from influencespace.config import load_config
     from influencespace.stages import run_stage
     from influencespace.storage import read_json
 
     run_dir = os.path.join(args.workdir, f"run-{n}")
     shutil.rmtree(run_dir, ignore_errors=True)
-    config = load_config(
-        "test",
-        [
-            f"run_dir={run_dir}",
-            "runtime.runner=ray",
-            f"runtime.num_cpus={os.cpu_count()}",
-            f"cluster.k={args.k}",
-            f"cluster.max_iter={args.iters}",
-            "cluster.tol=0",
-            "cluster.spherical=false",
-            f"cluster.seeding_sample={args.seeding_sample}",
-            f"cluster.num_workers={args.workers}",
-            "cluster.worker_cpus=1",
-            f"cluster.cache_shards={'true' if args.cache else 'false'}",
-        ],
-    )
+    config = cluster_config(run_dir, args.k, args.iters, args.seeding_sample, args.workers, 0, args.cache)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     manifest = run_stage(config, ClusterStage(), upstream=upstream).manifest
     log = read_json(os.path.join(run_dir, "cluster", "kmeans_log.json"))
