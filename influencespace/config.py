@@ -361,10 +361,6 @@ def validate_config(raw: dict[str, Any], origin: str = "<dict>") -> PipelineConf
         raise ConfigError(format_validation_error(exc, origin)) from None
 
 
-def preset_names() -> tuple[str, ...]:
-    return PRESETS
-
-
 def _read_source(source: str) -> dict[str, Any]:
     if source in PRESETS:
         text = resources.files("influencespace.presets").joinpath(f"{source}.yaml").read_text()
