@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from influencespace.errors import ConfigError
 
@@ -46,6 +47,13 @@ class Section(BaseModel):
             value = getattr(self, name)
             out[name] = value.fingerprint_payload() if isinstance(value, Section) else _plain(value)
         return out
+
+
+def _absolute_local(value: str | None) -> str | None:
+    """Relative local paths become absolute at load time: Ray workers run in other directories."""
+    if value is None or "://" in value or os.path.isabs(value):
+        return value
+    return os.path.abspath(value)
 
 
 def _plain(value: Any) -> Any:
@@ -142,6 +150,8 @@ class DataConfig(Section):
     validation_uri: str | None = Field(None, description="Trusted validation pairs for user data (needed by influence).")
     test_uri: str | None = Field(None, description="Test pairs for user data (needed by evaluate).")
     benchmark: BenchmarkDataConfig = BenchmarkDataConfig()
+
+    _absolute_uris = field_validator("uri", "validation_uri", "test_uri")(_absolute_local)
 
     @model_validator(mode="after")
     def _uri_given(self) -> DataConfig:
@@ -299,6 +309,8 @@ class PipelineConfig(Section):
     curate: CurateConfig = CurateConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+
+    _absolute_run_dir = field_validator("run_dir")(_absolute_local)
 
     def section_fingerprint(self, section: str) -> str:
         """Stable hash of one section's output-relevant settings."""

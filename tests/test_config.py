@@ -98,3 +98,11 @@ def test_configuration_doc_lists_every_key_as_the_code_does():
 
     doc = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
     assert keys_markdown() in doc, "docs/configuration.md is stale: regenerate it with `influencespace config keys`"
+
+
+def test_relative_local_paths_become_absolute_for_ray_workers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config("test", ["run_dir=runs/x", "data.source=parquet", "data.uri=pairs"])
+    assert config.run_dir == str(tmp_path / "runs" / "x")
+    assert config.data.uri == str(tmp_path / "pairs")
+    assert load_config("test", ["run_dir=s3://bucket/runs/x"]).run_dir == "s3://bucket/runs/x"
