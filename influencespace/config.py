@@ -246,6 +246,17 @@ class CurateConfig(Section):
     upweight_power: float = Field(
         0.5, ge=0.0, le=2.0, description="Helpful under-represented clusters get weight (median size / size)^power."
     )
+    min_cluster_keep: float = Field(
+        0.25, ge=0.0, le=1.0,
+        description="Thinning floor: a negligible or helpful cluster keeps at least this share of its rows while the budget allows.",
+    )
+    row_order: Literal["quality", "random"] = Field(
+        "quality",
+        description="Which rows a thinned cluster keeps: 'quality' drops near-duplicates, then the lowest image–text cosine, first; 'random' a seeded subset.",
+    )
+    duplicate_threshold: float = Field(
+        0.95, ge=-1.0, le=1.0, description="SemDeDup cosine at or above which a row counts as a near-duplicate of a row that stays."
+    )
     worst_group: str | None = Field(
         None, description="Group whose validation loss counts extra (None: the highest-loss group the influence stage measured)."
     )

@@ -265,6 +265,21 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
 
+def schema(uri: str) -> pa.Schema:
+    """The schema of one Parquet file, or of the first ``*.parquet`` file under a directory."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = [uri] if is_file(uri) else list_files(uri, ".parquet", recursive=True)
+    if not files:
+        raise StorageError(f"no Parquet files at '{uri}'")
+    fs, path = resolve(files[0])
+    try:
+        return pq.read_schema(path, filesystem=fs)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise StorageError(f"could not read the schema of Parquet file '{files[0]}': {exc}") from exc
+
+
 def remove_tree(uri: str) -> None:
     import pyarrow.fs as pafs
 

@@ -5,8 +5,8 @@ each comparison policy, ``cluster_decisions.parquet`` and ``summary.json``. Ever
 exactly once in every manifest: rows the embed stage rejected are listed with ``keep = false`` and
 reason ``rejected: <why>`` (cluster -1), so nothing is silently dropped.
 
-Memory: the stage holds the per-sample columns it needs (id, cluster, distance, image–text cosine;
-the fused embeddings one cluster at a time for the dedup policy) — about 40 bytes per row plus one
+Memory: the stage holds the per-sample columns it needs (id, cluster, distance, image–text cosine,
+duplicate score; the fused embeddings one cluster at a time for the SemDeDup scores) — about 40 bytes per row plus one
 cluster's embeddings, so 1B rows need a ~40 GB driver. Cluster decisions themselves are k rows.
 """
 
@@ -97,15 +97,21 @@ class CurateStage(Stage):
         rejected = _rejected_rows(ctx)
         params = policy.PolicyParams(
             keep_fraction=cfg.keep_fraction, min_weight=cfg.min_weight, max_weight=cfg.max_weight,
-            fairness_weight=cfg.fairness_weight, upweight_power=cfg.upweight_power, seed=cfg.seed,
+            fairness_weight=cfg.fairness_weight, upweight_power=cfg.upweight_power,
+            min_cluster_keep=cfg.min_cluster_keep, duplicate_threshold=cfg.duplicate_threshold, seed=cfg.seed,
         )
         worst_group = _worst_group(ctx)
         log.info("curate: worst-off group for fairness: %s", worst_group or "none measured")
 
-        manifest, decisions = policy.influence_policy(assignments, scores, params, worst_group)
+        signals = self._row_signals(ctx, assignments)
+        quality = cfg.row_order == "quality"
+        manifest, decisions = policy.influence_policy(
+            assignments, scores, params, worst_group,
+            image_text_cosine=signals.get("image_text_cosine") if quality else None,
+            duplicate_scores=signals.get("duplicate_scores") if quality else None,
+        )
         manifests = {"influencespace": manifest}
-        if cfg.comparison_policies:
-            manifests.update(self._comparisons(ctx, assignments))
+        manifests.update(self._comparisons(cfg, assignments, signals))
 
         summary: dict = {"worst_group": worst_group, "budget_rows": policy.budget_rows(len(assignments), cfg.keep_fraction)}
         for name, frame in manifests.items():
@@ -125,23 +131,45 @@ class CurateStage(Stage):
             extra={"worst_group": worst_group, "policies": sorted(manifests)},
         )
 
-    def _comparisons(self, ctx: StageContext, assignments: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    def _row_signals(self, ctx: StageContext, assignments: pd.DataFrame) -> dict[str, np.ndarray]:
+        """Per-row signals aligned with ``assignments``: ``image_text_cosine`` (from embed, when the
+        pool has it) and SemDeDup ``duplicate_scores`` (computed one cluster at a time)."""
         cfg = ctx.config.curate
         wanted = set(cfg.comparison_policies)
-        columns = ["id"] + (["image_text_cosine"] if "clipscore" in wanted else []) + (["embedding"] if "dedup" in wanted else [])
+        need_cosine = "clipscore" in wanted or cfg.row_order == "quality"
+        need_duplicates = "dedup" in wanted or cfg.row_order == "quality"
+        available = set(storage.schema(ctx.input_path("embed", "pool")).names)
+        if "clipscore" in wanted and "image_text_cosine" not in available:
+            raise InputDataError(
+                "curate.comparison_policies has 'clipscore' but the embedded pool has no image_text_cosine column "
+                "(embeddings brought without separate image and text vectors); remove 'clipscore' from the list"
+            )
+        columns = ["id"] + (["image_text_cosine"] if need_cosine and "image_text_cosine" in available else [])
+        columns += ["embedding"] if need_duplicates else []
+        if columns == ["id"]:
+            return {}
         pool = _read(ctx.input_path("embed", "pool"), columns).set_index("id")
         pool = pool.loc[assignments["id"].to_numpy()]  # align with assignments' row order
+        signals: dict[str, np.ndarray] = {}
+        if "image_text_cosine" in pool:
+            signals["image_text_cosine"] = pool["image_text_cosine"].to_numpy(dtype=np.float64)
+        if need_duplicates:
+            scores = np.zeros(len(assignments))
+            embeddings = pool["embedding"].to_numpy()
+            for _, index in assignments.groupby("cluster").indices.items():
+                matrix = np.stack(embeddings[index]).astype(np.float32)
+                scores[index] = policy.semdedup_scores(matrix, assignments["distance"].to_numpy()[index])
+            signals["duplicate_scores"] = scores
+        return signals
+
+    @staticmethod
+    def _comparisons(cfg, assignments: pd.DataFrame, signals: dict[str, np.ndarray]) -> dict[str, pd.DataFrame]:
+        wanted = set(cfg.comparison_policies)
         out: dict[str, pd.DataFrame] = {}
         if "random" in wanted:
             out["random"] = policy.random_policy(assignments, cfg.keep_fraction, cfg.seed)
         if "clipscore" in wanted:
-            out["clipscore"] = policy.clipscore_policy(assignments, pool["image_text_cosine"].to_numpy(), cfg.keep_fraction)
+            out["clipscore"] = policy.clipscore_policy(assignments, signals["image_text_cosine"], cfg.keep_fraction)
         if "dedup" in wanted:
-            scores = np.zeros(len(assignments))
-            embeddings = pool["embedding"].to_numpy()
-            for _, rows in assignments.groupby("cluster"):
-                index = rows.index.to_numpy()
-                matrix = np.stack(embeddings[index]).astype(np.float32)
-                scores[index] = policy.semdedup_scores(matrix, rows["distance"].to_numpy())
-            out["dedup"] = policy.dedup_policy(assignments, scores, cfg.keep_fraction)
+            out["dedup"] = policy.dedup_policy(assignments, signals["duplicate_scores"], cfg.keep_fraction)
         return out

@@ -26,17 +26,67 @@ def _assignments(shuffle_seed: int | None = None) -> pd.DataFrame:
     return frame
 
 
-def test_harmful_pruned_negligible_next_budget_honoured():
-    manifest, decisions = policy.influence_policy(_assignments(), SCORES, PolicyParams(keep_fraction=0.4))
+def test_harmful_pruned_then_negligible_clusters_thinned_evenly_before_helpful():
+    manifest, _ = policy.influence_policy(_assignments(), SCORES, PolicyParams(keep_fraction=0.6))
     assert len(manifest) == 105 and manifest["id"].is_unique
-    assert manifest["keep"].sum() == policy.budget_rows(105, 0.4) == 42
+    assert manifest["keep"].sum() == policy.budget_rows(105, 0.6) == 63
     by_cluster = manifest.groupby("cluster")["keep"].sum().to_dict()
     assert by_cluster[0] == 0 and set(manifest.loc[manifest.cluster == 0, "reason"]) == {policy.HARMFUL}
-    assert by_cluster[1] == 0 and by_cluster[2] == 0  # both negligible ones go before any helpful one
-    assert set(manifest.loc[manifest.cluster == 2, "reason"]) == {policy.NEGLIGIBLE}
-    assert by_cluster[3] == 20 and by_cluster[5] == 5
-    assert by_cluster[4] == 17  # lowest-scoring helpful cluster is subsampled to hit the budget exactly
-    assert set(manifest.loc[(manifest.cluster == 4) & ~manifest.keep, "reason"]) == {policy.BUDGET_SUBSAMPLED}
+    assert by_cluster[1] == by_cluster[2] == 9  # 22 rows over budget, taken evenly from the two negligible ones
+    assert set(manifest.loc[(manifest.cluster == 2) & ~manifest.keep, "reason"]) == {policy.NEGLIGIBLE_THINNED}
+    assert by_cluster[3] == by_cluster[4] == 20 and by_cluster[5] == 5  # helpful clusters untouched
+
+
+def test_helpful_clusters_thinned_evenly_once_negligible_ones_reach_the_floor():
+    manifest, _ = policy.influence_policy(_assignments(), SCORES, PolicyParams(keep_fraction=0.4, min_cluster_keep=0.25))
+    assert manifest["keep"].sum() == 42
+    by_cluster = manifest.groupby("cluster")["keep"].sum().to_dict()
+    assert by_cluster[1] == by_cluster[2] == 5  # ceil(0.25 · 20): every cluster keeps its floor
+    # 13 more rows come from the helpful clusters, the same share (≈ 29%) of each: 20 → 14, 20 → 14, 5 → 4.
+    assert (by_cluster[3], by_cluster[4], by_cluster[5]) == (14, 14, 4)
+    assert set(manifest.loc[(manifest.cluster == 4) & ~manifest.keep, "reason"]) == {policy.BUDGET_THINNED}
+
+
+def test_whole_clusters_dropped_only_when_the_floors_exceed_the_budget():
+    manifest, decisions = policy.influence_policy(_assignments(), SCORES, PolicyParams(keep_fraction=0.1, fairness_weight=0.0))
+    by_cluster = manifest.groupby("cluster")["keep"].sum().to_dict()
+    assert manifest["keep"].sum() == 10
+    # Floors keep 5 + 5 + 5 + 5 + 2 = 22 > 10: negligible clusters go whole, lowest score first, then
+    # the lowest-scoring helpful cluster gives up what is still over budget.
+    assert by_cluster[1] == by_cluster[2] == 0
+    assert (by_cluster[3], by_cluster[4], by_cluster[5]) == (5, 3, 2)
+    assert decisions.set_index("cluster").loc[2, "dropped_reason"] == policy.NEGLIGIBLE
+
+
+def test_thinned_cluster_drops_near_duplicates_then_lowest_image_text_cosine():
+    assignments = _assignments()
+    cosine = np.linspace(0.9, 0.1, len(assignments))  # later rows agree less
+    duplicate_scores = np.zeros(len(assignments))
+    in_cluster_1 = np.flatnonzero(assignments.cluster == 1)
+    duplicate_scores[in_cluster_1[:3]] = 0.99  # the three best-agreeing rows of cluster 1 are near-copies
+    manifest, _ = policy.influence_policy(assignments, SCORES, PolicyParams(keep_fraction=0.6),
+                                          image_text_cosine=cosine, duplicate_scores=duplicate_scores)
+    kept = manifest.set_index("id").loc[assignments["id"], "keep"].to_numpy()
+    reasons = manifest.set_index("id").loc[assignments["id"], "reason"].to_numpy()
+    assert not kept[in_cluster_1[:3]].any() and set(reasons[in_cluster_1[:3]]) == {policy.DUPLICATE}
+    # 11 removed from cluster 1: the 3 copies, then the 8 rows with the lowest cosine (its last 8).
+    assert kept[in_cluster_1[3:12]].all() and not kept[in_cluster_1[12:]].any()
+    assert set(reasons[in_cluster_1[12:]]) == {policy.NEGLIGIBLE_THINNED}
+
+
+@pytest.mark.parametrize("target", [0, 1, 7, 23, 40, 1000])
+def test_thin_evenly_exact_total_equal_shares_floors_respected(target):
+    keep = np.array([40, 20, 10, 7, 30])
+    floor = np.array([10, 5, 3, 2, 8])
+    selected = np.array([True, True, True, True, False])
+    removed = policy.thin_evenly(keep, floor, selected, target)
+    room = np.where(selected, keep - floor, 0)
+    assert removed.sum() == min(target, room.sum())
+    assert (removed <= room).all() and removed[~selected].sum() == 0
+    unconstrained = selected & (removed < room)  # clusters not at their floor lose the same share, ±1 row
+    shares = removed[unconstrained] / keep[unconstrained]
+    if len(shares) > 1 and target > 0:
+        assert shares.max() - shares.min() <= 1.0 / keep[unconstrained].min() + 1e-12
 
 
 def test_budget_is_an_upper_bound_when_harmful_clusters_exceed_it():
@@ -73,9 +123,9 @@ def test_manifest_independent_of_input_row_order():
 
 
 def test_unscored_cluster_counts_as_negligible():
-    manifest, decisions = policy.influence_policy(_assignments(), SCORES[SCORES.cluster != 1], PolicyParams(keep_fraction=0.4))
-    assert manifest.loc[manifest.cluster == 1, "keep"].sum() == 0
-    assert decisions.set_index("cluster").loc[1, "dropped_reason"] == policy.NEGLIGIBLE
+    manifest, decisions = policy.influence_policy(_assignments(), SCORES[SCORES.cluster != 1], PolicyParams(keep_fraction=0.6))
+    assert manifest.loc[manifest.cluster == 1, "keep"].sum() == 9  # thinned like the other negligible cluster
+    assert decisions.set_index("cluster").loc[1, "dropped_reason"] == policy.NEGLIGIBLE_THINNED
 
 
 @pytest.mark.parametrize("low,high", [(0.25, 4.0), (1.0, 1.0), (0.9, 1.1)])
