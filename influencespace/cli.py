@@ -59,7 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("dataset", choices=["fashion-captions"], help="which benchmark")
     b.add_argument("--out", required=True, help="output directory (local or s3://)")
     b.add_argument("--size", default="small", choices=["tiny", "small", "full"], help="size preset (default: small)")
-    b.add_argument("--format", default="parquet", choices=["parquet", "webdataset"], help="format of the pool")
+    b.add_argument("--format", default="parquet", choices=["parquet", "webdataset", "datacomp"],
+                   help="parquet (default); webdataset (pool as tars); datacomp: every split as DataComp-style "
+                   ".tar + .parquet + .npz shards with tower embeddings (docs/datacomp.md)")
+    b.add_argument("--embedder", metavar="CHECKPOINT",
+                   help="datacomp: offline default embedder checkpoint for the .npz embeddings (default: the cached one)")
     b.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a builder setting, e.g. --set seed=3 --set pool_size=1000",
@@ -73,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="field", choices=["field", "repeats"],
                    help="WebDataset: weight as a JSON field (default) or as max(1, round(weight)) repeats")
     p.add_argument("--rows-per-file", type=int, default=10_000, help="rows per output file (default 10000)")
+    p.add_argument("--pairs", metavar="URI",
+                   help="raw pairs to take sample bytes from (WebDataset tars or Parquet; default: the run's data pool); "
+                   "needed when the run started from precomputed embeddings")
 
     p = sub.add_parser("embedder", help="the offline default embedder (EfficientNet-Lite0 + MiniLM, aligned heads)")
     emb_sub = p.add_subparsers(dest="embedder_command", required=True, metavar="ACTION")
@@ -120,6 +127,13 @@ def _data_build(args: argparse.Namespace) -> int:
     storage.configure()
     print(f"building fashion-captions ({args.size}: pool {cfg.pool_size}, seed {cfg.seed}) into {args.out}")
     splits = build_fashion_captions(cfg)
+    if args.format == "datacomp":
+        from influencespace.datasets.datacomp import write_datacomp
+
+        counts = write_datacomp(splits, args.out, cfg.shard_rows, args.embedder)
+        for key, value in counts.items():
+            print(f"  {key:32s} {value}")
+        return 0
     write_splits(splits, args.out, cfg.shard_rows, fmt=args.format)
     for key, value in splits.counts.items():
         print(f"  {key:18s} {value}")
@@ -185,8 +199,11 @@ def _export(args: argparse.Namespace) -> int:
         from influencespace.runtime import ensure_ray
 
         ensure_ray(RuntimeConfig())
-    counts = export_run(args.run_dir, args.format, args.out, args.policy, args.weights, args.rows_per_file)
+    counts = export_run(args.run_dir, args.format, args.out, args.policy, args.weights, args.rows_per_file, args.pairs)
     print(f"exported {counts['kept']} kept samples of {args.run_dir} as {args.format} to {args.out}")
+    if args.format == "webdataset":
+        last = max(counts["shards"] - 1, 0)
+        print(f"  {counts['samples']} samples in {counts['shards']} shard(s): {args.out.rstrip('/')}/{{00000000..{last:08d}}}.tar")
     return 0
 
 

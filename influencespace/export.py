@@ -15,6 +15,14 @@ of a finished run and writes:
   keys ``<key>_r1``, ``<key>_r2`` ….
 - ``parquet``: the original columns of kept rows plus ``weight``.
 
+Sample bytes come from the run's data pool, or with ``--pairs URI`` from other raw pairs: WebDataset
+tars or Parquet files holding the same ids. A run that started from precomputed embeddings
+(``data.source: embeddings``) has no image bytes in its pool, so it needs ``--pairs`` for
+``webdataset`` and ``parquet`` (docs/datacomp.md). The id of a pair is the run's ``data.id_column``
+(read from the run's recorded data config, e.g. ``uid``): a Parquet column, or a field of a
+WebDataset sample's JSON; a sample whose JSON lacks it falls back to the JSON's ``id``, then ``uid``,
+then the tar key.
+
 Streaming through Ray Data: pool shards are read, filtered and written block by block. The kept-id →
 weight table is broadcast once through the object store (about 40 bytes per kept row per node), so
 memory is bounded by that table plus one block per task.
@@ -64,31 +72,64 @@ def read_kept(run_dir: str, policy: str = "influencespace") -> Any:
     return table.filter(pc.field("keep")).select(["id", "weight"])
 
 
-def _pool_source(run_dir: str) -> tuple[str, str]:
+def _pool_source(run_dir: str) -> tuple[str, str, str]:
+    """(pool URI, its format, the id column) as the run's data stage recorded them."""
     manifest = storage.read_json(storage.join(run_dir, "data", "_SUCCESS.json"))
     pool = manifest["outputs"]["pool"]
     if "://" not in pool and not pool.startswith("/"):
         pool = storage.join(manifest["stage_dir"], pool)
-    return pool, manifest["outputs"].get("format", "parquet")
+    config = manifest.get("config") or {}
+    id_column = (config.get("id_column") or "id") if config.get("source") == "embeddings" else "id"
+    return pool, manifest["outputs"].get("format", "parquet"), id_column
 
 
-def _read_pool(uri: str, fmt: str):
+def pairs_format(uri: str) -> str:
+    """'webdataset' when ``uri`` is a .tar or a directory holding .tar files, else 'parquet'."""
+    if uri.endswith(".tar"):
+        return "webdataset"
+    if uri.endswith(".parquet"):
+        return "parquet"
+    return "webdataset" if storage.list_files(uri, ".tar", recursive=True) else "parquet"
+
+
+def sample_id(meta: dict[str, Any], key: str, id_column: str = "id") -> str:
+    """The id of a WebDataset sample: its JSON's ``id_column``, else ``id``, else ``uid``, else the tar key."""
+    for field in (id_column, "id", "uid"):
+        if meta.get(field) is not None:
+            return str(meta[field])
+    return key
+
+
+def _read_pool(uri: str, fmt: str, id_column: str = "id"):
     import ray.data
 
     fs, path = storage.resolve(uri)
     if fmt == "parquet":
-        return ray.data.read_parquet(path, filesystem=fs)
-    ds = ray.data.read_webdataset(path, filesystem=fs, decoder=None)
+        ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"])
+        if id_column == "id":
+            return ds
+
+        def with_id(batch):  # the configured id column becomes ``id`` (it stays too, e.g. DataComp's uid)
+            if id_column not in batch.column_names:
+                raise InputDataError(f"pairs at '{uri}' have no id column '{id_column}' (the run's data.id_column)")
+            ids = batch.column(id_column).cast("string")
+            if "id" in batch.column_names:
+                return batch.set_column(batch.column_names.index("id"), "id", ids)
+            return batch.append_column("id", ids)
+
+        return ds.map_batches(with_id, batch_format="pyarrow")
+    # Only the tars: a DataComp shard directory also holds .parquet and .npz files.
+    ds = ray.data.read_webdataset(path, filesystem=fs, decoder=None, file_extensions=["tar"])
 
     def to_columns(batch: dict) -> dict:
-        # Our WebDataset rows carry the real id in their JSON member; others fall back to the key.
+        # The id travels in the sample's JSON member (see sample_id); without one, the tar key is the id.
         out: dict[str, list] = {"id": [], "image": [], "text": [], "meta": []}
         columns = [c for c in batch if not c.startswith("__")]
         for i, key in enumerate(batch["__key__"]):
             meta = json.loads(batch["json"][i]) if "json" in batch and batch["json"][i] is not None else {}
             image = next((batch[e][i] for e in IMAGE_EXTENSIONS if e in columns and batch[e][i] is not None), None)
             text = batch["txt"][i].decode("utf-8", errors="replace") if "txt" in batch and batch["txt"][i] is not None else ""
-            out["id"].append(str(meta.get("id", key)))
+            out["id"].append(sample_id(meta, str(key), id_column))
             out["image"].append(image)
             out["text"].append(text)
             out["meta"].append(json.dumps({k: v for k, v in meta.items() if k != "id"}))
@@ -142,8 +183,12 @@ def _to_webdataset_rows(weights_mode: str):
 
 
 def export_run(run_dir: str, fmt: str, out_uri: str, policy: str = "influencespace", weights_mode: str = "field",
-               rows_per_file: int = 10_000) -> dict[str, int]:
-    """Write the kept subset of ``run_dir`` to ``out_uri`` in ``fmt``; return counts."""
+               rows_per_file: int = 10_000, pairs_uri: str | None = None) -> dict[str, int]:
+    """Write the kept subset of ``run_dir`` to ``out_uri`` in ``fmt``; return counts.
+
+    ``pairs_uri``: raw pairs (WebDataset tars or Parquet) to take sample bytes from; default the run's
+    data pool.
+    """
     if fmt not in FORMATS:
         raise InfluenceSpaceError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
     if weights_mode not in ("field", "repeats"):
@@ -162,9 +207,16 @@ def export_run(run_dir: str, fmt: str, out_uri: str, policy: str = "influencespa
 
     import ray
 
-    pool_uri, pool_format = _pool_source(run_dir)
+    pool_uri, pool_format, id_column = _pool_source(run_dir)
+    if pairs_uri:
+        pool_uri, pool_format = pairs_uri, pairs_format(pairs_uri)
+    elif pool_format == "embeddings":
+        raise InputDataError(
+            f"{run_dir} started from precomputed embeddings ({pool_uri}): its pool holds no image bytes; "
+            f"pass --pairs URI with the original pairs (WebDataset tars or Parquet) to export {fmt}"
+        )
     kept_ref = ray.put(kept)
-    ds = _read_pool(pool_uri, pool_format).map_batches(
+    ds = _read_pool(pool_uri, pool_format, id_column).map_batches(
         _AttachWeights, fn_constructor_args=(kept_ref,), batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5,
     )
@@ -172,10 +224,32 @@ def export_run(run_dir: str, fmt: str, out_uri: str, policy: str = "influencespa
     if fmt == "parquet":
         ds.write_parquet(path, filesystem=fs, min_rows_per_file=rows_per_file)
     else:
+        before = set(storage.list_files(out_uri, ".tar"))
         ds = ds.map_batches(_to_webdataset_rows(weights_mode), batch_format="pyarrow")
         ds.write_webdataset(path, filesystem=fs, encoder=None, min_rows_per_file=rows_per_file)
+        counts["shards"] = _number_shards(out_uri, before)
+        counts["samples"] = int(repeats(kept.column("weight").to_numpy()).sum()) if weights_mode == "repeats" else kept.num_rows
     written = sum(1 for _ in storage.list_files(out_uri, recursive=True))
     if written == 0:
         raise InputDataError(f"export wrote no files to {out_uri}: did the pool at {pool_uri} hold the manifest's ids?")
     counts["files"] = written
     return counts
+
+
+def _number_shards(out_uri: str, before: set[str]) -> int:
+    """Rename the tars just written to ``00000000.tar``, ``00000001.tar`` … (after any numbered ones there).
+
+    DataComp and open_clip address shards by brace ranges (``{00000000..00000003}.tar``); Ray names
+    them by write id. Returns how many numbered shards the directory holds.
+    """
+    fs, _ = storage.resolve(out_uri)
+    numbered = re.compile(r"^\d{8}\.tar$")
+    taken = {u.rsplit("/", 1)[-1] for u in before if numbered.match(u.rsplit("/", 1)[-1])}
+    index = 0
+    for uri in sorted(set(storage.list_files(out_uri, ".tar")) - before):
+        while f"{index:08d}.tar" in taken:
+            index += 1
+        target = storage.join(out_uri, f"{index:08d}.tar")
+        fs.move(storage.resolve(uri)[1], storage.resolve(target)[1])
+        taken.add(f"{index:08d}.tar")
+    return len(taken)
