@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from typing import Any
 
 import numpy as np
 
 from influencespace import storage
+from influencespace.errors import StageStateError
 
 
 class StorageCheckpoint:
@@ -29,9 +31,15 @@ class StorageCheckpoint:
         uri = self._uri(phase)
         if not storage.is_file(uri):
             return None
-        with np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False) as data:
-            meta = json.loads(data["meta"].tobytes().decode())
-            return {**meta, "centroids": data["centroids"].copy()}
+        try:
+            with np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False) as data:
+                meta = json.loads(data["meta"].tobytes().decode())
+                return {**meta, "centroids": data["centroids"].copy()}
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # written atomically: damaged since
+            raise StageStateError(
+                f"'{uri}' is not a readable k-means checkpoint ({type(exc).__name__}: {exc}); delete it to restart "
+                "k-means from seeding, or rerun with --overwrite"
+            ) from None
 
     def save(self, phase: str, state: dict[str, Any]) -> None:
         meta = {key: value for key, value in state.items() if key != "centroids"}

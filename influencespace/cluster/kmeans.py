@@ -31,6 +31,7 @@ import numpy as np
 
 from influencespace.cluster.assign import CoarseLevel, FlatSearcher, Partial, assign, partial_sums, prepare_rows
 from influencespace.errors import ConfigError, InputDataError
+from influencespace.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -383,6 +384,7 @@ def lloyd(
             checkpoint.save(
                 phase, {"iteration": iteration, "centroids": centroids, "history": history, "converged": converged}
             )
+            fault_point(f"cluster.{phase}_iteration", iteration)  # tests: a kill between two iterations
         log.info(
             "k-means %s iteration %d/%d: objective %.6g, %d empty cluster(s) split, %.2fs",
             phase, iteration, max_iter, part.objective, n_split, history[-1]["seconds"],

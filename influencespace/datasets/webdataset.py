@@ -107,5 +107,10 @@ def _finish(fields: dict[str, bytes], key: str | None, shard: str) -> dict[str, 
             raise InputDataError(f"sample '{key}' in '{shard}' has a JSON member that is not valid JSON") from None
     image = next((fields[e] for e in IMAGE_EXTENSIONS if e in fields), None)
     text_raw = fields.get("txt")
-    text = text_raw.decode("utf-8", errors="replace") if text_raw is not None else None
+    text: str | bytes | None = None
+    if text_raw is not None:
+        try:
+            text = text_raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = text_raw  # not text: the embed stage rejects the row with a reason (never a silent '�')
     return {**meta, "id": str(meta.get("id", key)), "image": image, "text": text}

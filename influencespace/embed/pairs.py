@@ -32,13 +32,34 @@ import numpy as np
 from influencespace import storage
 from influencespace.embed.fusion import fuse, image_text_cosine
 from influencespace.embed.preprocess import ImageDecodeError, ImagePreprocess, TextPreprocess, check_caption
-from influencespace.errors import InputDataError, StageStateError
+from influencespace.errors import InfluenceSpaceError, InputDataError, StageStateError
 
 log = logging.getLogger(__name__)
 
 PASSTHROUGH = ("group", "label")
 REQUIRED = ("id", "text")
 IMAGE_COLUMNS = ("image", "image_path")
+# Up to this many rows per split the planner checks that ids are unique (it holds every id once); above it
+# the check is left to the influence stage, which refuses repeated ids in the cluster assignments.
+MAX_ID_CHECK_ROWS = 20_000_000
+
+
+def check_unique_ids(split: str, files: list[str], ids_per_file: list[list[Any]]) -> None:
+    """Raise :class:`InputDataError` naming the file, the column and the id when an id repeats in a split."""
+    seen: dict[Any, int] = {}  # id -> position of the file it was first seen in
+    for position, ids in enumerate(ids_per_file):
+        for value in ids:
+            if value is None:
+                continue  # a missing id is rejected row by row ('missing id')
+            first = seen.get(value)
+            if first is not None:
+                where = "" if first == position else f" of '{files[first]}'"
+                raise InputDataError(
+                    f"'{files[position]}': column 'id' repeats id {value!r}{where} (split '{split}'); every input id must be unique"
+                )
+            seen[value] = position
+
+
 PLAN_FILE = "_PLAN.json"
 PLAN_VERSION = 1
 
@@ -140,6 +161,21 @@ def _parquet_footers(files: list[str]) -> list[tuple[int, Any]]:
         return list(pool.map(read, files))
 
 
+def _parquet_ids(files: list[str]) -> list[list[Any]]:
+    """The ``id`` column of every file (only that column is read)."""
+    import pyarrow.parquet as pq
+
+    def read(uri: str) -> list[Any]:
+        fs, path = storage.resolve(uri)
+        try:
+            return pq.read_table(path, columns=["id"], filesystem=fs).column("id").to_pylist()
+        except Exception as exc:  # a footer that reads but data pages that do not
+            raise InputDataError(f"'{uri}': column 'id' is not readable: {exc}") from None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(read, files))
+
+
 def plan_split(split: str, uri: str, fmt: str, rows_per_shard: int) -> list[Shard]:
     """Cut one split into shards (see the module docstring); checks every file's schema on the way."""
     if fmt == "parquet":
@@ -151,6 +187,8 @@ def plan_split(split: str, uri: str, fmt: str, rows_per_shard: int) -> list[Shar
         for file_uri, (_, schema) in zip(files[1:], footers[1:], strict=True):
             if _check_schema(file_uri, schema) != (image_column, passthrough):
                 raise InputDataError(f"'{file_uri}' has different columns from '{files[0]}'; every file of a split must share one schema")
+        if sum(n for n, _ in footers) <= MAX_ID_CHECK_ROWS:
+            check_unique_ids(split, files, _parquet_ids(files))
         shards: list[Shard] = []
         pieces: list[Piece] = []
         filled = 0
@@ -174,16 +212,19 @@ def plan_split(split: str, uri: str, fmt: str, rows_per_shard: int) -> list[Shar
         if not tars:
             raise InputDataError(f"no WebDataset .tar shards at '{uri}' (split '{split}')")
 
-        def count(tar: str) -> tuple[int, set[str]]:
+        def count(tar: str) -> tuple[int, set[str], list[str]]:
             keys: set[str] = set()
-            n = 0
+            ids = []
             for sample in iter_samples(tar):
-                n += 1
+                ids.append(sample.get("id"))
                 keys.update(k for k in PASSTHROUGH if sample.get(k) is not None)
-            return n, keys
+            return len(ids), keys, ids
 
         with ThreadPoolExecutor(max_workers=4) as pool:
-            counts = list(pool.map(count, tars))
+            counted = list(pool.map(count, tars))
+        if sum(n for n, _, _ in counted) <= MAX_ID_CHECK_ROWS:
+            check_unique_ids(split, tars, [ids for _, _, ids in counted])
+        counts = [(n, keys) for n, keys, _ in counted]
         present = set().union(*(keys for _, keys in counts))
         types = {"group": "string", "label": "int64"}
         passthrough = tuple((c, types[c]) for c in PASSTHROUGH if c in present)
@@ -243,24 +284,35 @@ def read_shard(shard: Shard, batch_rows: int) -> Iterator[dict[str, list]]:
         if batch["id"]:
             yield batch
         return
+    for piece in shard.pieces:
+        try:
+            yield from _read_piece(piece, columns, batch_rows)
+        except InfluenceSpaceError:
+            raise
+        except Exception as exc:  # pages that do not decode: the file is damaged (its footer read fine)
+            raise InputDataError(
+                f"'{piece.uri}' is not a readable Parquet file (columns {', '.join(columns)}): {type(exc).__name__}: {exc}"
+            ) from None
+
+
+def _read_piece(piece: Piece, columns: list[str], batch_rows: int) -> Iterator[dict[str, list]]:
     import pyarrow.parquet as pq
 
-    for piece in shard.pieces:
-        fs, path = storage.resolve(piece.uri)
-        with fs.open_input_file(path) as handle:
-            reader = pq.ParquetFile(handle)
-            # Read only the row groups that overlap [start, stop), then slice.
-            offset = 0
-            for group in range(reader.num_row_groups):
-                n = reader.metadata.row_group(group).num_rows
-                lo, hi = max(piece.start, offset), min(piece.stop, offset + n)
-                if lo < hi:
-                    table = reader.read_row_group(group, columns=columns).slice(lo - offset, hi - lo)
-                    for start in range(0, table.num_rows, batch_rows):
-                        yield table.slice(start, batch_rows).to_pydict()
-                offset += n
-                if offset >= piece.stop:
-                    break
+    fs, path = storage.resolve(piece.uri)
+    with fs.open_input_file(path) as handle:
+        reader = pq.ParquetFile(handle)
+        # Read only the row groups that overlap [start, stop), then slice.
+        offset = 0
+        for group in range(reader.num_row_groups):
+            n = reader.metadata.row_group(group).num_rows
+            lo, hi = max(piece.start, offset), min(piece.stop, offset + n)
+            if lo < hi:
+                table = reader.read_row_group(group, columns=columns).slice(lo - offset, hi - lo)
+                for start in range(0, table.num_rows, batch_rows):
+                    yield table.slice(start, batch_rows).to_pydict()
+            offset += n
+            if offset >= piece.stop:
+                break
 
 
 def prepare_rows(

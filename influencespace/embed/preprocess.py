@@ -143,6 +143,8 @@ def check_caption(text: object) -> str | None:
     """The rejection reason for a caption, or None when it can be embedded."""
     if text is None:
         return "missing caption"
+    if isinstance(text, bytes):
+        return "caption is not valid UTF-8"
     if not isinstance(text, str):
         return f"caption is {type(text).__name__}, not text"
     if not text.strip():

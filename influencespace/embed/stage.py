@@ -32,6 +32,7 @@ from influencespace.embed import pairs
 from influencespace.embed.encoders import EncoderSpec, load_encoder, spec_from_config
 from influencespace.embed.fusion import fused_dim
 from influencespace.errors import StageStateError
+from influencespace.faults import fault_point
 from influencespace.stages import Stage, StageContext, StageResult
 
 log = logging.getLogger(__name__)
@@ -142,8 +143,11 @@ class EmbedActor:
             torch.set_num_threads(threads)
         self.encoder = load_encoder(spec, device)
         self.fusion, self.image_weight, self.dtype = fusion, image_weight, dtype
+        self.batches = 0
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        self.batches += 1
+        fault_point("embed.batch", self.batches)  # tests: an actor lost in the middle of the stream
         return pairs.embed_prepared(batch, self.encoder, self.fusion, self.image_weight, self.dtype)
 
 
@@ -152,6 +156,7 @@ def _write_task(stage_dir: str, shard_json: str, ranges: list[tuple[int, int]], 
 
     storage.configure(s3.endpoint_url, s3.region, s3.retries)
     shard = pairs.Shard.from_json(shard_json)
+    fault_point("embed.write", f"{shard.split}-{shard.index}")  # tests: the driver killed while shards are written
     parts = []
     for block, (start, stop) in zip(blocks, ranges, strict=True):
         accessor = BlockAccessor.for_block(BlockAccessor.for_block(block).slice(start, stop, copy=False))
@@ -193,6 +198,10 @@ def _run_ray(ctx: StageContext, spec: EncoderSpec, pending: list[pairs.Shard]) -
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+        # A lost actor (node gone, process killed) is restarted, loads the encoder again, and the batch it
+        # held is retried: embedding is a pure function of the batch, so the output does not change.
+        max_restarts=runtime.worker_restarts,
+        max_task_retries=runtime.worker_restarts,
         num_cpus=1 if runtime.use_gpu else CPU_ACTOR_RESERVATION,
         num_gpus=actor_placement.pop("num_gpus", 0),
         **actor_placement,  # the GPU-node marker resource on clusters that define one

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from influencespace import storage
+from influencespace.faults import fault_point
 from influencespace.train.data import TrainingSet
 from influencespace.train.model import build_model, clip_loss
 from influencespace.train.sampler import WeightedShardSampler
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 RUN_FILE = "run.json"
+HISTORY_FILE = "history.json"  # in each epoch checkpoint: the metrics of every epoch so far (resume)
 DEEPSPEED_TAG = "deepspeed"
 _OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}
 
@@ -72,6 +74,7 @@ class RunSpec:
     output_uri: str  # train/<variant>/seed-<seed>/: model.pt and run.json (written by rank 0)
     checkpoint_root: str  # where reported checkpoints end up (Ray Train storage, or the stage dir)
     stage_dir: str = ""  # paths under it are recorded relative to it
+    restore_uri: str = ""  # a checkpoint of this run from an earlier attempt (``<name>-epochNNN``) to go on from
 
     @property
     def name(self) -> str:
@@ -148,27 +151,44 @@ def deepspeed_config(hp: Hyperparameters, world_size: int) -> dict:
 # The recipe
 
 
-def train_run(spec: RunSpec, hp: Hyperparameters, data: TrainingSet, session: Session) -> dict:
-    """Train one variant for one seed; return its record (also written to ``run.json`` by rank 0)."""
+def train_run(
+    spec: RunSpec, hp: Hyperparameters, data: TrainingSet, session: Session, restore: tuple[str, str] | None = None
+) -> dict:
+    """Train one variant for one seed; return its record (also written to ``run.json`` by rank 0).
+
+    ``restore`` = (local directory, URI) of an epoch checkpoint of this run (every rank's DeepSpeed
+    partition, ``history.json``): the engine state (weights, optimizer, step) is loaded from it and
+    training goes on with the next epoch. The sampler draws each epoch from ``(seed, epoch)`` alone, so
+    a restored run sees the same batches as an uninterrupted one.
+    """
     import torch
 
     started = time.perf_counter()
     engine, sampler, dtype = _setup(spec, hp, data, session)
+    history: list[dict] = []
+    checkpoint = ""
+    if restore is not None:
+        local_dir, checkpoint = restore
+        engine.load_checkpoint(local_dir, tag=DEEPSPEED_TAG)
+        with open(os.path.join(local_dir, HISTORY_FILE)) as f:
+            history = json.load(f)
+        if session.rank == 0:
+            log.info("%s: restored after epoch %d from %s", spec.name, len(history), checkpoint)
+    restored_epochs = len(history)
     setup_seconds = time.perf_counter() - started
     image = torch.from_numpy(data.image).to(session.device, dtype)
     text = torch.from_numpy(data.text).to(session.device, dtype)
 
-    history: list[dict] = []
-    checkpoint = ""
-    for epoch in range(spec.epochs):
+    for epoch in range(restored_epochs, spec.epochs):
         metrics = _train_epoch(engine, sampler, epoch, image, text, session)
         metrics.update({"variant": spec.variant, "seed": spec.seed, "epoch": epoch + 1,
                         "step": (epoch + 1) * spec.steps_per_epoch})
         history.append(metrics)
-        checkpoint = _save_and_report(engine, spec, metrics, session, epoch + 1)
+        checkpoint = _save_and_report(engine, spec, history, session, epoch + 1)
         if session.rank == 0:
             log.info("%s epoch %d/%d: loss %.4f (%.1fs)", spec.name, epoch + 1, spec.epochs, metrics["loss"],
                      metrics["seconds"])
+        fault_point("train.epoch", f"{spec.variant}-{epoch + 1}")  # tests: a worker lost between two epochs
 
     record = {
         "variant": spec.variant,
@@ -188,6 +208,7 @@ def train_run(spec: RunSpec, hp: Hyperparameters, data: TrainingSet, session: Se
         "wall_seconds": float(time.perf_counter() - started),
         "model": _relative(storage.join(spec.output_uri, MODEL_FILE), spec.stage_dir),
         "checkpoint": _relative(checkpoint, spec.stage_dir),
+        "restored_after_epoch": restored_epochs,
     }
     state = _full_state_dict(engine)
     if session.rank == 0:
@@ -275,11 +296,12 @@ def _loss(engine, image, text, session: Session):
     return clip_loss(image_features, text_features, scale, all_images, all_texts, offset)
 
 
-def _save_and_report(engine, spec: RunSpec, metrics: dict, session: Session, epoch: int) -> str:
+def _save_and_report(engine, spec: RunSpec, history: list[dict], session: Session, epoch: int) -> str:
     """Write this epoch's checkpoint (every rank its part) and hand it to the runner; return its URI."""
     import torch
 
-    name = f"{spec.name}-epoch{epoch:03d}"
+    metrics = history[-1]
+    name = checkpoint_name(spec, epoch)
     state = _full_state_dict(engine)
     with tempfile.TemporaryDirectory(prefix="influencespace-ckpt-") as tmp:
         # DeepSpeed's own checkpoint (module, optimizer and ZeRO partitions: what resuming needs) ...
@@ -289,8 +311,21 @@ def _save_and_report(engine, spec: RunSpec, metrics: dict, session: Session, epo
             torch.save(state, os.path.join(tmp, MODEL_FILE))
             with open(os.path.join(tmp, "metrics.json"), "w") as f:
                 json.dump(metrics, f, indent=2)
+            with open(os.path.join(tmp, HISTORY_FILE), "w") as f:
+                json.dump(history, f, indent=2)
         session.report(dict(metrics), tmp, name)
     return storage.join(spec.checkpoint_root, name)
+
+
+def checkpoint_name(spec: RunSpec, epoch: int) -> str:
+    return f"{spec.name}-epoch{epoch:03d}"
+
+
+def checkpoint_epoch(spec: RunSpec, name: str) -> int | None:
+    """The epoch of a checkpoint directory name of ``spec``'s run, or None when it belongs to another run."""
+    prefix = f"{spec.name}-epoch"
+    tail = name[len(prefix):]
+    return int(tail) if name.startswith(prefix) and tail.isdigit() else None
 
 
 def _full_state_dict(engine) -> dict:

@@ -27,7 +27,7 @@ class ThreeShards(Stage):
         return StageResult(counts={"rows": 3}, outputs={"pool": "."})
 
 
-def test_server_down_is_a_clear_error_naming_the_uri_then_resume_after_restart(s3_server, s3_prefix, make_config):
+def test_server_down_is_a_clear_error_naming_the_uri_then_resume_after_restart(s3_server, s3_prefix, make_config, record_fault):
     config = make_config(run_dir=f"{s3_prefix}/run")
     storage.configure(retries=2)
     try:
@@ -46,11 +46,13 @@ def test_server_down_is_a_clear_error_naming_the_uri_then_resume_after_restart(s
     outcome = run_stage(config, ThreeShards())
     assert outcome.status == "resumed"
     assert sorted(storage.read_table(f"{s3_prefix}/run/embed").column("id").to_pylist()) == ["r0", "r1", "r2"]
+    record_fault("S3 server stopped mid-stage", "StorageError naming the URI, no success marker; rerun after restart resumed")
 
 
-def test_restart_between_requests_is_survived(s3_server, s3_prefix):
+def test_restart_between_requests_is_survived(s3_server, s3_prefix, record_fault):
     storage.write_bytes(f"{s3_prefix}/a.bin", b"before")
     s3_server.restart()
     assert storage.read_bytes(f"{s3_prefix}/a.bin") == b"before"
     storage.write_bytes(f"{s3_prefix}/b.bin", b"after")
     assert storage.read_bytes(f"{s3_prefix}/b.bin") == b"after"
+    record_fault("S3 server restarted between requests", "reads and writes go on (client retries)")
