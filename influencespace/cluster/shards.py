@@ -27,6 +27,7 @@ from influencespace import storage
 from influencespace.cluster.assign import CoarseLevel, FlatSearcher, Partial, assign, partial_sums, prepare_rows
 from influencespace.cluster.kmeans import sample_indices
 from influencespace.errors import InputDataError
+from influencespace.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ class ShardWorker:
         self._rows: dict[int, np.ndarray] = {}  # shard position -> kept rows (cache mode)
         self._coarse: dict[int, tuple[bytes, np.ndarray]] = {}  # shard position -> (coarse key, labels)
         self._kept_counts: list[int] = []
+        self._passes = 0  # assignment passes answered by this process
 
     # -- passes over the shards --------------------------------------------------------------------
 
@@ -170,6 +172,14 @@ class ShardWorker:
         self._kept_counts = [info.kept for info in infos]
         return infos, self.searcher.description
 
+    def _ready(self) -> FlatSearcher:
+        """The searcher, after (re)reading the shards if this worker has not yet: a Ray actor restarted
+        after its node was lost starts empty and is asked to go on where its predecessor stopped."""
+        if self.searcher is None:
+            self.load()
+        assert self.searcher is not None
+        return self.searcher
+
     def _shard_rows(self, position: int) -> np.ndarray:
         if self.cache:
             return self._rows[position]
@@ -178,6 +188,7 @@ class ShardWorker:
 
     def sample(self, local_indices: np.ndarray) -> np.ndarray:
         """Rows at ``local_indices`` (sorted, counted over this worker's kept rows in shard order)."""
+        self._ready()
         bounds = np.concatenate([[0], np.cumsum(self._kept_counts)])
         parts = []
         for position in range(len(self.shards)):
@@ -202,6 +213,9 @@ class ShardWorker:
 
     def assign_to(self, centroids: np.ndarray, coarse: CoarseLevel | None = None) -> Partial:
         """Partial sums, counts and objective of this worker's rows (one Lloyd assignment pass)."""
+        self._ready()
+        self._passes += 1
+        fault_point("cluster.assign", self._passes)  # tests: a worker lost in the middle of a Lloyd pass
         total = Partial.zeros(len(centroids), centroids.shape[1])
         for position in range(len(self.shards)):
             total = total + self._shard_partial(position, centroids, coarse)
@@ -222,6 +236,7 @@ class ShardWorker:
         existing assignment shard means the shard is complete; existing ones are skipped (resume) and
         only read back for the cluster sizes and objective.
         """
+        self._ready()
         summary = FinalSummary(np.zeros(len(centroids), np.int64), 0.0, 0, 0)
         for position in range(len(self.shards)):
             summary = summary + self._write_shard(position, centroids, coarse, assignments_dir, rejects_dir)

@@ -41,12 +41,21 @@ log = logging.getLogger(__name__)
 
 
 class RayPool:
-    """One Ray actor per worker; arguments are put in the object store once and shared by all actors."""
+    """One Ray actor per worker; arguments are put in the object store once and shared by all actors.
 
-    def __init__(self, specs: Sequence[dict[str, Any]], num_cpus: float, num_gpus: float):
+    An actor lost with its node is restarted (anywhere its resources fit) up to ``restarts`` times, and
+    the call it was answering is retried: every method is idempotent, and a restarted worker reads its
+    shards again on first use (:meth:`ShardWorker.assign_to` & co.), so the result does not change.
+    """
+
+    def __init__(self, specs: Sequence[dict[str, Any]], num_cpus: float, num_gpus: float,
+                 resources: dict[str, float] | None = None, restarts: int = 0):
         import ray
 
-        actor = ray.remote(ShardWorker).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)
+        actor = ray.remote(ShardWorker).options(
+            num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or {},
+            max_restarts=restarts, max_task_retries=restarts,
+        )  # fmt: skip
         self.actors = [actor.remote(**spec) for spec in specs]
 
     @staticmethod
@@ -85,7 +94,7 @@ def start_workers(config: Any, groups: Sequence[Sequence[tuple[int, str]]]) -> L
     spec = {"spherical": cfg.spherical, "device": cfg.device, "cache": cfg.cache_shards}
     if config.runtime.runner == "local":
         return LocalPool([ShardWorker(shards=g, **spec) for g in groups])
-    from influencespace.runtime import ensure_ray
+    from influencespace.runtime import ensure_ray, placement
 
     ensure_ray(config.runtime)
     import ray
@@ -107,7 +116,12 @@ def start_workers(config: Any, groups: Sequence[Sequence[tuple[int, str]]]) -> L
         }
         for g in groups
     ]
-    return RayPool(specs, num_cpus=cfg.worker_cpus, num_gpus=1 if cfg.device == "gpu" else 0)
+    # faiss on GPU runs on the GPU node type, faiss on CPU on the CPU node type (runtime.*_node_resource).
+    node = placement(config.runtime, "gpu" if cfg.device == "gpu" else "cpu")
+    return RayPool(
+        specs, num_cpus=cfg.worker_cpus, num_gpus=1 if cfg.device == "gpu" else 0,
+        resources=node.get("resources"), restarts=config.runtime.worker_restarts,
+    )  # fmt: skip
 
 
 def load_shards(pool: LocalPool | RayPool) -> tuple[list[list[ShardInfo]], str]:

@@ -178,3 +178,21 @@ def test_ray_two_level_streaming_equals_local(ray_cluster, tmp_path, make_config
     centroids, labels, _ = reference(x, local_config)
     np.testing.assert_allclose(centroids_of(local_config.run_dir), centroids, atol=1e-5)
     np.testing.assert_array_equal(local_rows.column("cluster").to_numpy(), labels)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_restarted_worker_answers_without_being_loaded_again(tmp_path, blobs, cache):
+    """A Ray actor restarted after its node was lost is a fresh ShardWorker that never saw ``load``: it
+    must read its shards on first use and answer exactly as the worker it replaces."""
+    from influencespace.cluster.shards import ShardWorker
+
+    upstream = write_embed_output(str(tmp_path / "embed"), blobs, shard_rows=250)
+    shards = list(enumerate(storage.list_files(storage.join(upstream["stage_dir"], "pool"), ".parquet")))
+    loaded, restarted = (ShardWorker(shards, spherical=True, cache=cache) for _ in range(2))
+    loaded.load()
+    centroids = blobs[:12].astype(np.float32) / np.linalg.norm(blobs[:12], axis=1, keepdims=True)
+    first, second = loaded.assign_to(centroids), restarted.assign_to(centroids)
+    np.testing.assert_array_equal(first.counts, second.counts)
+    np.testing.assert_array_equal(first.sums, second.sums)
+    picks = np.array([0, 7, 600, 1199])
+    np.testing.assert_array_equal(ShardWorker(shards, spherical=True, cache=cache).sample(picks), loaded.sample(picks))
