@@ -81,6 +81,11 @@ class RuntimeConfig(Section):
     cpu_node_resource: str | None = _execution_only(
         default=None, description="Custom Ray resource marking CPU worker nodes (cluster_configs use 'cpu_node'): k-means work is pinned there."
     )
+    worker_restarts: int = _execution_only(
+        default=3, ge=0, le=100,
+        description="Times work lost with its node (spot reclaim, crash) is restarted: k-means actors (max_restarts, "
+        "max_task_retries) and influence's Ray Train worker group (FailureConfig.max_failures).",
+    )
     progress: bool = _execution_only(default=True, description="Show progress bars.")
 
 
@@ -219,6 +224,11 @@ class InfluenceConfig(Section):
     proxy_steps: int = Field(200, ge=0, description="Warm-start steps of the proxy model on a random subset.")
     checkpoints: int = Field(1, ge=1, description="Proxy checkpoints averaged over.")
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence level of the per-cluster intervals.")
+    score_rows: bool = Field(
+        True,
+        description="Row pass: also score every pool row's own influence (one proxy gradient per row and checkpoint); "
+        "curation uses it to choose which rows a thinned cluster keeps.",
+    )
     seed: int = Field(0, description="Seed of the projector and the sampling.")
     dtype: Literal["float32", "float64"] = Field("float32", description="Gradient and sketch precision.")
     fisher: Literal["ggn", "empirical"] = Field(
@@ -250,12 +260,20 @@ class CurateConfig(Section):
         0.25, ge=0.0, le=1.0,
         description="Thinning floor: a negligible or helpful cluster keeps at least this share of its rows while the budget allows.",
     )
-    row_order: Literal["quality", "random"] = Field(
-        "quality",
-        description="Which rows a thinned cluster keeps: 'quality' drops near-duplicates, then the lowest image–text cosine, first; 'random' a seeded subset.",
+    row_order: Literal["influence", "image_text", "random"] = Field(
+        "influence",
+        description="Which rows a thinned cluster drops first, after its near-duplicates: the lowest own influence "
+        "(needs influence.score_rows), the lowest image–text cosine, or a seeded random subset (duplicates not preferred).",
     )
-    duplicate_threshold: float = Field(
-        0.95, ge=-1.0, le=1.0, description="SemDeDup cosine at or above which a row counts as a near-duplicate of a row that stays."
+    duplicate_threshold: float | None = Field(
+        0.95, ge=-1.0, le=1.0,
+        description="SemDeDup cosine at or above which a row counts as a near-duplicate of a row that stays "
+        "(null: no near-duplicate step; the pool's embeddings are then read only for the 'dedup' comparison).",
+    )
+    mismatch_iqr: float | None = Field(
+        1.5, gt=0.0,
+        description="Image–text mismatch rule: a row whose image–text cosine is below Q1 − k·IQR of the pool's leaves first "
+        "(Tukey's k; null: no mismatch step).",
     )
     worst_group: str | None = Field(
         None, description="Group whose validation loss counts extra (None: the highest-loss group the influence stage measured)."
@@ -264,6 +282,19 @@ class CurateConfig(Section):
         ("random", "dedup", "clipscore"), description="Comparison policies curated at the same budget."
     )
     seed: int = Field(0, description="Seed for the random policy and tie-breaks.")
+    curve_keep_fractions: tuple[float, ...] = Field(
+        (),
+        description="Further budgets for the reduction-vs-accuracy curve: every policy is also curated (and trained, "
+        "evaluated) at each of these keep fractions.",
+    )
+
+    @field_validator("curve_keep_fractions")
+    @classmethod
+    def _fractions(cls, values: tuple[float, ...]) -> tuple[float, ...]:
+        bad = [v for v in values if not 0.0 < v <= 1.0]
+        if bad:
+            raise ValueError(f"curate.curve_keep_fractions must lie in (0, 1], got {bad}")
+        return tuple(sorted(set(values)))
 
     @model_validator(mode="after")
     def _weights_ordered(self) -> CurateConfig:
@@ -300,7 +331,6 @@ class EvaluateConfig(Section):
     """Evaluation and report."""
 
     seeds: tuple[int, ...] = Field((0,), min_length=1, description="Training seeds; metrics are mean ± sd over them.")
-    budgets: tuple[float, ...] = Field((0.6,), min_length=1, description="Keep fractions for the reduction-vs-accuracy curve.")
     positive_classes: tuple[int, ...] | None = Field(
         None, description="Labels that are positive in the binary fairness task (None: footwear_classes from classes.json)."
     )

@@ -2,24 +2,26 @@
 
 The InfluenceSpace policy works on clusters, using the influence stage's estimates and their
 confidence intervals (sign convention: influence > 0 means the cluster lowers validation loss).
-Influence decides *how many* rows of each cluster stay; row-level quality decides *which*:
+Influence decides which clusters go and how far each may be thinned; row-level evidence decides
+which rows leave first:
 
 1. **Harmful** clusters (``ci_high < 0``: confidently raise the validation loss) are pruned, always.
-2. The data budget ``keep_fraction × N`` is met by **thinning**, not by dropping whole clusters (a
-   dropped cluster takes a slice of the distribution with it, which costs class and group coverage):
-   first every **negligible** cluster (its CI contains 0) is thinned to one common keep fraction,
-   as far down as ``min_cluster_keep`` of its size; if that is not enough, every **helpful** cluster
-   (``ci_low > 0``) is thinned the same way. Only if the floors still exceed the budget are whole
-   clusters dropped, lowest per-example value first (negligible before helpful), where
+2. Rows of the other clusters leave, until the budget ``keep_fraction × N`` is met, in tiers of
+   evidence (:func:`select_rows`): image–text **mismatches** (cosine a Tukey outlier of the pool's,
+   :func:`mismatch_outliers`), **near-duplicates** of a row that stays (SemDeDup score ≥
+   ``duplicate_threshold`` — first-order influence is additive, so it cannot see redundancy), rows of
+   **negligible** clusters (the CI contains 0), and last rows of **helpful** clusters
+   (``ci_low > 0``). Within a tier the row of lowest value goes first: its own influence from the
+   influence stage's row pass (+ fairness_weight × the worst-off group's), or its image–text cosine.
+   No cluster is thinned below ``min_cluster_keep`` of its size — dropping whole clusters costs class
+   and group coverage — unless the floors together exceed the budget; then whole clusters go,
+   negligible before helpful, lowest per-example value first,
 
        score_c = influence_c / size_c + fairness_weight · influence_c^{g*} / size_c
 
-   and g* is the worst-off group (highest validation loss). The budget is an upper bound: pruning
+   with g* the worst-off group (highest validation loss). The budget is an upper bound: pruning
    harmful clusters may keep less.
-3. Inside a thinned cluster, rows are removed in order of row-level priority (``row_priority``):
-   near-duplicates of a row that stays (SemDeDup score ≥ ``duplicate_threshold``) first, then the
-   lowest image–text agreement; ties, or no row signal at all, fall back to a seeded random order.
-4. Kept clusters that are **helpful** and **under-represented** (smaller than the median kept
+3. Kept clusters that are **helpful** and **under-represented** (smaller than the median kept
    cluster) are up-weighted by inverse-frequency, (median / size)^power, and further by
    (1 + fairness_weight) when they significantly help the worst-off group. Weights are then
    normalised to mean 1 over kept rows and bounded to [min_weight, max_weight] (alternating
@@ -43,6 +45,7 @@ KEEP_COLUMNS = ["id", "cluster", "keep", "weight", "reason"]
 HARMFUL = "harmful"
 NEGLIGIBLE = "negligible"  # a whole negligible cluster dropped (only when the thinning floors exceed the budget)
 NEGLIGIBLE_THINNED = "negligible-thinned"
+MISMATCH = "image-text-mismatch"
 BUDGET = "budget"  # a whole helpful cluster dropped (same condition)
 BUDGET_THINNED = "budget-thinned"
 KEPT = "kept"
@@ -60,7 +63,7 @@ class PolicyParams:
     fairness_weight: float = 1.0
     upweight_power: float = 0.5
     min_cluster_keep: float = 0.25
-    duplicate_threshold: float = 0.95
+    duplicate_threshold: float | None = 0.95  # None: no near-duplicate step
     seed: int = 0
 
 
@@ -68,8 +71,8 @@ def budget_rows(n_rows: int, keep_fraction: float) -> int:
     return int(round(keep_fraction * n_rows))
 
 
-def cluster_decisions(scores: pd.DataFrame, params: PolicyParams, worst_group: str | None = None) -> pd.DataFrame:
-    """Per-cluster decision: ``keep_rows`` (how many rows stay), ``weight``, ``kept_reason``, ``dropped_reason``.
+def classify_clusters(scores: pd.DataFrame, params: PolicyParams, worst_group: str | None = None) -> pd.DataFrame:
+    """Per cluster: ``score`` (per-example value), ``harmful``, ``helpful``, ``negligible`` and ``floor`` rows.
 
     ``scores`` has one row per cluster: ``cluster``, ``size``, ``influence``, ``ci_low``, ``ci_high``
     and optionally ``influence_group_<g>`` / ``ci_low_group_<g>`` columns.
@@ -82,88 +85,88 @@ def cluster_decisions(scores: pd.DataFrame, params: PolicyParams, worst_group: s
     if group_col and group_col in df:
         score = score + params.fairness_weight * df[group_col].fillna(0.0).to_numpy(dtype=np.float64) / safe_size
     df["score"] = score
-    harmful = df["ci_high"].to_numpy() < 0
-    helpful = df["ci_low"].to_numpy() > 0
-    negligible = ~harmful & ~helpful
+    df["harmful"] = df["ci_high"].to_numpy() < 0
+    df["helpful"] = df["ci_low"].to_numpy() > 0
+    df["negligible"] = ~df["harmful"] & ~df["helpful"]
+    df["floor"] = np.where(df["harmful"], 0, np.ceil(params.min_cluster_keep * size)).astype(np.int64)
+    return df
 
-    budget = budget_rows(int(size.sum()), params.keep_fraction)
-    keep_rows = np.where(harmful, 0, size).astype(np.int64)
-    dropped_reason = np.where(harmful, HARMFUL, "").astype(object)
 
-    # Thin negligible clusters first, then helpful ones, each group to one common keep fraction.
-    floor_rows = np.minimum(keep_rows, np.ceil(params.min_cluster_keep * size).astype(np.int64))
-    excess = int(keep_rows.sum()) - budget
-    for selected, reason in ((negligible, NEGLIGIBLE_THINNED), (helpful, BUDGET_THINNED)):
+def select_rows(assignments: pd.DataFrame, clusters: pd.DataFrame, budget: int, seed: int,
+                row_value: np.ndarray | None = None, duplicate: np.ndarray | None = None,
+                mismatch: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, reason) per row of ``assignments``: harmful clusters out, then rows out in order of evidence.
+
+    Rows of non-harmful clusters leave, until ``budget`` rows remain, in tiers: image–text mismatches
+    (``mismatch``), near-duplicates (``duplicate``), rows of negligible clusters, rows of helpful
+    clusters; within a tier the lowest ``row_value`` first (NaN lowest; ties by a seeded random order
+    over sorted ids). No cluster goes below its ``floor`` on the way. This is the greedy "take the
+    next row unless its cluster is at its floor", computed without a loop: a cluster gives up exactly
+    its first ``size − floor`` rows in the global order, so those are the candidates, taken in order.
+    If the floors alone exceed the budget, whole clusters go, negligible before helpful, lowest score
+    first.
+    """
+    n = len(assignments)
+    ids = assignments["id"].to_numpy()
+    info = clusters.set_index("cluster")
+    cluster = assignments["cluster"].to_numpy()
+    harmful = info.loc[cluster, "harmful"].to_numpy(dtype=bool)
+    helpful = info.loc[cluster, "helpful"].to_numpy(dtype=bool)
+    keep = ~harmful
+    reason = np.where(harmful, HARMFUL, "").astype(object)
+    excess = int(keep.sum()) - budget
+    if excess <= 0:
+        return keep, reason
+
+    value = np.zeros(n) if row_value is None else np.nan_to_num(np.asarray(row_value, dtype=np.float64), nan=-np.inf)
+    flags = [np.zeros(n, dtype=bool) if f is None else np.asarray(f, dtype=bool) for f in (mismatch, duplicate)]
+    tier = np.where(flags[0], 0, np.where(flags[1], 1, np.where(helpful, 3, 2)))
+    tie_break = np.empty(n)
+    tie_break[np.argsort(ids, kind="stable")] = np.random.default_rng(seed).permutation(n)
+    order = np.lexsort((tie_break, value, tier))
+    order = order[keep[order]]
+    rank_in_cluster = pd.Series(cluster[order]).groupby(cluster[order]).cumcount().to_numpy()
+    room = (info.loc[cluster[order], "size"].to_numpy() - info.loc[cluster[order], "floor"].to_numpy())
+    out = order[rank_in_cluster < room][:excess]
+    keep[out] = False
+    tier_reason = np.array([MISMATCH, DUPLICATE, NEGLIGIBLE_THINNED, BUDGET_THINNED], dtype=object)
+    reason[out] = tier_reason[tier[out]]
+    excess -= len(out)
+
+    # Floors above the budget: drop whole clusters, negligible (lowest score first) before helpful.
+    for c in clusters.sort_values(["helpful", "score", "cluster"])["cluster"]:
         if excess <= 0:
             break
-        removed = thin_evenly(keep_rows, floor_rows, selected, excess)
-        dropped_reason[removed > 0] = reason
-        keep_rows -= removed
-        excess -= int(removed.sum())
-
-    # Floors still above the budget: drop whole clusters, negligible (lowest score first), then helpful.
-    order = np.lexsort((df["cluster"].to_numpy(), score, ~negligible))
-    for i in order:
-        if excess <= 0:
-            break
-        if keep_rows[i] == 0:
+        rows = np.flatnonzero((cluster == c) & keep)
+        if len(rows) == 0:
             continue
-        drop = min(int(keep_rows[i]), excess)
-        keep_rows[i] -= drop
-        excess -= drop
-        if keep_rows[i] == 0:
-            dropped_reason[i] = NEGLIGIBLE if negligible[i] else BUDGET
+        rows = rows[np.lexsort((tie_break[rows], value[rows]))][:excess]
+        keep[rows] = False
+        reason[rows] = NEGLIGIBLE_THINNED if not info.loc[c, "helpful"] else BUDGET_THINNED
+        if not keep[cluster == c].any():  # the whole cluster went: say so on every row of it
+            reason[cluster == c] = NEGLIGIBLE if not info.loc[c, "helpful"] else BUDGET
+        excess -= len(rows)
+    return keep, reason
 
-    # Up-weighting of helpful, under-represented kept clusters.
-    weight = np.ones(len(df))
+
+def cluster_weights(clusters: pd.DataFrame, keep_rows: np.ndarray, params: PolicyParams,
+                    worst_group: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(weight, up-weighted) per cluster: helpful, under-represented kept clusters get more (module doc)."""
+    size = clusters["size"].to_numpy(dtype=np.float64)
+    weight = np.ones(len(clusters))
     kept = keep_rows > 0
-    rare = np.zeros(len(df), dtype=bool)
+    rare = np.zeros(len(clusters), dtype=bool)
     if kept.any():
         median_size = float(np.median(size[kept]))
-        rare = kept & helpful & (size < median_size)
-        weight[rare] = (median_size / safe_size[rare]) ** params.upweight_power
+        rare = kept & clusters["helpful"].to_numpy() & (size < median_size)
+        weight[rare] = (median_size / np.maximum(size[rare], 1.0)) ** params.upweight_power
         group_ci = f"ci_low_group_{worst_group}" if worst_group else None
-        if group_ci and group_ci in df:
-            helps_worst = rare & (df[group_ci].fillna(-np.inf).to_numpy() > 0)
+        if group_ci and group_ci in clusters:
+            helps_worst = rare & (clusters[group_ci].fillna(-np.inf).to_numpy() > 0)
             weight[helps_worst] *= 1.0 + params.fairness_weight
         weight = bounded_unit_mean(weight, keep_rows, params.min_weight, params.max_weight)
     weight[~kept] = 0.0
-    df["keep_rows"] = keep_rows
-    df["weight"] = weight
-    df["kept_reason"] = np.where(rare, UPWEIGHTED, KEPT)
-    df["dropped_reason"] = dropped_reason
-    return df[["cluster", "size", "score", "keep_rows", "weight", "kept_reason", "dropped_reason"]]
-
-
-def thin_evenly(keep_rows: np.ndarray, floor_rows: np.ndarray, selected: np.ndarray, target: int) -> np.ndarray:
-    """Rows to remove from each ``selected`` cluster so that together they give up ``target`` rows
-    (or as many as their floors allow), every cluster losing the same share f of its rows:
-
-        removed_c = min(keep_c − floor_c, f · keep_c),  f the smallest share with Σ removed_c ≥ target.
-
-    f is found by bisection on the continuous problem; the integer parts are then topped up by the
-    largest fractional remainders (ties by cluster position), so the total is exact and deterministic.
-    """
-    keep = np.where(selected, keep_rows, 0).astype(np.float64)
-    room = np.where(selected, keep_rows - floor_rows, 0).astype(np.float64)
-    target = int(min(target, room.sum()))
-    if target <= 0:
-        return np.zeros_like(keep_rows)
-    low, high = 0.0, 1.0
-    for _ in range(100):
-        mid = (low + high) / 2
-        if np.minimum(room, mid * keep).sum() >= target:
-            high = mid
-        else:
-            low = mid
-    share = np.minimum(room, high * keep)
-    removed = np.floor(share).astype(np.int64)
-    short = target - int(removed.sum())
-    if short > 0:
-        remainder = np.where(removed < room, share - removed, -1.0)
-        for i in np.argsort(-remainder, kind="stable")[:short]:
-            removed[i] += 1
-    return removed
+    return weight, rare
 
 
 def bounded_unit_mean(weight: np.ndarray, counts: np.ndarray, low: float, high: float, iters: int = 100) -> np.ndarray:
@@ -179,75 +182,61 @@ def bounded_unit_mean(weight: np.ndarray, counts: np.ndarray, low: float, high: 
     return w
 
 
-def apply_cluster_decisions(assignments: pd.DataFrame, decisions: pd.DataFrame, seed: int,
-                            row_priority: np.ndarray | None = None, duplicate: np.ndarray | None = None) -> pd.DataFrame:
-    """Per-sample manifest from per-cluster decisions.
-
-    A thinned cluster keeps its ``keep_rows`` rows of highest ``row_priority`` (aligned with
-    ``assignments``; ties and a missing priority fall back to a seeded random order over sorted ids,
-    so the result does not depend on input row order). A removed row flagged in ``duplicate`` gets
-    reason ``near-duplicate``; other removed rows get the cluster's reason.
-    """
-    rng = np.random.default_rng(seed)
-    priority = np.zeros(len(assignments)) if row_priority is None else np.asarray(row_priority, dtype=np.float64)
-    duplicate = np.zeros(len(assignments), dtype=bool) if duplicate is None else np.asarray(duplicate, dtype=bool)
-    by_cluster = decisions.set_index("cluster")
-    parts = []
-    ids = assignments["id"].to_numpy()
-    for cluster, position in sorted(assignments.groupby("cluster").indices.items()):
-        decision = by_cluster.loc[cluster]
-        n_keep = int(decision["keep_rows"])
-        by_id = np.argsort(ids[position], kind="stable")
-        tie_break = np.empty(len(position))
-        tie_break[by_id] = rng.permutation(len(position))
-        order = np.lexsort((tie_break, -priority[position]))  # best first
-        keep = np.zeros(len(position), dtype=bool)
-        keep[order[:n_keep]] = True
-        dropped = np.where(duplicate[position], DUPLICATE, decision["dropped_reason"])
-        parts.append(pd.DataFrame({
-            "id": ids[position],
-            "cluster": cluster,
-            "keep": keep,
-            "weight": np.where(keep, float(decision["weight"]), 0.0),
-            "reason": np.where(keep, decision["kept_reason"], dropped),
-        }))
-    if not parts:
-        return pd.DataFrame(columns=KEEP_COLUMNS)
-    return pd.concat(parts, ignore_index=True)[KEEP_COLUMNS]
-
-
-def row_priority(image_text_cosine: np.ndarray | None, duplicate_scores: np.ndarray | None,
-                 duplicate_threshold: float) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(priority, is_duplicate) per row: near-duplicates of a row that stays rank below every other
-    row; among the rest, higher image–text cosine ranks higher. ``None`` inputs mean "no signal"."""
-    if image_text_cosine is None and duplicate_scores is None:
-        return None, None
-    n = len(image_text_cosine if image_text_cosine is not None else duplicate_scores)
-    priority = np.zeros(n) if image_text_cosine is None else np.clip(np.nan_to_num(image_text_cosine, nan=-1.0), -1.0, 1.0)
-    duplicate = None
-    if duplicate_scores is not None:
-        duplicate = np.asarray(duplicate_scores) >= duplicate_threshold
-        priority = priority - 3.0 * duplicate  # cosine lies in [-1, 1]: any duplicate ranks last
-    return priority, duplicate
-
-
 def influence_policy(assignments: pd.DataFrame, scores: pd.DataFrame, params: PolicyParams,
-                     worst_group: str | None = None, image_text_cosine: np.ndarray | None = None,
-                     duplicate_scores: np.ndarray | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                     worst_group: str | None = None, row_value: np.ndarray | None = None,
+                     duplicate_scores: np.ndarray | None = None,
+                     mismatch: np.ndarray | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The InfluenceSpace policy: (per-sample manifest, per-cluster decisions).
 
     Cluster sizes are counted from ``assignments``; a cluster the influence stage did not score is
-    treated as negligible (its interval is (-inf, inf)). ``image_text_cosine`` and
-    ``duplicate_scores`` (aligned with ``assignments``; see :func:`semdedup_scores`) choose which
-    rows a thinned cluster keeps.
+    treated as negligible (its interval is (-inf, inf)). ``row_value`` (higher is better: a row's own
+    influence, or its image–text cosine), ``duplicate_scores`` (see :func:`semdedup_scores`) and
+    ``mismatch`` flags, all aligned with ``assignments``, order the rows that leave (:func:`select_rows`).
     """
     sizes = assignments.groupby("cluster").size()
     frame = pd.DataFrame({"cluster": sizes.index, "size": sizes.to_numpy()})
     frame = frame.merge(scores.drop(columns=["size"], errors="ignore"), on="cluster", how="left")
     frame = frame.fillna({"influence": 0.0, "ci_low": -np.inf, "ci_high": np.inf})
-    decisions = cluster_decisions(frame, params, worst_group)
-    priority, duplicate = row_priority(image_text_cosine, duplicate_scores, params.duplicate_threshold)
-    return apply_cluster_decisions(assignments, decisions, params.seed, priority, duplicate), decisions
+    clusters = classify_clusters(frame, params, worst_group)
+    duplicate = None
+    if duplicate_scores is not None and params.duplicate_threshold is not None:
+        duplicate = np.asarray(duplicate_scores) >= params.duplicate_threshold
+    budget = budget_rows(len(assignments), params.keep_fraction)
+    keep, reason = select_rows(assignments, clusters, budget, params.seed, row_value, duplicate, mismatch)
+
+    cluster = assignments["cluster"].to_numpy()
+    kept_per_cluster = pd.Series(keep).groupby(cluster).sum().reindex(clusters["cluster"], fill_value=0).to_numpy()
+    weight, rare = cluster_weights(clusters, kept_per_cluster.astype(np.int64), params, worst_group)
+    clusters["keep_rows"] = kept_per_cluster
+    clusters["weight"] = weight
+    clusters["kept_reason"] = np.where(rare, UPWEIGHTED, KEPT)
+    dropped = pd.Series(reason[~keep]).groupby(cluster[~keep]).agg(lambda r: r.value_counts().index[0])
+    clusters["dropped_reason"] = dropped.reindex(clusters["cluster"]).fillna("").to_numpy()
+    by_cluster = clusters.set_index("cluster")
+    row_weight = by_cluster.loc[cluster, "weight"].to_numpy()
+    manifest = pd.DataFrame({
+        "id": assignments["id"].to_numpy(),
+        "cluster": cluster,
+        "keep": keep,
+        "weight": np.where(keep, row_weight, 0.0),
+        "reason": np.where(keep, by_cluster.loc[cluster, "kept_reason"].to_numpy(), reason),
+    })
+    decisions = clusters[["cluster", "size", "score", "keep_rows", "weight", "kept_reason", "dropped_reason"]]
+    return manifest[KEEP_COLUMNS], decisions
+
+
+def mismatch_outliers(image_text_cosine: np.ndarray, iqr_multiple: float) -> np.ndarray:
+    """Tukey's outlier rule on the image–text cosine: cosine < Q1 − k·IQR flags an image–text mismatch.
+
+    The threshold comes from the pool's own distribution (no absolute cosine is assumed, so it
+    adapts to the embedder); NaN cosines are flagged too.
+    """
+    cos = np.asarray(image_text_cosine, dtype=np.float64)
+    finite = cos[np.isfinite(cos)]
+    if len(finite) == 0:
+        return np.ones(len(cos), dtype=bool)
+    q1, q3 = np.percentile(finite, [25, 75])
+    return ~(cos >= q1 - iqr_multiple * (q3 - q1))
 
 
 # --------------------------------------------------------------------------------------------------

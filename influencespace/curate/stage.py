@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 ROWS_PER_SHARD = 1_000_000
 
 
+def curve_label(keep_fraction: float) -> str:
+    """Directory and variant label of one curve budget: ``keep-0.40``."""
+    return f"keep-{keep_fraction:.2f}"
+
+
 def _read(uri: str, columns: list[str]) -> pd.DataFrame:
     return storage.read_table(uri, columns=columns).to_pandas()
 
@@ -95,49 +100,100 @@ class CurateStage(Stage):
         if missing:
             raise StageStateError(f"influence scores lack column(s) {', '.join(sorted(missing))}; rerun the influence stage")
         rejected = _rejected_rows(ctx)
-        params = policy.PolicyParams(
-            keep_fraction=cfg.keep_fraction, min_weight=cfg.min_weight, max_weight=cfg.max_weight,
-            fairness_weight=cfg.fairness_weight, upweight_power=cfg.upweight_power,
-            min_cluster_keep=cfg.min_cluster_keep, duplicate_threshold=cfg.duplicate_threshold, seed=cfg.seed,
-        )
         worst_group = _worst_group(ctx)
         log.info("curate: worst-off group for fairness: %s", worst_group or "none measured")
 
         signals = self._row_signals(ctx, assignments)
-        quality = cfg.row_order == "quality"
-        manifest, decisions = policy.influence_policy(
-            assignments, scores, params, worst_group,
-            image_text_cosine=signals.get("image_text_cosine") if quality else None,
-            duplicate_scores=signals.get("duplicate_scores") if quality else None,
-        )
-        manifests = {"influencespace": manifest}
-        manifests.update(self._comparisons(cfg, assignments, signals))
+        row_value = None
+        if cfg.row_order == "influence":
+            row_value = self._row_influence(ctx, assignments, worst_group)
+        elif cfg.row_order == "image_text":
+            row_value = signals.get("image_text_cosine")
+            if row_value is None:
+                raise InputDataError("curate.row_order=image_text needs an image_text_cosine column in the embedded pool; "
+                                     "use curate.row_order=influence or random")
 
+        mismatch = None
+        if cfg.mismatch_iqr is not None and cfg.row_order != "random":
+            if "image_text_cosine" in signals:
+                mismatch = policy.mismatch_outliers(signals["image_text_cosine"], cfg.mismatch_iqr)
+            else:
+                log.warning("curate: the pool has no image_text_cosine column; no image–text mismatch step")
+
+        def curate_at(keep_fraction: float) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
+            params = policy.PolicyParams(
+                keep_fraction=keep_fraction, min_weight=cfg.min_weight, max_weight=cfg.max_weight,
+                fairness_weight=cfg.fairness_weight, upweight_power=cfg.upweight_power,
+                min_cluster_keep=cfg.min_cluster_keep, duplicate_threshold=cfg.duplicate_threshold, seed=cfg.seed,
+            )
+            manifest, decisions = policy.influence_policy(
+                assignments, scores, params, worst_group, row_value=row_value,
+                duplicate_scores=signals.get("duplicate_scores") if cfg.row_order != "random" else None,
+                mismatch=mismatch,
+            )
+            return {"influencespace": manifest, **self._comparisons(cfg, keep_fraction, assignments, signals)}, decisions
+
+        def write_all(frames: dict[str, pd.DataFrame], directory_of) -> dict[str, dict]:
+            written = {}
+            for name, frame in frames.items():
+                full = pd.concat([frame, rejected], ignore_index=True)
+                write_manifest(full, directory_of(name))
+                written[name] = manifest_summary(full)
+            return written
+
+        manifests, decisions = curate_at(cfg.keep_fraction)
         summary: dict = {"worst_group": worst_group, "budget_rows": policy.budget_rows(len(assignments), cfg.keep_fraction)}
-        for name, frame in manifests.items():
-            full = pd.concat([frame, rejected], ignore_index=True)
-            directory = ctx.path("manifest") if name == "influencespace" else ctx.path("policies", name)
-            write_manifest(full, directory)
-            summary[name] = manifest_summary(full)
+        summary.update(write_all(manifests, lambda n: ctx.path("manifest") if n == "influencespace" else ctx.path("policies", n)))
+        outputs = {"manifest": "manifest", "decisions": "cluster_decisions.parquet", "summary": "summary.json"}
+        outputs.update({f"policy_{n}": f"policies/{n}" for n in manifests if n != "influencespace"})
+        # The reduction-vs-accuracy curve: the same policies at further budgets (outputs curve_<fraction>_<policy>).
+        summary["curve"] = {}
+        for fraction in (f for f in cfg.curve_keep_fractions if f != cfg.keep_fraction):
+            label = curve_label(fraction)
+            frames, _ = curate_at(fraction)
+            summary["curve"][label] = write_all(frames, lambda n, label=label: ctx.path("curve", label, n))
+            outputs.update({f"curve_{label}_{n}": f"curve/{label}/{n}" for n in frames})
         storage.write_table(pa.Table.from_pandas(decisions, preserve_index=False), ctx.path("cluster_decisions.parquet"))
         storage.write_json(ctx.path("summary.json"), summary)
         ours = summary["influencespace"]
-        outputs = {"manifest": "manifest", "decisions": "cluster_decisions.parquet", "summary": "summary.json"}
-        outputs.update({f"policy_{n}": f"policies/{n}" for n in manifests if n != "influencespace"})
         return StageResult(
             counts={"rows": ours["rows"], "kept": ours["kept"], "removed": ours["removed"],
                     "rejected": int(len(rejected)), "harmful_clusters": int((decisions["dropped_reason"] == policy.HARMFUL).sum())},
             outputs=outputs,
-            extra={"worst_group": worst_group, "policies": sorted(manifests)},
+            extra={"worst_group": worst_group, "policies": sorted(manifests),
+                   "curve_keep_fractions": [f for f in cfg.curve_keep_fractions if f != cfg.keep_fraction]},
         )
+
+    def _row_influence(self, ctx: StageContext, assignments: pd.DataFrame, worst_group: str | None) -> np.ndarray:
+        """Each row's own influence (+ fairness_weight × the worst-off group's), aligned with ``assignments``."""
+        from influencespace.influence.scores import group_column
+
+        if "row_scores" not in ctx.input_manifests["influence"].get("outputs", {}):
+            raise StageStateError("curate.row_order=influence needs the influence stage's row pass: rerun influence with "
+                                  "influence.score_rows=true, or set curate.row_order=image_text or random")
+        uri = ctx.input_path("influence", "row_scores")
+        available = set(storage.schema(uri).names)
+        fair = group_column(worst_group) if worst_group else None
+        columns = ["id", "influence"] + ([fair] if fair in available else [])
+        rows = _read(uri, columns).set_index("id")
+        missing = ~assignments["id"].isin(rows.index)
+        if missing.any():
+            raise StageStateError(f"{int(missing.sum())} assigned id(s) have no row score under {uri} "
+                                  f"(first: {assignments['id'][missing].iloc[0]}); rerun the influence stage")
+        rows = rows.loc[assignments["id"].to_numpy()]
+        value = rows["influence"].to_numpy(dtype=np.float64)
+        if fair in rows:
+            value = value + ctx.config.curate.fairness_weight * rows[fair].to_numpy(dtype=np.float64)
+        return value
 
     def _row_signals(self, ctx: StageContext, assignments: pd.DataFrame) -> dict[str, np.ndarray]:
         """Per-row signals aligned with ``assignments``: ``image_text_cosine`` (from embed, when the
         pool has it) and SemDeDup ``duplicate_scores`` (computed one cluster at a time)."""
         cfg = ctx.config.curate
         wanted = set(cfg.comparison_policies)
-        need_cosine = "clipscore" in wanted or cfg.row_order == "quality"
-        need_duplicates = "dedup" in wanted or cfg.row_order == "quality"
+        need_cosine = "clipscore" in wanted or cfg.row_order == "image_text" or cfg.mismatch_iqr is not None
+        use_duplicates = cfg.row_order != "random" and cfg.duplicate_threshold is not None
+        need_duplicates = "dedup" in wanted or use_duplicates
         available = set(storage.schema(ctx.input_path("embed", "pool")).names)
         if "clipscore" in wanted and "image_text_cosine" not in available:
             raise InputDataError(
@@ -163,13 +219,13 @@ class CurateStage(Stage):
         return signals
 
     @staticmethod
-    def _comparisons(cfg, assignments: pd.DataFrame, signals: dict[str, np.ndarray]) -> dict[str, pd.DataFrame]:
+    def _comparisons(cfg, keep_fraction: float, assignments: pd.DataFrame, signals: dict[str, np.ndarray]) -> dict[str, pd.DataFrame]:
         wanted = set(cfg.comparison_policies)
         out: dict[str, pd.DataFrame] = {}
         if "random" in wanted:
-            out["random"] = policy.random_policy(assignments, cfg.keep_fraction, cfg.seed)
+            out["random"] = policy.random_policy(assignments, keep_fraction, cfg.seed)
         if "clipscore" in wanted:
-            out["clipscore"] = policy.clipscore_policy(assignments, signals["image_text_cosine"], cfg.keep_fraction)
+            out["clipscore"] = policy.clipscore_policy(assignments, signals["image_text_cosine"], keep_fraction)
         if "dedup" in wanted:
-            out["dedup"] = policy.dedup_policy(assignments, signals["duplicate_scores"], cfg.keep_fraction)
+            out["dedup"] = policy.dedup_policy(assignments, signals["duplicate_scores"], keep_fraction)
         return out

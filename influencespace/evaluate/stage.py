@@ -18,7 +18,7 @@ from influencespace.evaluate.curation import curation_quality
 from influencespace.evaluate.summary import summarize
 from influencespace.evaluate.zero_shot import read_test, score_features, score_model
 from influencespace.stages import Stage, StageContext, StageResult
-from influencespace.train.stage import BASELINE, variant_manifests
+from influencespace.train.stage import BASELINE, CURVE_PREFIX, variant_manifests
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +96,11 @@ class EvaluateStage(Stage):
         summary["positive_classes"] = list(positive) if positive else None
         summary["minority_group"] = minority
         summary["step_policy"] = train.get("extra", {}).get("step_policy")
-        summary["budgets"] = list(cfg.budgets)
         for variant in variants:
             summary["policies"][variant]["loss_history"] = _loss_history(storage.read_json(ctx.input_path("train", variant)),
                                                                          cfg.seeds)
             summary["policies"][variant]["steps"] = train.get("extra", {}).get("steps", {}).get(variant)
+        summary["budget_curve"] = budget_curve(summary["policies"], ctx.config.curate.keep_fraction)
         storage.write_json(ctx.path(SUMMARY_FILE), summary)
         ours = summary["policies"].get("influencespace", summary["policies"][BASELINE])
         return StageResult(
@@ -112,6 +112,34 @@ class EvaluateStage(Stage):
                 "variants": variants,
             },
         )
+
+
+CURVE_FIELDS = ("volume_reduction_pct", "accuracy_ratio_pct", "worst_group_acc", "eo_diff", "dp_diff", "time_ratio")
+
+
+def budget_curve(policies: dict[str, dict], keep_fraction: float) -> list[dict]:
+    """Move the curve variants (``curve-keep-0.40-<policy>``) out of ``policies`` into curve points.
+
+    One point per policy and budget, the configured ``keep_fraction`` included: ``policy``, ``keep_fraction``,
+    the :data:`CURVE_FIELDS` and ``accuracy_ratio_pct_sd``; empty when no curve budgets were curated.
+    """
+    points = []
+    for variant in [v for v in policies if v.startswith(CURVE_PREFIX)]:
+        entry = policies.pop(variant)
+        label, name = variant.removeprefix(CURVE_PREFIX).rsplit("-", 1)
+        points.append(_curve_point(name, float(label.removeprefix("keep-")), entry))
+    if not points:
+        return []
+    for name, entry in policies.items():
+        if name != BASELINE:
+            points.append(_curve_point(name, keep_fraction, entry))
+    return sorted(points, key=lambda p: (p["policy"], -p["keep_fraction"]))
+
+
+def _curve_point(policy: str, keep_fraction: float, entry: dict) -> dict:
+    point = {"policy": policy, "keep_fraction": round(keep_fraction, 4), **{k: entry.get(k) for k in CURVE_FIELDS}}
+    point["accuracy_ratio_pct_sd"] = entry.get("sd", {}).get("accuracy_ratio_pct")
+    return point
 
 
 def _loss_history(metrics: dict, seeds) -> list[float]:

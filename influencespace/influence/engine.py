@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from influencespace.faults import fault_point
 from influencespace.influence.curvature import Curvature, fit_curvature
 from influencespace.influence.errors import InfluenceError
 from influencespace.influence.gradients import GradientSketcher, flat_tracked
@@ -103,6 +104,7 @@ class InfluenceResult:
     scores: dict[str, np.ndarray] | None  # rank 0 only: the score columns of every cluster
     curvatures: list[Curvature] = field(default_factory=list)  # rank 0 only, one per checkpoint
     validation_sketches: list[np.ndarray] = field(default_factory=list)  # rank 0: (1+G) × k mean φ_val
+    directions: list[np.ndarray] = field(default_factory=list)  # every rank: u = (H + λI)⁻¹ φ_val per checkpoint
     summary: dict[str, Any] = field(default_factory=dict)
 
 
@@ -171,6 +173,7 @@ def compute_influence(
         kept_weight = float((shard.weight * finite).sum())
         head = torch.tensor([kept_weight, float((~finite).sum()), float((~vok).sum())], dtype=torch.float64)
         buffer = torch.cat([curv.reshape(-1), head, val_sums.reshape(-1), val_counts]).to(device)
+        fault_point("influence.accumulate", j)  # this rank's sketches are summed, the all-reduce comes next
         buffer = comm.all_reduce_sum(buffer).cpu()
         curv = buffer[: k * k].reshape(k, k)
         total_weight, dropped, val_bad = buffer[k * k : k * k + 3].tolist()
@@ -210,6 +213,7 @@ def compute_influence(
         if status[0] != 0:
             raise error or InfluenceError("the curvature eigendecomposition failed on rank 0; see its log for the reason")
         u = status[1:].reshape(1 + groups, k)
+        result.directions.append(u.numpy().copy())
         if n_rows:
             terms += (train.phi.to(torch.float64).cpu() @ u.T).numpy()
         result.summary.setdefault("checkpoints", []).append(
@@ -234,3 +238,45 @@ def compute_influence(
             examples_per_second=sampled * len(states) / max(max(p[2] for p in parts), 1e-9),
         )
     return result
+
+
+class RowScorer:
+    """Per-example influence of arbitrary pool rows, after :func:`compute_influence` found u.
+
+    For row i, t_i = mean_j u_jᵀ φ_i^{(j)} over the proxy checkpoints j, the same term the cluster
+    estimate averages; the first-order change in validation loss from removing row i alone is
+    −t_i / n (so ``t_i / n`` is reported, in the units of the cluster influence). Columns: overall,
+    then one per group. Rows whose gradient is not finite get NaN.
+
+    Cost: one projected per-example gradient per row and checkpoint — a forward and backward pass of
+    the proxy (which reads embeddings, not images), so scoring the whole pool costs about what the
+    proxy's warm start costs per row; memory is one chunk of rows.
+    """
+
+    def __init__(self, task: Task, model: torch.nn.Module, states: list[State], directions: list[np.ndarray],
+                 settings: Any, device: torch.device | str = "cpu"):
+        self.dtype = torch.float64 if settings.dtype == "float64" else torch.float32
+        self.model = model.to(device=device, dtype=self.dtype)
+        self.task, self.states, self.device = task, states, device
+        self.directions = [torch.as_tensor(u, dtype=torch.float64) for u in directions]
+        if len(self.directions) != len(states):
+            raise InfluenceError(f"{len(states)} proxy checkpoint(s) but {len(directions)} influence direction(s)")
+        projector = RandomProjector(
+            flat_tracked(self.model, task.tracked_parameters(self.model)), settings.projection_dim, settings.seed,
+            settings.projection, dtype=self.dtype, device=device,
+        )
+        self.sketcher = GradientSketcher(task, self.model, projector, "empirical", settings.batch_size)
+
+    def __call__(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        n = len(next(iter(features.values())))
+        terms = np.zeros((n, self.directions[0].shape[0]))
+        finite = np.ones(n, dtype=bool)
+        feats = to_tensors(features, self.dtype, self.device)
+        for state, u in zip(self.states, self.directions, strict=True):
+            set_state(self.model, state)
+            phi, ok = self.sketcher.gradient_sketches(feats)
+            terms += (phi.to(torch.float64).cpu() @ u.T).numpy()
+            finite &= ok.cpu().numpy()
+        terms /= len(self.states)
+        terms[~finite] = np.nan
+        return terms

@@ -175,16 +175,23 @@ class GradientSketcher:
 
         return phi.to(self.dtype), curvature, ok
 
+    def gradient_sketches(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """φ_i = P ∇ℓ_i of the training loss for every example, and their finiteness (no curvature)."""
+        return self._sketch_all(features, self.task.train_loss)
+
     # -- validation ---------------------------------------------------------------------------------
 
     def measurement_sketches(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected per-example gradients of the validation measurement, and their finiteness."""
+        return self._sketch_all(features, self.task.measurement)
+
+    def _sketch_all(self, features: dict[str, torch.Tensor], loss) -> tuple[torch.Tensor, torch.Tensor]:
         n = next(iter(features.values())).shape[0]
         out = torch.zeros(n, self.projector.dim, dtype=self.dtype, device=self.device)
         finite = torch.zeros(n, dtype=torch.bool, device=self.device)
         tracked = self.tracked()
         for start in range(0, n, self.chunk_size):
             stop = min(n, start + self.chunk_size)
-            phi, ok = self._gradient_chunk(tracked, self._chunk(features, start, stop), self.task.measurement)
+            phi, ok = self._gradient_chunk(tracked, self._chunk(features, start, stop), loss)
             out[start:stop], finite[start:stop] = phi, ok
         return out, finite

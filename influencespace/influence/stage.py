@@ -39,6 +39,8 @@ COLUMNS = {"image": "image_embedding", "text": "text_embedding", "embedding": "e
 SCORES_FILE = "cluster_scores.parquet"
 CURVATURE_DIR = "curvature"
 SUMMARY_FILE = "summary.json"
+ROW_SCORES_DIR = "row_scores"
+ROW_BATCH = 16_384  # rows read and scored at a time: bounds a worker's memory in the row pass
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,6 +323,41 @@ def write_outputs(stage_dir: str, result: Any, inputs: Inputs, cfg: Any, task: A
     return summary
 
 
+def write_row_scores(stage_dir: str, inputs: Inputs, task: Any, model: Any, states: list, directions: list,
+                     cfg: Any, rank: int = 0, world_size: int = 1, device: Any = "cpu") -> int:
+    """The row pass: per-example influence of every pool row (``influence.score_rows``).
+
+    Rank r scores pool files r, r + world, …, streaming each in batches of ``ROW_BATCH`` rows, and
+    writes ``row_scores/part-<file>.parquet`` (``id``, ``influence``, ``influence_group_<g>``) per
+    file, atomically. ``influence`` is t_i / n (see :class:`~influencespace.influence.engine.RowScorer`).
+    Returns the rows scored.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from influencespace.influence.engine import RowScorer
+    from influencespace.influence.scores import group_column
+
+    scorer = RowScorer(task, model, states, directions, cfg, device)
+    n_total = float(inputs.plan.num_examples)
+    files = [inputs.pool_uri] if storage.is_file(inputs.pool_uri) else storage.list_files(inputs.pool_uri, ".parquet", recursive=True)
+    scored = 0
+    for index in range(rank, len(files), world_size):
+        fs, path = storage.resolve(files[index])
+        parts = []
+        with fs.open_input_file(path) as handle:
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=ROW_BATCH, columns=["id", *inputs.columns]):
+                features = {f: column_to_numpy(batch.column(c)) for f, c in zip(task.features, inputs.columns, strict=True)}
+                terms = scorer(_encode_labels(features, inputs.label_values)) / n_total
+                columns = {"id": batch.column("id").cast(pa.string()), "influence": terms[:, 0]}
+                columns.update({group_column(g): terms[:, 1 + i] for i, g in enumerate(inputs.group_names)})
+                parts.append(pa.table(columns))
+                scored += batch.num_rows
+        if parts:
+            storage.write_table(pa.concat_tables(parts), storage.join(stage_dir, ROW_SCORES_DIR, f"part-{index:05d}.parquet"))
+    return scored
+
+
 def group_validation_loss(inputs: Inputs, task: Any, model: Any, states: list, cfg: Any) -> dict[str, float]:
     """Mean validation measurement of the warm-started proxy per group (curation up-weights the worst)."""
     import torch
@@ -374,6 +411,9 @@ def _train_loop(config: dict) -> None:
         comm=TorchComm(),
         device=ray.train.torch.get_device(),
     )
+    if cfg.score_rows:
+        write_row_scores(config["stage_dir"], inputs, task, config["model"], config["states"], result.directions, cfg,
+                         rank, world, ray.train.torch.get_device())
     if rank == 0:
         write_outputs(config["stage_dir"], result, inputs, cfg, task, config["model"])
     # Without an explicit barrier + teardown, about one run in four aborted here (ENVIRONMENT.md).
@@ -385,16 +425,23 @@ def _run_on_ray(ctx: StageContext, inputs: Inputs, task: Any, model: Any, states
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from influencespace.runtime import ensure_ray
+    from influencespace.runtime import ensure_ray, placement
 
     cfg, runtime = ctx.config.influence, ctx.config.runtime
     ensure_ray(runtime)
     settings = storage.current_settings()
+    # A worker lost with its node restarts the whole group (the loop is deterministic; rank 0 writes last).
+    failures = ray.train.FailureConfig(max_failures=runtime.worker_restarts)
+    name = f"influence-{ctx.config.name}"
     if storage.is_s3(ctx.config.run_dir):
         fs, path = storage.resolve(storage.join(ctx.config.run_dir, "_ray_train"))
-        run_config = ray.train.RunConfig(name=f"influence-{ctx.config.name}", storage_path=path, storage_filesystem=fs)
+        run_config = ray.train.RunConfig(name=name, storage_path=path, storage_filesystem=fs, failure_config=failures)
     else:
-        run_config = ray.train.RunConfig(name=f"influence-{ctx.config.name}", storage_path=tempfile.mkdtemp(prefix="influence-train-"))
+        run_config = ray.train.RunConfig(
+            name=name, storage_path=tempfile.mkdtemp(prefix="influence-train-"), failure_config=failures
+        )
+    node = placement(runtime, "gpu")  # the GPU-node marker on clusters that define one
+    resources = {"CPU": 1.0, **({"GPU": 1.0} if runtime.use_gpu else {}), **node.get("resources", {})}
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={
@@ -407,7 +454,9 @@ def _run_on_ray(ctx: StageContext, inputs: Inputs, task: Any, model: Any, states
             "storage": {"endpoint_url": settings.endpoint_url, "region": settings.region, "retries": settings.retries},
         },
         torch_config=TorchConfig(backend="nccl" if runtime.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=runtime.use_gpu),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=runtime.use_gpu, resources_per_worker=resources
+        ),
         run_config=run_config,
     )
     try:
@@ -447,6 +496,8 @@ class InfluenceStage(Stage):
                 cluster_sizes=inputs.plan.sizes,
                 settings=cfg,
             )
+            if cfg.score_rows:
+                write_row_scores(ctx.stage_dir, inputs, task, model, states, result.directions, cfg)
             summary = write_outputs(ctx.stage_dir, result, inputs, cfg, task, model)
         else:
             _run_on_ray(ctx, inputs, task, model, states)
@@ -466,6 +517,7 @@ class InfluenceStage(Stage):
         }
         return StageResult(
             counts=counts,
-            outputs={"scores": SCORES_FILE, "curvature": CURVATURE_DIR, "summary": SUMMARY_FILE},
+            outputs={"scores": SCORES_FILE, "curvature": CURVATURE_DIR, "summary": SUMMARY_FILE,
+                     **({"row_scores": ROW_SCORES_DIR} if cfg.score_rows else {})},
             extra=extra,
         )

@@ -162,6 +162,21 @@ def curation_table(summary: dict) -> Table | None:
     )
 
 
+def curve_table(summary: dict) -> Table | None:
+    curve = summary.get("budget_curve") or []
+    if not curve:
+        return None
+    rows = [[p["policy"], fmt(p["keep_fraction"], digits=2), fmt(p["volume_reduction_pct"], pct=True),
+             fmt(p["accuracy_ratio_pct"], sd=p.get("accuracy_ratio_pct_sd"), pct=True), fmt(p["worst_group_acc"]),
+             fmt(p["eo_diff"])] for p in curve]
+    return Table(
+        "Reduction vs accuracy across budgets",
+        ["policy", "keep fraction", "volume reduction %", "accuracy ratio %", "worst-group accuracy", "EO difference"],
+        rows,
+        "Every policy curated, trained and evaluated again at each budget (curate.curve_keep_fractions), same seeds.",
+    )
+
+
 def _signed(value: float | None) -> str:
     if value is None:
         return "n/a"
@@ -426,9 +441,9 @@ def build_report(run_dir: str, out_dir: str | None = None, summary_uri: str | No
         report.facts.append(f"clusters scored by the influence stage: {len(scores)}")
     report.goals = goals(summary)
     report.tables = [seed_metrics_table(summary), comparison_table(summary)]
-    quality = curation_table(summary)
-    if quality is not None:
-        report.tables.append(quality)
+    for extra in (curation_table(summary), curve_table(summary)):
+        if extra is not None:
+            report.tables.append(extra)
     if scores is not None and {"cluster", "size", "influence"} <= set(scores.columns) and len(scores):
         report.figures += influence_figures(scores, decisions, out_dir)
     report.figures += summary_figures(summary, out_dir)

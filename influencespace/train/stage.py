@@ -25,8 +25,17 @@ from typing import Any
 
 from influencespace import storage
 from influencespace.errors import ConfigError, InfluenceSpaceError, InputDataError
+from influencespace.faults import fault_point
 from influencespace.stages import Stage, StageContext, StageResult
-from influencespace.train.recipe import RUN_FILE, Hyperparameters, RunSpec, Session, steps_per_epoch, summarize_runs
+from influencespace.train.recipe import (
+    RUN_FILE,
+    Hyperparameters,
+    RunSpec,
+    Session,
+    checkpoint_epoch,
+    steps_per_epoch,
+    summarize_runs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +43,9 @@ BASELINE = "baseline"
 CURATED = "influencespace"
 RAY_DIR = "_ray"
 LOCAL_CHECKPOINTS = "_checkpoints"
+
+
+CURVE_PREFIX = "curve-"  # variants trained only for the reduction-vs-accuracy curve
 
 
 def variant_manifests(curate_manifest: dict) -> dict[str, str | None]:
@@ -45,6 +57,9 @@ def variant_manifests(curate_manifest: dict) -> dict[str, str | None]:
     for key in sorted(outputs):
         if key.startswith("policy_"):
             variants[key.removeprefix("policy_")] = key
+    for key in sorted(outputs):  # the reduction-vs-accuracy curve: curve_keep-0.40_<policy> → curve-keep-0.40-<policy>
+        if key.startswith("curve_"):
+            variants[CURVE_PREFIX + key.removeprefix("curve_").replace("_", "-", 1)] = key
     return variants
 
 
@@ -139,7 +154,10 @@ class TrainStage(Stage):
 # Running the recipe
 
 
-def _run_all(specs: list[RunSpec], hp: Hyperparameters, pool_uri: str, session: Session) -> list[dict]:
+def _run_all(
+    specs: list[RunSpec], hp: Hyperparameters, pool_uri: str, session: Session, restore: Any = None
+) -> list[dict]:
+    """Train ``specs`` in order; ``restore(spec)`` may hand a checkpoint to go on from (see ``train_run``)."""
     from influencespace.train.data import apply_manifest, read_pool
     from influencespace.train.recipe import train_run, warm_up
 
@@ -147,10 +165,36 @@ def _run_all(specs: list[RunSpec], hp: Hyperparameters, pool_uri: str, session: 
     records = []
     if specs:
         warm_up(specs[0], hp, pool, session)
-    for spec in specs:
+    for number, spec in enumerate(specs, start=1):
         data = pool if spec.manifest_uri is None else apply_manifest(pool, spec.manifest_uri)
-        records.append(train_run(spec, hp, data, session))
+        with contextlib.ExitStack() as stack:
+            found = restore(spec, stack) if restore is not None else None
+            records.append(train_run(spec, hp, data, session, restore=found))
+        fault_point("train.run", number)  # tests: the driver killed between two runs
     return records
+
+
+def latest_checkpoints(ray_root: str, specs: list[RunSpec]) -> list[RunSpec]:
+    """``specs`` with ``restore_uri`` set to the newest epoch checkpoint an earlier attempt left of each run.
+
+    Only checkpoints that Ray Train registered (listed in a run's ``checkpoint_manager_snapshot.json``)
+    count: those were persisted by every worker. A partial upload of a killed attempt is never used.
+    """
+    newest: dict[str, tuple[int, str]] = {}
+    for snapshot in storage.list_files(ray_root, "checkpoint_manager_snapshot.json", recursive=True):
+        try:
+            entries = storage.read_json(snapshot).get("checkpoint_results", [])
+        except Exception:  # a snapshot cut short by a kill: its checkpoints are not trusted
+            log.warning("train: ignoring unreadable Ray Train snapshot %s", snapshot)
+            continue
+        run_dir = snapshot.rsplit("/", 1)[0]
+        for entry in entries:
+            name = str(entry.get("checkpoint_dir_name") or "")
+            for spec in specs:
+                epoch = checkpoint_epoch(spec, name)
+                if epoch is not None and epoch <= spec.epochs and epoch > newest.get(spec.name, (0, ""))[0]:
+                    newest[spec.name] = (epoch, storage.join(run_dir, name))
+    return [replace(s, restore_uri=newest[s.name][1]) if s.name in newest else s for s in specs]
 
 
 def _free_port() -> int:
@@ -225,6 +269,26 @@ def _ray_worker(config: dict) -> list[dict]:
 
     storage.configure(**config["storage"])
     ctx = ray.train.get_context()
+    # After a worker failure Ray Train starts the whole group again: runs finished by the lost group are
+    # skipped, and the interrupted one goes on from its latest registered checkpoint.
+    specs = [s for s in config["specs"] if not storage.is_file(storage.join(s.output_uri, RUN_FILE))]
+    latest = ray.train.get_checkpoint()
+
+    def restore(spec: RunSpec, stack: contextlib.ExitStack) -> tuple[str, str] | None:
+        candidates = []
+        if latest is not None:
+            name = latest.path.rstrip("/").rsplit("/", 1)[-1]  # this fit's <run>-epochNNN
+            epoch = checkpoint_epoch(spec, name)
+            if epoch is not None:
+                candidates.append((epoch, latest, storage.join(spec.checkpoint_root, name)))
+        if spec.restore_uri:
+            fs, path = storage.resolve(spec.restore_uri)
+            epoch = checkpoint_epoch(spec, spec.restore_uri.rsplit("/", 1)[-1])
+            candidates.append((epoch, ray.train.Checkpoint(path, filesystem=fs), spec.restore_uri))
+        if not candidates:
+            return None
+        _, checkpoint, uri = max(candidates, key=lambda c: c[0])
+        return stack.enter_context(checkpoint.as_directory()), uri
 
     def report(metrics: dict, checkpoint_dir: str, name: str) -> None:
         # Every worker reports (it is a barrier); each uploads its own DeepSpeed partition into the
@@ -234,7 +298,7 @@ def _ray_worker(config: dict) -> list[dict]:
 
     session = Session(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                       device=ray.train.torch.get_device(), report=report)
-    records = _run_all(config["specs"], config["hp"], config["pool_uri"], session)
+    records = _run_all(specs, config["hp"], config["pool_uri"], session, restore)
     # Without an explicit barrier + teardown, about one run in four aborted here (ENVIRONMENT.md).
     dist.barrier()
     dist.destroy_process_group()
@@ -256,7 +320,14 @@ def _run_on_ray(ctx: StageContext, specs: list[RunSpec], hp: Hyperparameters, po
     fs, path = storage.resolve(ray_root)
     if not storage.is_s3(ray_root):
         storage.make_dirs(ray_root)
-    run_config = ray.train.RunConfig(name=name, storage_path=path, storage_filesystem=fs)
+    # A lost worker restarts the group (up to runtime.worker_restarts times); it resumes from the latest
+    # checkpoint (``_ray_worker``). Checkpoints of earlier, killed attempts are found in storage here.
+    failures = ray.train.FailureConfig(max_failures=runtime.worker_restarts)
+    run_config = ray.train.RunConfig(name=name, storage_path=path, storage_filesystem=fs, failure_config=failures)
+    specs = latest_checkpoints(ray_root, specs)
+    for spec in specs:
+        if spec.restore_uri:
+            log.info("train: %s goes on from %s", spec.name, spec.restore_uri)
     specs = [replace(s, checkpoint_root=storage.join(ray_root, name)) for s in specs]
 
     resources: dict[str, float] = {"CPU": 1.0}

@@ -31,11 +31,14 @@ def _upstream(root, n=60, k=4, dim=8, with_rejects=True):
         "influence": [-2.0, 0.1, 1.0, 3.0], "stderr": [0.5] * k,
         "ci_low": [-3.0, -0.9, 0.1, 2.0], "ci_high": [-1.0, 1.1, 1.9, 4.0],
     }), f"{influence_dir}/cluster_scores.parquet")
+    row_influence = rng.normal(size=n)
+    storage.write_table(pa.table({"id": ids, "influence": row_influence, "influence_group_inverted": np.zeros(n)}),
+                        f"{influence_dir}/row_scores/part-00000.parquet")
     manifest = lambda d, outputs, **extra: {"fingerprint": d[-6:], "stage_dir": d, "outputs": outputs, **extra}  # noqa: E731
     return {
         "embed": manifest(embed_dir, {"pool": "pool", "rejects": "rejects"}),
         "cluster": manifest(cluster_dir, {"assignments": "assignments"}),
-        "influence": manifest(influence_dir, {"scores": "cluster_scores.parquet"},
+        "influence": manifest(influence_dir, {"scores": "cluster_scores.parquet", "row_scores": "row_scores"},
                               extra={"group_validation_loss": {"regular": 0.4, "inverted": 0.9}}),
     }
 
@@ -71,3 +74,51 @@ def test_scores_without_intervals_are_a_clear_error(make_config, tmp_path):
     storage.write_table(pa.table({"cluster": [0], "influence": [1.0]}), str(tmp_path / "influence" / "cluster_scores.parquet"))
     with pytest.raises(Exception, match="lack column.*ci_high.*rerun the influence stage"):
         run_stage(make_config(), CurateStage(), upstream=upstream)
+
+
+def test_thinned_clusters_keep_the_rows_of_highest_own_influence(make_config, tmp_path):
+    upstream = _upstream(tmp_path)
+    run_stage(make_config("curate.keep_fraction=0.5", "curate.duplicate_threshold=1.0"), CurateStage(), upstream=upstream)
+    manifest = storage.read_table(str(tmp_path / "run" / "curate" / "manifest")).to_pandas()
+    rows = storage.read_table(str(tmp_path / "influence" / "row_scores")).to_pandas()
+    merged = manifest.merge(rows, on="id")
+    thinned = merged[merged.cluster == 1]  # the negligible cluster: 15 rows, thinned to its floor of 4
+    assert thinned["keep"].sum() == 4 and set(thinned.loc[~thinned.keep, "reason"]) == {"negligible-thinned"}
+    assert thinned.loc[thinned.keep, "influence"].min() > thinned.loc[~thinned.keep, "influence"].max()
+
+
+def test_influence_row_order_without_a_row_pass_is_a_clear_error(make_config, tmp_path):
+    upstream = _upstream(tmp_path)
+    upstream["influence"]["outputs"].pop("row_scores")
+    with pytest.raises(Exception, match="influence.score_rows=true, or set curate.row_order=image_text or random"):
+        run_stage(make_config(), CurateStage(), upstream=upstream)
+    outcome = run_stage(make_config("curate.row_order=image_text", run_dir=str(tmp_path / "run2")), CurateStage(), upstream=upstream)
+    assert outcome.status == "ran"
+
+
+def test_without_near_duplicate_step_the_embeddings_are_never_read(make_config, tmp_path):
+    upstream = _upstream(tmp_path)
+    pool_file = str(tmp_path / "embed" / "pool" / "part-00000.parquet")
+    storage.write_table(storage.read_table(pool_file).drop_columns(["embedding"]), pool_file)
+    config = make_config("curate.keep_fraction=0.5", "curate.duplicate_threshold=null", "curate.comparison_policies=[random,clipscore]")
+    outcome = run_stage(config, CurateStage(), upstream=upstream)
+    assert outcome.manifest["counts"]["kept"] == 30
+    manifest = storage.read_table(f"{config.run_dir}/curate/manifest").to_pandas()
+    assert "near-duplicate" not in set(manifest["reason"])
+
+
+def test_curve_budgets_curate_every_policy_again(make_config, tmp_path):
+    from influencespace.train.stage import variant_manifests
+
+    config = make_config("curate.keep_fraction=0.5", "curate.curve_keep_fractions=[0.25,0.5,0.75]")
+    outcome = run_stage(config, CurateStage(), upstream=_upstream(tmp_path))
+    outputs = outcome.manifest["outputs"]
+    assert outcome.manifest["extra"]["curve_keep_fractions"] == [0.25, 0.75]  # the main budget is not repeated
+    for label, kept in (("keep-0.25", 15), ("keep-0.75", 45)):
+        for name in ("influencespace", "random", "dedup", "clipscore"):
+            table = storage.read_table(f"{config.run_dir}/curate/{outputs[f'curve_{label}_{name}']}").to_pandas()
+            assert len(table) == 61 and table["id"].is_unique
+            assert table["keep"].sum() == kept  # at 0.75 the harmful cluster (15 of 60) alone meets the budget
+    variants = variant_manifests(outcome.manifest)
+    assert variants["curve-keep-0.25-influencespace"] == "curve_keep-0.25_influencespace"
+    assert list(variants)[:2] == ["baseline", "influencespace"] and len(variants) == 5 + 8

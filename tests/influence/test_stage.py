@@ -1,6 +1,7 @@
 """The influence stage on synthetic embed/cluster artifacts: in-process, on Ray Train, and bad input."""
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
@@ -57,6 +58,30 @@ def test_nan_embeddings_are_reported_not_propagated(make_config, tmp_path):
     assert outcome.manifest["counts"]["dropped_nonfinite"] == 2
     out = scores(config)
     assert sum(out["n_dropped"]) == 2 and np.isfinite(out["influence"]).all()
+    rows = row_scores(config).set_index("id")
+    bad = {data.pool["id"][3], data.pool["id"][100]}
+    assert set(rows.index[rows["influence"].isna()]) == bad and len(rows) == len(data.pool["id"])
+
+
+def row_scores(config):
+    return storage.read_table(storage.join(config.run_dir, "influence", "row_scores")).to_pandas().sort_values("id")
+
+
+@pytest.mark.parametrize("checkpoints", [1, 2])
+def test_row_scores_sum_to_the_cluster_influence_when_every_row_is_sampled(make_config, upstream, checkpoints):
+    # With every row sampled the cluster estimate is exact: influence(c) = (|c|/n) · mean_{i∈c} t_i = Σ_{i∈c} t_i / n,
+    # so the row pass (plain per-example gradients) must add up to it (the cluster pass uses Gauss–Newton factors).
+    config = make_config("runtime.runner=local", f"influence.checkpoints={checkpoints}", *BASE[:3],
+                         "influence.samples_per_cluster=1000")
+    outcome = run_stage(config, InfluenceStage(), upstream=upstream)
+    assert outcome.manifest["outputs"]["row_scores"] == "row_scores"
+    rows = row_scores(config)
+    assignments = storage.read_table(upstream["cluster"]["stage_dir"] + "/assignments").to_pandas()
+    assert sorted(rows["id"]) == sorted(assignments["id"]) and np.isfinite(rows["influence"]).all()
+    summed = rows.merge(assignments, on="id").groupby("cluster")[["influence", "influence_group_minority"]].sum()
+    clusters = pd.DataFrame(scores(config)).set_index("cluster").loc[summed.index]
+    np.testing.assert_allclose(summed["influence"], clusters["influence"], rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(summed["influence_group_minority"], clusters["influence_group_minority"], rtol=1e-6, atol=1e-12)
 
 
 def test_checkpoint_averaging_runs(make_config, upstream):
@@ -91,6 +116,8 @@ def test_two_ray_train_workers_equal_single_process(ray_cluster, make_config, tm
     summary = storage.read_json(storage.join(sharded.run_dir, "influence", "summary.json"))
     fingerprints = summary["projector_fingerprints"]
     assert len(fingerprints) == 2 and len(set(fingerprints)) == 1  # the same projector on every worker
+    pd.testing.assert_frame_equal(row_scores(local).reset_index(drop=True), row_scores(sharded).reset_index(drop=True),
+                                  rtol=1e-6, atol=1e-12)
     ev_local = np.load(storage.join(local.run_dir, "influence", "curvature", "checkpoint-0", "eigenvalues.npy"))
     ev_ray = np.load(storage.join(sharded.run_dir, "influence", "curvature", "checkpoint-0", "eigenvalues.npy"))
     assert np.allclose(ev_local, ev_ray, rtol=1e-6, atol=1e-12)

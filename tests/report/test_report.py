@@ -79,3 +79,13 @@ def test_goals_are_checked_against_the_numbers():
     assert checked["EO difference ≤ half the baseline's"] is True
     assert checked["better than every comparison policy on accuracy"] is False  # dedup: 102
     assert checked["better than every comparison policy on worst-group accuracy"] is True
+
+
+def test_budget_curve_table_lists_every_point():
+    from influencespace.report.build import curve_table
+
+    assert curve_table({"budget_curve": []}) is None
+    point = {"policy": "random", "keep_fraction": 0.4, "volume_reduction_pct": 60.0, "accuracy_ratio_pct": 97.5,
+             "accuracy_ratio_pct_sd": 1.2, "worst_group_acc": 0.7, "eo_diff": 0.02}
+    table = curve_table({"budget_curve": [point, dict(point, keep_fraction=0.8, volume_reduction_pct=20.0)]})
+    assert len(table.rows) == 2 and table.rows[0][:4] == ["random", "0.40", "60.0", "97.5 ± 1.2"]
