@@ -17,6 +17,8 @@ time) in the markers directory and then
   ``kill:S`` waits S seconds first (e.g. until Ray Train's controller has registered a checkpoint);
 - ``hang``: sleeps until somebody kills it: the test waits for the marker and SIGKILLs the driver,
   so the kill lands at exactly this point instead of whenever a poll happens to notice progress.
+  Nobody killing it within ``INFLUENCESPACE_FAULTS_HANG_S`` (default 1800 s) means the test died:
+  it then SIGKILLs itself.
 
 Each armed fault fires once per markers directory (the marker is created with ``O_EXCL``), so a
 restarted worker goes on past the point it died at.
@@ -31,6 +33,8 @@ import time
 
 ENV = "INFLUENCESPACE_FAULTS"
 DIR_ENV = "INFLUENCESPACE_FAULTS_DIR"
+HANG_LIMIT_ENV = "INFLUENCESPACE_FAULTS_HANG_S"
+HANG_LIMIT_S = 1800.0  # no test waits this long for a marker
 ACTIONS = ("kill", "hang")
 
 
@@ -56,5 +60,9 @@ def fault_point(point: str, step: int | str | None = None) -> None:
         if action == "kill":
             time.sleep(float(delay or 0))
             os.kill(os.getpid(), signal.SIGKILL)
-        while True:  # hang: until the test kills us
+        # hang: until the test kills us — or, if the test itself died, until the limit, so that an
+        # aborted test never leaves a sleeping driver (and its Ray) behind for good.
+        deadline = time.monotonic() + float(os.environ.get(HANG_LIMIT_ENV) or HANG_LIMIT_S)
+        while time.monotonic() < deadline:
             time.sleep(1)
+        os.kill(os.getpid(), signal.SIGKILL)
