@@ -247,12 +247,17 @@ def write_table(table: pa.Table, uri: str, compression: str = "zstd") -> None:
         raise _wrap("write", uri, exc) from exc
 
 
+def parquet_files(uri: str) -> list[str]:
+    """``uri`` itself when it is a file, else every ``*.parquet`` file under it (sorted; may be empty)."""
+    return [uri] if is_file(uri) else list_files(uri, ".parquet", recursive=True)
+
+
 def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     """Read one Parquet file, or every ``*.parquet`` file under a directory, as one table."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    files = [uri] if is_file(uri) else list_files(uri, ".parquet", recursive=True)
+    files = parquet_files(uri)
     if not files:
         raise StorageError(f"no Parquet files at '{uri}'")
     tables = []
@@ -270,7 +275,7 @@ def schema(uri: str) -> pa.Schema:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    files = [uri] if is_file(uri) else list_files(uri, ".parquet", recursive=True)
+    files = parquet_files(uri)
     if not files:
         raise StorageError(f"no Parquet files at '{uri}'")
     fs, path = resolve(files[0])

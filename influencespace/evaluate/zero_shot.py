@@ -29,13 +29,9 @@ class TestSet:
 
 
 def read_test(uri: str) -> TestSet:
-    import pyarrow.parquet as pq
-
-    first = storage.list_files(uri, ".parquet", recursive=True) if not storage.is_file(uri) else [uri]
-    if not first:
+    if not storage.parquet_files(uri):
         raise InputDataError(f"no Parquet files in the test split at {uri}")
-    fs, path = storage.resolve(first[0])
-    names = set(pq.read_schema(path, filesystem=fs).names)
+    names = set(storage.schema(uri).names)
     if "label" not in names:
         raise InputDataError(
             f"the test split at {uri} has no 'label' column; zero-shot accuracy needs labelled test rows "

@@ -67,7 +67,7 @@ def read_rows(uri: str, ids: np.ndarray, columns: list[str]) -> dict[str, np.nda
     import pyarrow.compute as pc
 
     wanted = pa.array(np.asarray(ids).astype(str))
-    files = [uri] if storage.is_file(uri) else storage.list_files(uri, ".parquet", recursive=True)
+    files = storage.parquet_files(uri)
     parts = []
     for file_uri in files:
         table = storage.read_table(file_uri, columns=["id", *columns])
@@ -87,13 +87,9 @@ def read_rows(uri: str, ids: np.ndarray, columns: list[str]) -> dict[str, np.nda
 
 
 def _schema_names(uri: str) -> list[str]:
-    import pyarrow.parquet as pq
-
-    files = [uri] if storage.is_file(uri) else storage.list_files(uri, ".parquet", recursive=True)
-    if not files:
+    if not storage.parquet_files(uri):
         raise InputDataError(f"no Parquet files at '{uri}'; rerun the upstream stage")
-    fs, path = storage.resolve(files[0])
-    return pq.read_schema(path, filesystem=fs).names
+    return storage.schema(uri).names
 
 
 def _require(uri: str, columns: list[str], what: str) -> list[str]:
@@ -340,7 +336,7 @@ def write_row_scores(stage_dir: str, inputs: Inputs, task: Any, model: Any, stat
 
     scorer = RowScorer(task, model, states, directions, cfg, device)
     n_total = float(inputs.plan.num_examples)
-    files = [inputs.pool_uri] if storage.is_file(inputs.pool_uri) else storage.list_files(inputs.pool_uri, ".parquet", recursive=True)
+    files = storage.parquet_files(inputs.pool_uri)
     scored = 0
     for index in range(rank, len(files), world_size):
         fs, path = storage.resolve(files[index])
