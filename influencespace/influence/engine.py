@@ -105,6 +105,7 @@ class InfluenceResult:
     curvatures: list[Curvature] = field(default_factory=list)  # rank 0 only, one per checkpoint
     validation_sketches: list[np.ndarray] = field(default_factory=list)  # rank 0: (1+G) × k mean φ_val
     directions: list[np.ndarray] = field(default_factory=list)  # every rank: u = (H + λI)⁻¹ φ_val per checkpoint
+    sketcher: GradientSketcher | None = None  # every rank: the one projector and sketcher, for the row pass
     summary: dict[str, Any] = field(default_factory=dict)
 
 
@@ -152,7 +153,7 @@ def compute_influence(
     n_rows = len(shard.cluster)
     terms = np.zeros((n_rows, 1 + groups))
     finite_all = np.ones(n_rows, dtype=bool)
-    result = InfluenceResult(scores=None)
+    result = InfluenceResult(scores=None, sketcher=sketcher)
     fingerprints = comm.all_gather(projector.fingerprint())
 
     for j, state in enumerate(states):
@@ -248,32 +249,28 @@ class RowScorer:
     −t_i / n (so ``t_i / n`` is reported, in the units of the cluster influence). Columns: overall,
     then one per group. Rows whose gradient is not finite get NaN.
 
+    It reuses the sketcher (projector blocks already drawn) of compute_influence.
+
     Cost: one projected per-example gradient per row and checkpoint — a forward and backward pass of
     the proxy (which reads embeddings, not images), so scoring the whole pool costs about what the
     proxy's warm start costs per row; memory is one chunk of rows.
     """
 
-    def __init__(self, task: Task, model: torch.nn.Module, states: list[State], directions: list[np.ndarray],
-                 settings: Any, device: torch.device | str = "cpu"):
-        self.dtype = torch.float64 if settings.dtype == "float64" else torch.float32
-        self.model = model.to(device=device, dtype=self.dtype)
-        self.task, self.states, self.device = task, states, device
+    def __init__(self, sketcher: GradientSketcher, states: list[State], directions: list[np.ndarray]):
+        # The sketcher of compute_influence: same model, dtype, device and projector blocks (already
+        # drawn and cached), so the row pass does not build P a second time.
+        self.sketcher, self.states = sketcher, states
         self.directions = [torch.as_tensor(u, dtype=torch.float64) for u in directions]
         if len(self.directions) != len(states):
             raise InfluenceError(f"{len(states)} proxy checkpoint(s) but {len(directions)} influence direction(s)")
-        projector = RandomProjector(
-            flat_tracked(self.model, task.tracked_parameters(self.model)), settings.projection_dim, settings.seed,
-            settings.projection, dtype=self.dtype, device=device,
-        )
-        self.sketcher = GradientSketcher(task, self.model, projector, "empirical", settings.batch_size)
 
     def __call__(self, features: dict[str, np.ndarray]) -> np.ndarray:
         n = len(next(iter(features.values())))
         terms = np.zeros((n, self.directions[0].shape[0]))
         finite = np.ones(n, dtype=bool)
-        feats = to_tensors(features, self.dtype, self.device)
+        feats = to_tensors(features, self.sketcher.dtype, self.sketcher.device)
         for state, u in zip(self.states, self.directions, strict=True):
-            set_state(self.model, state)
+            set_state(self.sketcher.model, state)
             phi, ok = self.sketcher.gradient_sketches(feats)
             terms += (phi.to(torch.float64).cpu() @ u.T).numpy()
             finite &= ok.cpu().numpy()

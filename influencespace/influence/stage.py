@@ -319,8 +319,8 @@ def write_outputs(stage_dir: str, result: Any, inputs: Inputs, cfg: Any, task: A
     return summary
 
 
-def write_row_scores(stage_dir: str, inputs: Inputs, task: Any, model: Any, states: list, directions: list,
-                     cfg: Any, rank: int = 0, world_size: int = 1, device: Any = "cpu") -> int:
+def write_row_scores(stage_dir: str, inputs: Inputs, task: Any, states: list, result: Any,
+                     rank: int = 0, world_size: int = 1) -> int:
     """The row pass: per-example influence of every pool row (``influence.score_rows``).
 
     Rank r scores pool files r, r + world, …, streaming each in batches of ``ROW_BATCH`` rows, and
@@ -334,7 +334,7 @@ def write_row_scores(stage_dir: str, inputs: Inputs, task: Any, model: Any, stat
     from influencespace.influence.engine import RowScorer
     from influencespace.influence.scores import group_column
 
-    scorer = RowScorer(task, model, states, directions, cfg, device)
+    scorer = RowScorer(result.sketcher, states, result.directions)
     n_total = float(inputs.plan.num_examples)
     files = storage.parquet_files(inputs.pool_uri)
     scored = 0
@@ -408,8 +408,7 @@ def _train_loop(config: dict) -> None:
         device=ray.train.torch.get_device(),
     )
     if cfg.score_rows:
-        write_row_scores(config["stage_dir"], inputs, task, config["model"], config["states"], result.directions, cfg,
-                         rank, world, ray.train.torch.get_device())
+        write_row_scores(config["stage_dir"], inputs, task, config["states"], result, rank, world)
     if rank == 0:
         write_outputs(config["stage_dir"], result, inputs, cfg, task, config["model"])
     # Without an explicit barrier + teardown, about one run in four aborted here (ENVIRONMENT.md).
@@ -493,7 +492,7 @@ class InfluenceStage(Stage):
                 settings=cfg,
             )
             if cfg.score_rows:
-                write_row_scores(ctx.stage_dir, inputs, task, model, states, result.directions, cfg)
+                write_row_scores(ctx.stage_dir, inputs, task, states, result)
             summary = write_outputs(ctx.stage_dir, result, inputs, cfg, task, model)
         else:
             _run_on_ray(ctx, inputs, task, model, states)
