@@ -230,6 +230,20 @@ def _save(fig, out_dir: str, name: str) -> str:
     return relative
 
 
+def _finish(fig, ax, out_dir: str, name: str, caption: str, *, xlabel: str, ylabel: str, title: str,
+            reference: tuple[float, str] | None = None, legend: bool = False) -> tuple[str, str]:
+    """Label one single-axes figure (a grey reference line at y, with its line style, if given), save it,
+    and return (caption, relative path) for the report."""
+    if reference is not None:
+        ax.axhline(reference[0], color="grey", lw=0.8, ls=reference[1])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if legend:
+        ax.legend(fontsize=8)
+    return caption, _save(fig, out_dir, name)
+
+
 def _decision_labels(scores, decisions) -> np.ndarray | None:
     if decisions is None or not {"cluster", "keep_rows"} <= set(decisions.columns):
         return None
@@ -261,12 +275,10 @@ def influence_figures(scores, decisions, out_dir: str) -> list[tuple[str, str]]:
         ax.errorbar(x, influence, yerr=np.vstack([low, high]), fmt="o", ms=3, lw=0.8, capsize=1.5)
     else:
         ax.plot(x, influence, "o", ms=3)
-    ax.axhline(0.0, color="grey", lw=0.8)
-    ax.set_xlabel("cluster (sorted by influence)")
-    ax.set_ylabel("influence (> 0: helpful)")
-    ax.set_title("Per-cluster influence with confidence intervals")
-    figures.append(("Influence per cluster, sorted, with its confidence interval.",
-                    _save(fig, out_dir, "influence_distribution.png")))
+    figures.append(_finish(fig, ax, out_dir, "influence_distribution.png",
+                           "Influence per cluster, sorted, with its confidence interval.",
+                           xlabel="cluster (sorted by influence)", ylabel="influence (> 0: helpful)",
+                           title="Per-cluster influence with confidence intervals", reference=(0.0, "-")))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = _decision_labels(scores, decisions)
@@ -281,12 +293,10 @@ def influence_figures(scores, decisions, out_dir: str) -> list[tuple[str, str]]:
                         yerr=None if yerr is None else yerr[mask], fmt="o", ms=4, lw=0.8, label=label)
         ax.legend(fontsize=7)
     ax.set_xscale("log")
-    ax.axhline(0.0, color="grey", lw=0.8)
-    ax.set_xlabel("cluster size")
-    ax.set_ylabel("influence ± stderr")
-    ax.set_title("Cluster size vs influence")
-    figures.append(("Cluster size against influence (± standard error), coloured by the curation decision.",
-                    _save(fig, out_dir, "size_vs_influence.png")))
+    figures.append(_finish(fig, ax, out_dir, "size_vs_influence.png",
+                           "Cluster size against influence (± standard error), coloured by the curation decision.",
+                           xlabel="cluster size", ylabel="influence ± stderr", title="Cluster size vs influence",
+                           reference=(0.0, "-")))
     return figures
 
 
@@ -311,13 +321,11 @@ def summary_figures(summary: dict, out_dir: str) -> list[tuple[str, str]]:
                 continue
             ax.errorbar([e["volume_reduction_pct"]], [e["accuracy_ratio_pct"]],
                         yerr=[e.get("sd", {}).get("accuracy_ratio_pct") or 0.0], fmt="o", capsize=3, label=name)
-    ax.axhline(100.0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("data volume reduction (%)")
-    ax.set_ylabel("accuracy relative to baseline (%)")
-    ax.set_title("Reduction vs accuracy" + (" across budgets" if curve else " at the configured budget"))
-    ax.legend(fontsize=8)
-    figures.append(("Data removed against accuracy kept (mean ± sd over seeds).",
-                    _save(fig, out_dir, "reduction_vs_accuracy.png")))
+    figures.append(_finish(fig, ax, out_dir, "reduction_vs_accuracy.png",
+                           "Data removed against accuracy kept (mean ± sd over seeds).",
+                           xlabel="data volume reduction (%)", ylabel="accuracy relative to baseline (%)",
+                           title="Reduction vs accuracy" + (" across budgets" if curve else " at the configured budget"),
+                           reference=(100.0, "--"), legend=True))
 
     groups = sorted({g for n in names for g in (policies[n].get("group_acc") or {})})
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -346,11 +354,9 @@ def summary_figures(summary: dict, out_dir: str) -> list[tuple[str, str]]:
         for name in names:
             history = policies[name].get("loss_history") or []
             ax.plot(np.arange(1, len(history) + 1), history, marker="o", label=name)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("training loss (mean over seeds)")
-        ax.set_title("Training loss")
-        ax.legend(fontsize=8)
-        figures.append(("Contrastive training loss per epoch.", _save(fig, out_dir, "training_loss.png")))
+        figures.append(_finish(fig, ax, out_dir, "training_loss.png", "Contrastive training loss per epoch.",
+                               xlabel="epoch", ylabel="training loss (mean over seeds)", title="Training loss",
+                               legend=True))
     return figures
 
 
