@@ -27,9 +27,30 @@ log = logging.getLogger(__name__)
 ROWS_PER_SHARD = 1_000_000
 
 
+# The reduction-vs-accuracy curve's names, written and read here only: curate writes output
+# ``curve_keep-0.40_<policy>`` into ``curve/keep-0.40/<policy>/``; train trains it as variant
+# ``curve-keep-0.40-<policy>``; evaluate reads the budget and policy back from the variant.
+CURVE_OUTPUT_PREFIX = "curve_"
+CURVE_VARIANT_PREFIX = "curve-"
+
+
 def curve_label(keep_fraction: float) -> str:
-    """Directory and variant label of one curve budget: ``keep-0.40``."""
+    """Directory label of one curve budget: ``keep-0.40``."""
     return f"keep-{keep_fraction:.2f}"
+
+
+def curve_variant(output_key: str) -> str:
+    """Train variant of a curve output key: ``curve_keep-0.40_random`` → ``curve-keep-0.40-random``."""
+    label, policy_name = output_key.removeprefix(CURVE_OUTPUT_PREFIX).split("_", 1)
+    return f"{CURVE_VARIANT_PREFIX}{label}-{policy_name}"
+
+
+def parse_curve_variant(variant: str) -> tuple[float, str] | None:
+    """(keep fraction, policy) of a curve variant; None for any other variant."""
+    if not variant.startswith(CURVE_VARIANT_PREFIX):
+        return None
+    label, policy_name = variant.removeprefix(CURVE_VARIANT_PREFIX).rsplit("-", 1)
+    return float(label.removeprefix("keep-")), policy_name
 
 
 def _read(uri: str, columns: list[str]) -> pd.DataFrame:
@@ -152,7 +173,7 @@ class CurateStage(Stage):
             label = curve_label(fraction)
             frames, _ = curate_at(fraction)
             summary["curve"][label] = write_all(frames, lambda n, label=label: ctx.path("curve", label, n))
-            outputs.update({f"curve_{label}_{n}": f"curve/{label}/{n}" for n in frames})
+            outputs.update({f"{CURVE_OUTPUT_PREFIX}{label}_{n}": f"curve/{label}/{n}" for n in frames})
         storage.write_table(pa.Table.from_pandas(decisions, preserve_index=False), ctx.path("cluster_decisions.parquet"))
         storage.write_json(ctx.path("summary.json"), summary)
         ours = summary["influencespace"]

@@ -13,12 +13,13 @@ import logging
 import numpy as np
 
 from influencespace import storage
+from influencespace.curate.stage import parse_curve_variant
 from influencespace.errors import StageStateError
 from influencespace.evaluate.curation import curation_quality
 from influencespace.evaluate.summary import summarize
 from influencespace.evaluate.zero_shot import read_test, score_features, score_model
 from influencespace.stages import Stage, StageContext, StageResult
-from influencespace.train.stage import BASELINE, CURVE_PREFIX, variant_manifests
+from influencespace.train.stage import BASELINE, variant_manifests
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +125,11 @@ def budget_curve(policies: dict[str, dict], keep_fraction: float) -> list[dict]:
     the :data:`CURVE_FIELDS` and ``accuracy_ratio_pct_sd``; empty when no curve budgets were curated.
     """
     points = []
-    for variant in [v for v in policies if v.startswith(CURVE_PREFIX)]:
-        entry = policies.pop(variant)
-        label, name = variant.removeprefix(CURVE_PREFIX).rsplit("-", 1)
-        points.append(_curve_point(name, float(label.removeprefix("keep-")), entry))
+    for variant in list(policies):
+        parsed = parse_curve_variant(variant)
+        if parsed is not None:
+            fraction, name = parsed
+            points.append(_curve_point(name, fraction, policies.pop(variant)))
     if not points:
         return []
     for name, entry in policies.items():

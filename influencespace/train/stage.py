@@ -24,6 +24,7 @@ from dataclasses import replace
 from typing import Any
 
 from influencespace import storage
+from influencespace.curate.stage import CURVE_OUTPUT_PREFIX, curve_variant
 from influencespace.errors import ConfigError, InfluenceSpaceError, InputDataError
 from influencespace.faults import fault_point
 from influencespace.stages import Stage, StageContext, StageResult
@@ -45,9 +46,6 @@ RAY_DIR = "_ray"
 LOCAL_CHECKPOINTS = "_checkpoints"
 
 
-CURVE_PREFIX = "curve-"  # variants trained only for the reduction-vs-accuracy curve
-
-
 def variant_manifests(curate_manifest: dict) -> dict[str, str | None]:
     """Variant name → manifest output key of the curate stage (None for the baseline), in report order."""
     outputs = curate_manifest.get("outputs", {})
@@ -57,9 +55,9 @@ def variant_manifests(curate_manifest: dict) -> dict[str, str | None]:
     for key in sorted(outputs):
         if key.startswith("policy_"):
             variants[key.removeprefix("policy_")] = key
-    for key in sorted(outputs):  # the reduction-vs-accuracy curve: curve_keep-0.40_<policy> → curve-keep-0.40-<policy>
-        if key.startswith("curve_"):
-            variants[CURVE_PREFIX + key.removeprefix("curve_").replace("_", "-", 1)] = key
+    for key in sorted(outputs):  # the reduction-vs-accuracy curve
+        if key.startswith(CURVE_OUTPUT_PREFIX):
+            variants[curve_variant(key)] = key
     return variants
 
 
