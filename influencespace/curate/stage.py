@@ -169,7 +169,8 @@ class CurateStage(Stage):
         outputs.update({f"policy_{n}": f"policies/{n}" for n in manifests if n != "influencespace"})
         # The reduction-vs-accuracy curve: the same policies at further budgets (outputs curve_<fraction>_<policy>).
         summary["curve"] = {}
-        for fraction in (f for f in cfg.curve_keep_fractions if f != cfg.keep_fraction):
+        curve_fractions = [f for f in cfg.curve_keep_fractions if f != cfg.keep_fraction]
+        for fraction in curve_fractions:
             label = curve_label(fraction)
             frames, _ = curate_at(fraction)
             summary["curve"][label] = write_all(frames, lambda n, label=label: ctx.path("curve", label, n))
@@ -182,7 +183,7 @@ class CurateStage(Stage):
                     "rejected": int(len(rejected)), "harmful_clusters": int((decisions["dropped_reason"] == policy.HARMFUL).sum())},
             outputs=outputs,
             extra={"worst_group": worst_group, "policies": sorted(manifests),
-                   "curve_keep_fractions": [f for f in cfg.curve_keep_fractions if f != cfg.keep_fraction]},
+                   "curve_keep_fractions": curve_fractions},
         )
 
     def _row_influence(self, ctx: StageContext, assignments: pd.DataFrame, worst_group: str | None) -> np.ndarray:
