@@ -26,6 +26,8 @@ def _add_config_args(parser: argparse.ArgumentParser, default: str | None = None
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace stage results made with another config")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show every stage's full output live (it always goes to <run_dir>/logs/)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="field", choices=["field", "repeats"],
                    help="WebDataset: weight as a JSON field (default) or as max(1, round(weight)) repeats")
     p.add_argument("--rows-per-file", type=int, default=10_000, help="rows per output file (default 10000)")
+    p.add_argument("--verbose", action="store_true", help="also show the full output live (it goes to RUN/logs/export.log)")
     p.add_argument("--pairs", metavar="URI",
                    help="raw pairs to take sample bytes from (WebDataset tars or Parquet; default: the run's data pool); "
                    "needed when the run started from precomputed embeddings")
@@ -103,18 +106,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(config_source: str, overrides: list[str], stages: list[str] | None, overwrite: bool) -> int:
+def _run(config_source: str, overrides: list[str], stages: list[str] | None, overwrite: bool, verbose: bool) -> int:
+    from influencespace import storage
     from influencespace.config import load_config
-    from influencespace.stages import missing_stages, run_pipeline
+    from influencespace.console import Console
+    from influencespace.errors import InfluenceSpaceError
+    from influencespace.runtime import ray_session
+    from influencespace.stages import run_pipeline
 
     config = load_config(config_source, overrides)
-    print(f"run directory: {config.run_dir}")
-    run_pipeline(config, stages, overwrite=overwrite)
-    if stages is None and missing_stages():
-        print(
-            "note: these stages are not implemented yet and were not run: " + ", ".join(missing_stages()),
-        )
-    print(f"done: artifacts in {config.run_dir}")
+    storage.configure_from(config.storage)  # the console writes logs/ into the run directory
+    console = Console(config.run_dir, verbose=verbose, show_progress=config.runtime.progress)
+    try:
+        with console:
+            console.line(f"run directory: {config.run_dir}")
+            console.line(f"logs: {console.logs_uri}/ (each stage's full output)")
+            with ray_session():
+                outcomes = run_pipeline(config, stages, overwrite=overwrite, console=console)
+            if any(o.name == "report" for o in outcomes):
+                console.line(f"report: {storage.join(config.run_dir, 'report', 'index.html')}")
+            console.line(f"done: artifacts in {config.run_dir}")
+    except Exception as exc:
+        if isinstance(exc, InfluenceSpaceError) or console.failed_stage is None:
+            raise
+        # A bug rather than a user error: the stage and its log were named, the traceback is in the log.
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -192,18 +209,25 @@ def _report(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from influencespace import storage
     from influencespace.config import RuntimeConfig
+    from influencespace.console import Console
+    from influencespace.errors import InfluenceSpaceError
     from influencespace.export import export_run
+    from influencespace.runtime import ensure_ray, ray_session
 
     storage.configure()
-    if args.format != "uids":
-        from influencespace.runtime import ensure_ray
-
-        ensure_ray(RuntimeConfig())
-    counts = export_run(args.run_dir, args.format, args.out, args.policy, args.weights, args.rows_per_file, args.pairs)
-    print(f"exported {counts['kept']} kept samples of {args.run_dir} as {args.format} to {args.out}")
-    if args.format == "webdataset":
-        last = max(counts["shards"] - 1, 0)
-        print(f"  {counts['samples']} samples in {counts['shards']} shard(s): {args.out.rstrip('/')}/{{00000000..{last:08d}}}.tar")
+    if not storage.exists(args.run_dir):  # before the console makes <run_dir>/logs/ there
+        raise InfluenceSpaceError(f"no run directory at {args.run_dir}; give the run_dir of a finished run")
+    with Console(args.run_dir, verbose=args.verbose) as console, console.stage("export"):
+        with ray_session():
+            if args.format != "uids":
+                ensure_ray(RuntimeConfig())
+            counts = export_run(args.run_dir, args.format, args.out, args.policy, args.weights, args.rows_per_file,
+                                args.pairs)
+        console.line(f"exported {counts['kept']} kept samples of {args.run_dir} as {args.format} to {args.out}")
+        if args.format == "webdataset":
+            last = max(counts["shards"] - 1, 0)
+            console.line(f"  {counts['samples']} samples in {counts['shards']} shard(s): "
+                         f"{args.out.rstrip('/')}/{{00000000..{last:08d}}}.tar")
     return 0
 
 
@@ -213,6 +237,7 @@ def job_main(stages: list[str] | None, argv: list[str] | None = None, descriptio
     parser.add_argument("--config", default="cluster", help="preset name or YAML file (local or s3://)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--overwrite", action="store_true", help="replace stage results made with another config")
+    parser.add_argument("--verbose", action="store_true", help="show every stage's full output in the job log too")
     if stages is None:
         parser.add_argument("--stages", help="comma-separated subset of stages (default: all)")
     args = parser.parse_args(argv)
@@ -222,8 +247,7 @@ def job_main(stages: list[str] | None, argv: list[str] | None = None, descriptio
     command = ["run", args.config, "--set=runtime.ray_address=auto", *(f"--set={o}" for o in args.overrides)]
     if chosen:
         command += ["--stages", ",".join(chosen)]
-    if args.overwrite:
-        command.append("--overwrite")
+    command += [flag for flag, on in (("--overwrite", args.overwrite), ("--verbose", args.verbose)) if on]
     return main(command)
 
 
@@ -235,11 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
-            return _run(args.config, args.overrides, stages, args.overwrite)
+            return _run(args.config, args.overrides, stages, args.overwrite, args.verbose)
         if args.command == "demo":
-            return _run(args.config, args.overrides, None, args.overwrite)
+            return _run(args.config, args.overrides, None, args.overwrite, args.verbose)
         if args.command in STAGE_COMMANDS:
-            return _run(args.config, args.overrides, [args.command], args.overwrite)
+            return _run(args.config, args.overrides, [args.command], args.overwrite, args.verbose)
         if args.command == "data":
             return _data_build(args)
         if args.command == "embedder":

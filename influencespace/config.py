@@ -86,7 +86,10 @@ class RuntimeConfig(Section):
         description="Times work lost with its node (spot reclaim, crash) is restarted: k-means actors (max_restarts, "
         "max_task_retries) and influence's Ray Train worker group (FailureConfig.max_failures).",
     )
-    progress: bool = _execution_only(default=True, description="Show progress bars.")
+    progress: bool = _execution_only(
+        default=True,
+        description="Show progress on the command line: live bars on a terminal, a plain line every 30 s otherwise.",
+    )
 
 
 class StorageConfig(Section):

@@ -39,6 +39,7 @@ import numpy as np
 from influencespace import storage
 from influencespace.datasets.webdataset import IMAGE_EXTENSIONS, sample_key
 from influencespace.errors import InfluenceSpaceError, InputDataError
+from influencespace.progress import NULL, Sink, track
 
 FORMATS = ("uids", "webdataset", "parquet")
 _HEX_UID = re.compile(r"^[0-9a-fA-F]{32}$")
@@ -141,12 +142,13 @@ def _read_pool(uri: str, fmt: str, id_column: str = "id"):
 class _AttachWeights:
     """Keep only kept rows and add their weight (vectorised lookup in the broadcast table)."""
 
-    def __init__(self, kept_ref: Any):
+    def __init__(self, kept_ref: Any, progress: Sink = NULL):
         import ray
 
         kept = ray.get(kept_ref)
         self.ids = kept.column("id")
         self.weights = kept.column("weight")
+        self.progress = progress
 
     def __call__(self, batch):
         import pyarrow.compute as pc
@@ -155,6 +157,7 @@ class _AttachWeights:
         mask = pc.is_valid(position)
         batch = batch.filter(mask)
         weights = pc.take(self.weights, pc.drop_null(position))
+        self.progress.add(batch.num_rows)
         return batch.append_column("weight", weights)
 
 
@@ -216,17 +219,19 @@ def export_run(run_dir: str, fmt: str, out_uri: str, policy: str = "influencespa
             f"pass --pairs URI with the original pairs (WebDataset tars or Parquet) to export {fmt}"
         )
     kept_ref = ray.put(kept)
-    ds = _read_pool(pool_uri, pool_format, id_column).map_batches(
-        _AttachWeights, fn_constructor_args=(kept_ref,), batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5,
-    )
-    fs, path = storage.resolve(out_uri)
-    if fmt == "parquet":
-        ds.write_parquet(path, filesystem=fs, min_rows_per_file=rows_per_file)
-    else:
-        before = set(storage.list_files(out_uri, ".tar"))
-        ds = ds.map_batches(_to_webdataset_rows(weights_mode), batch_format="pyarrow")
-        ds.write_webdataset(path, filesystem=fs, encoder=None, min_rows_per_file=rows_per_file)
+    with track("export", kept.num_rows, "rows") as bar:
+        ds = _read_pool(pool_uri, pool_format, id_column).map_batches(
+            _AttachWeights, fn_constructor_args=(kept_ref, bar.sink()), batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5,
+        )
+        fs, path = storage.resolve(out_uri)
+        if fmt == "parquet":
+            ds.write_parquet(path, filesystem=fs, min_rows_per_file=rows_per_file)
+        else:
+            before = set(storage.list_files(out_uri, ".tar"))
+            ds = ds.map_batches(_to_webdataset_rows(weights_mode), batch_format="pyarrow")
+            ds.write_webdataset(path, filesystem=fs, encoder=None, min_rows_per_file=rows_per_file)
+    if fmt != "parquet":
         counts["shards"] = _number_shards(out_uri, before)
         counts["samples"] = int(repeats(kept.column("weight").to_numpy()).sum()) if weights_mode == "repeats" else kept.num_rows
     written = sum(1 for _ in storage.list_files(out_uri, recursive=True))

@@ -15,6 +15,8 @@ time) in the markers directory and then
 
 - ``kill``: SIGKILLs itself: a worker process lost without any clean-up (Ray must restart it);
   ``kill:S`` waits S seconds first (e.g. until Ray Train's controller has registered a checkpoint);
+- ``raise``: raises :class:`InjectedFault` (a plain bug, not a user error): how a stage that fails
+  looks from the command line;
 - ``hang``: sleeps until somebody kills it: the test waits for the marker and SIGKILLs the driver,
   so the kill lands at exactly this point instead of whenever a poll happens to notice progress.
   Nobody killing it within ``INFLUENCESPACE_FAULTS_HANG_S`` (default 1800 s) means the test died:
@@ -35,7 +37,11 @@ ENV = "INFLUENCESPACE_FAULTS"
 DIR_ENV = "INFLUENCESPACE_FAULTS_DIR"
 HANG_LIMIT_ENV = "INFLUENCESPACE_FAULTS_HANG_S"
 HANG_LIMIT_S = 1800.0  # no test waits this long for a marker
-ACTIONS = ("kill", "hang")
+ACTIONS = ("kill", "hang", "raise")
+
+
+class InjectedFault(RuntimeError):
+    """What a ``raise`` fault point raises."""
 
 
 def fault_point(point: str, step: int | str | None = None) -> None:
@@ -57,6 +63,8 @@ def fault_point(point: str, step: int | str | None = None) -> None:
             continue  # fired already (by this or another process)
         with os.fdopen(fd, "w") as f:
             json.dump({"point": point, "action": action, "step": step, "pid": os.getpid(), "time": time.time()}, f)
+        if action == "raise":
+            raise InjectedFault(f"injected fault at {point}" + (f"@{step}" if step is not None else ""))
         if action == "kill":
             time.sleep(float(delay or 0))
             os.kill(os.getpid(), signal.SIGKILL)

@@ -7,8 +7,11 @@ joins the existing cluster.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 from influencespace.errors import InfluenceSpaceError
@@ -50,12 +53,16 @@ def ensure_ray(runtime: Any, include_dashboard: bool = False) -> None:
     )
 
 
-def configure_data_context(progress: bool) -> None:
-    """Ray Data settings shared by every stage: progress bars on or off, deterministic block order."""
+def configure_data_context() -> None:
+    """Ray Data settings shared by every stage: deterministic block order, Ray Data's own bars off.
+
+    The console draws one bar per stage from what the stage counts (``influencespace.progress``);
+    Ray Data's per-operator bars would only repeat that, redrawn into the stage's log file.
+    """
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress
+    ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True
 
 
@@ -79,3 +86,23 @@ def placement(runtime: Any, kind: str) -> dict[str, Any]:
     if kind == "gpu" and runtime.use_gpu:
         args["num_gpus"] = 1
     return args
+
+
+def _ray_is_up() -> bool:
+    ray = sys.modules.get("ray")  # never import Ray just to ask
+    return ray is not None and ray.is_initialized()
+
+
+@contextlib.contextmanager
+def ray_session() -> Iterator[None]:
+    """Ray started (or joined) inside the block is shut down when it ends; a Ray already up stays.
+
+    The command line runs its work in one, inside the console, so what Ray's processes print while
+    they stop lands in the logs and not after the final line.
+    """
+    already_up = _ray_is_up()
+    try:
+        yield
+    finally:
+        if not already_up and _ray_is_up():
+            sys.modules["ray"].shutdown()

@@ -23,12 +23,13 @@ changing an upstream stage also invalidates everything downstream of it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import logging
 import platform
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, ClassVar
@@ -36,6 +37,7 @@ from typing import Any, ClassVar
 from influencespace import __version__, storage
 from influencespace.config import PipelineConfig
 from influencespace.errors import InfluenceSpaceError, StageStateError
+from influencespace.faults import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,6 @@ class StageContext:
     config: PipelineConfig
     stage_dir: str
     input_manifests: dict[str, dict[str, Any]]
-    progress: bool = True
 
     def path(self, *parts: str) -> str:
         return storage.join(self.stage_dir, *parts)
@@ -195,7 +196,7 @@ def run_stage(
             if manifest is None:
                 raise StageStateError(
                     f"stage '{stage.name}' needs stage '{name}' to have finished in {config.run_dir}; run it first "
-                    f"(influencespace {name} CONFIG) or run the whole pipeline"
+                    f"({stage_command(name)}) or run the whole pipeline (influencespace run CONFIG)"
                 )
             upstream[name] = manifest
     fp = fingerprint(config, stage, {n: upstream[n]["fingerprint"] for n in stage.inputs})
@@ -234,9 +235,10 @@ def run_stage(
     storage.make_dirs(directory)
     if status != "resumed":
         storage.write_json(started_uri, {"stage": stage.name, "fingerprint": fp, "started_at": _now()})
-    ctx = StageContext(config=config, stage_dir=directory, input_manifests=upstream, progress=config.runtime.progress)
+    ctx = StageContext(config=config, stage_dir=directory, input_manifests=upstream)
     t0 = time.perf_counter()
     started_at = _now()
+    fault_point(f"stage.{stage.name}")  # tests: a stage that fails (raise) or dies (kill) as it starts
     result = stage.run(ctx)
     manifest = {
         "stage": stage.name,
@@ -258,13 +260,35 @@ def run_stage(
     return StageOutcome(stage.name, status, manifest)
 
 
+def stage_command(name: str) -> str:
+    """The command that runs stage ``name`` alone (every stage runs with ``run --stages``)."""
+    return f"influencespace run CONFIG --stages {name}"
+
+
+def summary_line(outcome: StageOutcome) -> str:
+    """``[embed] ran (41.2s) pool=297, ...``: what a stage did, in one line."""
+    counts = ", ".join(f"{k}={v}" for k, v in outcome.manifest.get("counts", {}).items())
+    return f"[{outcome.name}] {outcome.status} ({outcome.manifest.get('seconds', 0):.1f}s) {counts}".rstrip()
+
+
+@contextlib.contextmanager
+def _announce(report: Callable[[str], None], name: str) -> Iterator[None]:
+    report(f"[{name}] starting")
+    yield
+
+
 def run_pipeline(
     config: PipelineConfig,
     names: Iterable[str] | None = None,
     overwrite: bool = False,
     report: Callable[[str], None] = print,
+    console: Any = None,
 ) -> list[StageOutcome]:
-    """Run stages in pipeline order (all implemented ones by default); return what each did."""
+    """Run stages in pipeline order (all implemented ones by default); return what each did.
+
+    ``console`` (an :class:`~influencespace.console.Console`) gives each stage its log file and
+    progress display; without one, ``report`` gets a start and a summary line per stage.
+    """
     storage.configure_from(config.storage)
     wanted = list(names) if names is not None else implemented_stages()
     unknown = [n for n in wanted if n not in PIPELINE]
@@ -275,10 +299,9 @@ def run_pipeline(
     manifests: dict[str, dict[str, Any]] = {}
     for name in ordered:
         stage = load_stage(name)
-        report(f"[{name}] starting")
-        outcome = run_stage(config, stage, overwrite=overwrite, upstream=manifests)
+        with console.stage(name) if console is not None else _announce(report, name):
+            outcome = run_stage(config, stage, overwrite=overwrite, upstream=manifests)
         manifests[name] = outcome.manifest
         outcomes.append(outcome)
-        counts = ", ".join(f"{k}={v}" for k, v in outcome.manifest.get("counts", {}).items())
-        report(f"[{name}] {outcome.status} ({outcome.manifest.get('seconds', 0):.1f}s) {counts}")
+        (console.summary if console is not None else report)(summary_line(outcome))
     return outcomes

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from influencespace import storage
+from influencespace.stages import PIPELINE
 from tests.test_pipeline_e2e import check_run
 
 REPO = Path(__file__).parents[1]
@@ -92,9 +93,13 @@ def test_pipeline_job_through_ray_job_submit(ray_head, s3_prefix, offline_checkp
     manifest = storage.read_json(f"{run_dir}/data/_SUCCESS.json")
     assert manifest["counts"]["pool"] == 300
     check_run(run_dir)  # every stage, every id, the summary metrics and the report, all on S3
-    # Credentials never reach job logs or manifests.
+    # Every stage's full output is in the run directory's logs/ on S3 ...
+    logs = {uri.rsplit("/", 1)[-1]: storage.read_bytes(uri).decode() for uri in storage.list_files(f"{run_dir}/logs")}
+    assert {f"{stage}.log" for stage in PIPELINE} <= set(logs), sorted(logs)
+    # ... and credentials never reach job logs, stage logs or manifests.
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     assert secret not in output and secret not in str(manifest)
+    assert not [name for name, text in logs.items() if secret in text]
 
 
 @pytest.mark.ray_job

@@ -32,6 +32,7 @@ import numpy as np
 from influencespace.cluster.assign import CoarseLevel, FlatSearcher, Partial, assign, partial_sums, prepare_rows
 from influencespace.errors import ConfigError, InputDataError
 from influencespace.faults import fault_point
+from influencespace.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -363,34 +364,36 @@ def lloyd(
     history = list(history or [])
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
     converged = False
-    for iteration in range(start + 1, max_iter + 1):
-        t0 = time.perf_counter()
-        part = dataset.assign_to(centroids, coarse)
-        new = update_centroids(part, centroids, spherical)
-        new, n_split = split_empty(new, part.counts, spherical, coarse.offsets if coarse is not None else None)
-        previous = history[-1]["objective"] if history else None
-        history.append(
-            {
-                "iteration": iteration,
-                "objective": part.objective,
-                "empty_split": n_split,
-                "seconds": round(time.perf_counter() - t0, 4),
-            }
-        )
-        # A repaired iteration changes the model on purpose: never call it converged.
-        converged = previous is not None and n_split == 0 and abs(previous - part.objective) <= tol * abs(previous)
-        centroids = new
-        if checkpoint is not None:
-            checkpoint.save(
-                phase, {"iteration": iteration, "centroids": centroids, "history": history, "converged": converged}
+    with track(f"k-means {phase}", max_iter - start, "iterations") as bar:
+        for iteration in range(start + 1, max_iter + 1):
+            t0 = time.perf_counter()
+            part = dataset.assign_to(centroids, coarse)
+            new = update_centroids(part, centroids, spherical)
+            new, n_split = split_empty(new, part.counts, spherical, coarse.offsets if coarse is not None else None)
+            previous = history[-1]["objective"] if history else None
+            history.append(
+                {
+                    "iteration": iteration,
+                    "objective": part.objective,
+                    "empty_split": n_split,
+                    "seconds": round(time.perf_counter() - t0, 4),
+                }
             )
-            fault_point(f"cluster.{phase}_iteration", iteration)  # tests: a kill between two iterations
-        log.info(
-            "k-means %s iteration %d/%d: objective %.6g, %d empty cluster(s) split, %.2fs",
-            phase, iteration, max_iter, part.objective, n_split, history[-1]["seconds"],
-        )  # fmt: skip
-        if converged:
-            break
+            # A repaired iteration changes the model on purpose: never call it converged.
+            converged = previous is not None and n_split == 0 and abs(previous - part.objective) <= tol * abs(previous)
+            centroids = new
+            if checkpoint is not None:
+                checkpoint.save(
+                    phase, {"iteration": iteration, "centroids": centroids, "history": history, "converged": converged}
+                )
+                fault_point(f"cluster.{phase}_iteration", iteration)  # tests: a kill between two iterations
+            log.info(
+                "k-means %s iteration %d/%d: objective %.6g, %d empty cluster(s) split, %.2fs",
+                phase, iteration, max_iter, part.objective, n_split, history[-1]["seconds"],
+            )  # fmt: skip
+            bar.add(1)
+            if converged:
+                break
     return KMeansResult(centroids, history, converged)
 
 

@@ -45,6 +45,7 @@ from influencespace import storage
 from influencespace.embed.encoders import Encoder, EncoderSpec, load_weights_only, pixels_to_tensor
 from influencespace.embed.preprocess import ImagePreprocess, TextPreprocess
 from influencespace.errors import ConfigError, MissingDependencyError
+from influencespace.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -284,26 +285,28 @@ def train_alignment(settings: AlignmentSettings, towers: Towers | None = None, p
     by_class = [np.flatnonzero(caption_class == k) for k in range(len(captions))]
     batch = min(settings.batch_size, len(train))
     loss_value = float("nan")
-    for step in range(settings.steps):
-        idx = torch.from_numpy(rng.choice(train, batch, replace=False))
-        y = labels_t[idx]
-        # A fresh caption of the image's class every step: the heads see the whole vocabulary.
-        cap = torch.from_numpy(np.array([rng.choice(by_class[int(k)]) for k in y]))
-        v, t = heads.image(feats_img[idx]), heads.text(feats_cap[cap])
-        scale = heads.logit_scale.clamp(max=float(np.log(100.0))).exp()
-        logits = scale * v @ t.T
-        same = (y[:, None] == y[None, :]).float()
-        target = same / same.sum(dim=1, keepdim=True)
-        loss = 0.5 * (
-            torch.sum(-target * torch.log_softmax(logits, dim=1), dim=1).mean()
-            + torch.sum(-target * torch.log_softmax(logits.T, dim=1), dim=1).mean()
-        )
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        loss_value = float(loss.detach())
-        if step % max(1, settings.steps // 5) == 0:
-            progress(f"step {step}/{settings.steps}: loss {loss_value:.4f}")
+    with track("building the offline embedder (one time)", settings.steps, "steps") as bar:
+        for step in range(settings.steps):
+            idx = torch.from_numpy(rng.choice(train, batch, replace=False))
+            y = labels_t[idx]
+            # A fresh caption of the image's class every step: the heads see the whole vocabulary.
+            cap = torch.from_numpy(np.array([rng.choice(by_class[int(k)]) for k in y]))
+            v, t = heads.image(feats_img[idx]), heads.text(feats_cap[cap])
+            scale = heads.logit_scale.clamp(max=float(np.log(100.0))).exp()
+            logits = scale * v @ t.T
+            same = (y[:, None] == y[None, :]).float()
+            target = same / same.sum(dim=1, keepdim=True)
+            loss = 0.5 * (
+                torch.sum(-target * torch.log_softmax(logits, dim=1), dim=1).mean()
+                + torch.sum(-target * torch.log_softmax(logits.T, dim=1), dim=1).mean()
+            )
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            loss_value = float(loss.detach())
+            bar.add(1)
+            if step % max(1, settings.steps // 5) == 0:
+                progress(f"step {step}/{settings.steps}: loss {loss_value:.4f}")
     heads.eval()
     with torch.no_grad():
         held_idx = torch.from_numpy(held)

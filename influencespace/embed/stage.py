@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
 from typing import Any
 
 from influencespace import storage
@@ -33,12 +34,14 @@ from influencespace.embed.encoders import EncoderSpec, load_encoder, spec_from_c
 from influencespace.embed.fusion import fused_dim
 from influencespace.errors import StageStateError
 from influencespace.faults import fault_point
+from influencespace.progress import track
 from influencespace.stages import Stage, StageContext, StageResult
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("pool", "validation", "test")
 MAX_WRITES_IN_FLIGHT = 4
+ENCODER_DIR = "_encoder"  # the encoder checkpoint the actors load (see _by_reference)
 CPU_ACTOR_RESERVATION = 0.5  # fraction of a CPU a CPU actor reserves; its torch threads use more
 
 
@@ -113,12 +116,14 @@ def _run_local(ctx: StageContext, spec: EncoderSpec, pending: list[pairs.Shard])
     cfg = ctx.config.embed
     encoder = load_encoder(spec, "cuda" if ctx.config.runtime.use_gpu else "cpu")
     out = {}
-    for shard in pending:
-        parts = [
-            pairs.embed_prepared(batch, encoder, cfg.fusion, cfg.image_weight, cfg.dtype)
-            for batch in pairs.prepared_batches(shard, spec.image_preprocess, spec.text_preprocess, cfg.batch_size)
-        ]
-        out[shard] = pairs.write_shard(ctx.stage_dir, shard, parts)
+    with track("embed", sum(s.rows for s in pending), "rows") as bar:
+        for shard in pending:
+            parts = [
+                pairs.embed_prepared(batch, encoder, cfg.fusion, cfg.image_weight, cfg.dtype)
+                for batch in pairs.prepared_batches(shard, spec.image_preprocess, spec.text_preprocess, cfg.batch_size)
+            ]
+            out[shard] = pairs.write_shard(ctx.stage_dir, shard, parts)
+            bar.add(shard.rows)
     return out
 
 
@@ -135,9 +140,12 @@ def _read_shard(batch: dict[str, Any], image: Any, text: Any, batch_rows: int):
 class EmbedActor:
     """Ray Data actor UDF: loads the encoder once, then embeds prepared batches."""
 
-    def __init__(self, spec: EncoderSpec, device: str, threads: int | None, fusion: str, image_weight: float, dtype: str):
+    def __init__(self, spec: EncoderSpec, device: str, threads: int | None, fusion: str, image_weight: float, dtype: str,
+                 s3: Any = None):
         import torch
 
+        if s3 is not None:  # the encoder checkpoint may live on S3 (see _by_reference)
+            storage.configure(s3.endpoint_url, s3.region, s3.retries)
         if threads:
             # Ray sets OMP_NUM_THREADS to the (fractional) CPU reservation; use the threads asked for.
             torch.set_num_threads(threads)
@@ -164,6 +172,21 @@ def _write_task(stage_dir: str, shard_json: str, ranges: list[tuple[int, int]], 
     return pairs.write_shard(stage_dir, shard, parts)
 
 
+def _by_reference(ctx: StageContext, spec: EncoderSpec) -> EncoderSpec:
+    """The spec the actors get: an inline checkpoint is written to ``embed/_encoder/`` and named by URI.
+
+    Ray keeps actor constructor arguments over 100 KB in the object store, and a restarted actor can
+    not get them back once they are evicted (ray-project/ray#53727): the actor's arguments must be
+    small enough to travel inside its creation task, so a lost actor can always rebuild itself.
+    """
+    if spec.checkpoint_bytes is None:
+        return spec
+    uri = ctx.path(ENCODER_DIR, f"{spec.checkpoint_sha256()[:16]}.pt")
+    if not storage.is_file(uri):
+        storage.write_bytes(uri, spec.checkpoint_bytes)
+    return replace(spec, checkpoint=uri, checkpoint_bytes=None)
+
+
 def _threads(cfg: Any, use_gpu: bool) -> int | None:
     if cfg.threads_per_actor:
         return cfg.threads_per_actor
@@ -180,10 +203,12 @@ def _run_ray(ctx: StageContext, spec: EncoderSpec, pending: list[pairs.Shard]) -
 
     cfg, runtime = ctx.config.embed, ctx.config.runtime
     ensure_ray(runtime)
-    configure_data_context(ctx.progress)
+    configure_data_context()
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # shard cutting relies on it
 
     device = "cuda" if runtime.use_gpu else "cpu"
+    s3 = storage.current_settings()
+    actor_spec = _by_reference(ctx, spec)
     actor_placement = placement(runtime, "gpu")
     ds = ray.data.from_items([{"shard": s.to_json()} for s in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(
@@ -194,21 +219,21 @@ def _run_ray(ctx: StageContext, spec: EncoderSpec, pending: list[pairs.Shard]) -
     )
     ds = ds.map_batches(
         EmbedActor,
-        fn_constructor_args=(spec, device, _threads(cfg, runtime.use_gpu), cfg.fusion, cfg.image_weight, cfg.dtype),
+        fn_constructor_args=(actor_spec, device, _threads(cfg, runtime.use_gpu), cfg.fusion, cfg.image_weight,
+                             cfg.dtype, s3),
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-        # A lost actor (node gone, process killed) is restarted, loads the encoder again, and the batch it
-        # held is retried: embedding is a pure function of the batch, so the output does not change.
-        max_restarts=runtime.worker_restarts,
-        max_task_retries=runtime.worker_restarts,
+        # A lost actor (node gone, process killed) is restarted by Ray Data, loads the encoder again, and
+        # the batch it held is retried: embedding is a pure function of the batch, so the output does not
+        # change. Ray Data's own policy applies (restarts without limit); its per-call max_restarts is
+        # deprecated (RayDeprecationWarning on ray_remote_args), so runtime.worker_restarts does not reach it.
         num_cpus=1 if runtime.use_gpu else CPU_ACTOR_RESERVATION,
-        num_gpus=actor_placement.pop("num_gpus", 0),
-        **actor_placement,  # the GPU-node marker resource on clusters that define one
+        num_gpus=actor_placement.get("num_gpus", 0),
+        resources=actor_placement.get("resources"),  # the GPU-node marker on clusters that define one
     )
 
     write = ray.remote(num_cpus=0, max_retries=3)(_write_task)  # light I/O; must never wait for a CPU slot
-    s3 = storage.current_settings()
     results: dict[pairs.Shard, tuple[int, int]] = {}
     in_flight: dict[Any, pairs.Shard] = {}
     queue = iter(pending)
@@ -222,25 +247,27 @@ def _run_ray(ctx: StageContext, spec: EncoderSpec, pending: list[pairs.Shard]) -
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             results[in_flight.pop(ready[0])] = ray.get(ready[0])
 
-    for bundle in ds.iter_internal_ref_bundles():
-        slices = bundle.slices or (None,) * len(bundle.blocks)
-        for entry, part in zip(bundle.blocks, slices, strict=True):
-            start = part.start_offset if part is not None else 0
-            stop = part.end_offset if part is not None else entry.metadata.num_rows
-            while start < stop:
-                if shard is None:
-                    raise StageStateError("embed: the pipeline produced more rows than planned; this is a bug")
-                take = min(stop - start, need)
-                blocks.append(entry.ref)
-                ranges.append((start, start + take))
-                start, need = start + take, need - take
-                if need == 0:
-                    in_flight[write.remote(ctx.stage_dir, shard.to_json(), ranges, s3, *blocks)] = shard
-                    settle(MAX_WRITES_IN_FLIGHT)
-                    blocks, ranges = [], []
-                    shard = next(queue, None)
-                    need = shard.rows if shard is not None else 0
-    settle(0)
+    with track("embed", sum(s.rows for s in pending), "rows") as bar:
+        for bundle in ds.iter_internal_ref_bundles():
+            slices = bundle.slices or (None,) * len(bundle.blocks)
+            for entry, part in zip(bundle.blocks, slices, strict=True):
+                start = part.start_offset if part is not None else 0
+                stop = part.end_offset if part is not None else entry.metadata.num_rows
+                while start < stop:
+                    if shard is None:
+                        raise StageStateError("embed: the pipeline produced more rows than planned; this is a bug")
+                    take = min(stop - start, need)
+                    blocks.append(entry.ref)
+                    ranges.append((start, start + take))
+                    start, need = start + take, need - take
+                    bar.add(take)
+                    if need == 0:
+                        in_flight[write.remote(ctx.stage_dir, shard.to_json(), ranges, s3, *blocks)] = shard
+                        settle(MAX_WRITES_IN_FLIGHT)
+                        blocks, ranges = [], []
+                        shard = next(queue, None)
+                        need = shard.rows if shard is not None else 0
+        settle(0)
     if shard is not None:
         raise StageStateError(f"embed: the pipeline ended before shard {shard.split}/{shard.index} was complete; rerun to resume")
     return results

@@ -36,6 +36,7 @@ from influencespace.influence.projector import RandomProjector
 from influencespace.influence.proxy import State, set_state
 from influencespace.influence.scores import cluster_statistics, merge_scores
 from influencespace.influence.tasks import Task
+from influencespace.progress import NULL, Sink
 
 
 class LocalComm:
@@ -131,10 +132,12 @@ def compute_influence(
     settings: Any,
     comm: Any = None,
     device: torch.device | str = "cpu",
+    progress: Sink = NULL,
 ) -> InfluenceResult:
     """This rank's part of the influence computation (see the module docstring).
 
     ``settings`` is an :class:`~influencespace.config.InfluenceConfig` (or anything with its fields).
+    ``progress`` counts the sampled examples sketched, once per checkpoint.
     """
     comm = comm or LocalComm()
     t0 = time.perf_counter()
@@ -159,11 +162,12 @@ def compute_influence(
     for j, state in enumerate(states):
         set_state(model, state)
         train = sketcher.train_sketches(feats, weights) if n_rows else None
+        progress.add(n_rows)
         finite = train.finite.cpu().numpy() if train else np.zeros(0, dtype=bool)
         finite_all &= finite
         vphi, vok = sketcher.measurement_sketches(vfeats) if len(shard.val_group) else (torch.zeros(0, k), torch.ones(0, dtype=torch.bool))
         vphi = vphi.to(torch.float64).cpu()
-        codes = torch.as_tensor(shard.val_group)
+        codes = torch.from_numpy(np.array(shard.val_group))  # a copy: the shard's arrays may be read-only
         val_sums = torch.zeros(1 + groups, k, dtype=torch.float64)
         val_counts = torch.zeros(1 + groups, dtype=torch.float64)
         val_sums[0], val_counts[0] = vphi.sum(0), len(codes)

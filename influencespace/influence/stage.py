@@ -19,6 +19,7 @@ Positive influence = the cluster lowers the validation loss (helps).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import tempfile
@@ -30,6 +31,7 @@ import numpy as np
 from influencespace import storage
 from influencespace.errors import InputDataError
 from influencespace.influence.errors import InfluenceError
+from influencespace.progress import NULL, Sink, track
 from influencespace.stages import Stage, StageContext, StageResult
 
 log = logging.getLogger(__name__)
@@ -320,7 +322,7 @@ def write_outputs(stage_dir: str, result: Any, inputs: Inputs, cfg: Any, task: A
 
 
 def write_row_scores(stage_dir: str, inputs: Inputs, task: Any, states: list, result: Any,
-                     rank: int = 0, world_size: int = 1) -> int:
+                     rank: int = 0, world_size: int = 1, progress: Sink = NULL) -> int:
     """The row pass: per-example influence of every pool row (``influence.score_rows``).
 
     Rank r scores pool files r, r + world, …, streaming each in batches of ``ROW_BATCH`` rows, and
@@ -349,6 +351,7 @@ def write_row_scores(stage_dir: str, inputs: Inputs, task: Any, states: list, re
                 columns.update({group_column(g): terms[:, 1 + i] for i, g in enumerate(inputs.group_names)})
                 parts.append(pa.table(columns))
                 scored += batch.num_rows
+                progress.add(batch.num_rows)
         if parts:
             storage.write_table(pa.concat_tables(parts), storage.join(stage_dir, ROW_SCORES_DIR, f"part-{index:05d}.parquet"))
     return scored
@@ -406,9 +409,11 @@ def _train_loop(config: dict) -> None:
         settings=cfg,
         comm=TorchComm(),
         device=ray.train.torch.get_device(),
+        progress=config["progress"]["samples"],
     )
     if cfg.score_rows:
-        write_row_scores(config["stage_dir"], inputs, task, config["states"], result, rank, world)
+        write_row_scores(config["stage_dir"], inputs, task, config["states"], result, rank, world,
+                         progress=config["progress"]["rows"])
     if rank == 0:
         write_outputs(config["stage_dir"], result, inputs, cfg, task, config["model"])
     # Without an explicit barrier + teardown, about one run in four aborted here (ENVIRONMENT.md).
@@ -416,7 +421,8 @@ def _train_loop(config: dict) -> None:
     dist.destroy_process_group()
 
 
-def _run_on_ray(ctx: StageContext, inputs: Inputs, task: Any, model: Any, states: list) -> None:
+def _run_on_ray(ctx: StageContext, inputs: Inputs, task: Any, model: Any, states: list,
+                progress: dict[str, Sink]) -> None:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -447,6 +453,7 @@ def _run_on_ray(ctx: StageContext, inputs: Inputs, task: Any, model: Any, states
             "states": states,
             "stage_dir": ctx.stage_dir,
             "storage": {"endpoint_url": settings.endpoint_url, "region": settings.region, "retries": settings.retries},
+            "progress": progress,
         },
         torch_config=TorchConfig(backend="nccl" if runtime.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -479,24 +486,28 @@ class InfluenceStage(Stage):
         task = get_task(cfg.task)
         inputs = load_inputs(ctx, task)
         model, states = build_proxy(inputs, task, cfg)
-        if ctx.config.runtime.runner == "local":
-            shard = make_shard(inputs, task, np.arange(len(inputs.plan.rows)), 0, 1)
-            result = compute_influence(
-                task,
-                model,
-                states,
-                shard,
-                group_names=inputs.group_names,
-                cluster_ids=inputs.plan.clusters,
-                cluster_sizes=inputs.plan.sizes,
-                settings=cfg,
-            )
-            if cfg.score_rows:
-                write_row_scores(ctx.stage_dir, inputs, task, states, result)
-            summary = write_outputs(ctx.stage_dir, result, inputs, cfg, task, model)
-        else:
-            _run_on_ray(ctx, inputs, task, model, states)
-            summary = storage.read_json(ctx.path(SUMMARY_FILE))
+        with contextlib.ExitStack() as bars:
+            samples = bars.enter_context(track("influence samples", len(inputs.plan.rows) * len(states), "gradients"))
+            rows = bars.enter_context(track("influence rows", int(inputs.plan.num_examples), "rows")) if cfg.score_rows else NULL
+            if ctx.config.runtime.runner == "local":
+                shard = make_shard(inputs, task, np.arange(len(inputs.plan.rows)), 0, 1)
+                result = compute_influence(
+                    task,
+                    model,
+                    states,
+                    shard,
+                    group_names=inputs.group_names,
+                    cluster_ids=inputs.plan.clusters,
+                    cluster_sizes=inputs.plan.sizes,
+                    settings=cfg,
+                    progress=samples,
+                )
+                if cfg.score_rows:
+                    write_row_scores(ctx.stage_dir, inputs, task, states, result, progress=rows)
+                summary = write_outputs(ctx.stage_dir, result, inputs, cfg, task, model)
+            else:
+                _run_on_ray(ctx, inputs, task, model, states, {"samples": samples.sink(), "rows": rows.sink()})
+                summary = storage.read_json(ctx.path(SUMMARY_FILE))
         counts = {
             "clusters": summary["clusters"],
             "pool": int(inputs.plan.num_examples),

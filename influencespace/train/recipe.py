@@ -285,13 +285,14 @@ def _loss(engine, image, text, session: Session):
     image_features, text_features, scale = engine(image, text)
     if session.world_size == 1:
         return clip_loss(image_features, text_features, scale)
-    import torch
-    from torch.distributed.nn.functional import all_gather
+    import torch.distributed as dist
+    from torch.distributed._functional_collectives import all_gather_single
 
     # Gathered with gradients: every pair is scored against the whole global batch (as CLIP does), and
     # the gradient that flows back to each worker's features includes the other workers' losses.
-    all_images = torch.cat(all_gather(image_features))
-    all_texts = torch.cat(all_gather(text_features))
+    # (torch's functional collective; torch.distributed.nn.functional.all_gather is deprecated.)
+    all_images = all_gather_single(image_features, 0, dist.group.WORLD)
+    all_texts = all_gather_single(text_features, 0, dist.group.WORLD)
     offset = session.rank * len(image_features)
     return clip_loss(image_features, text_features, scale, all_images, all_texts, offset)
 

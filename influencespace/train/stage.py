@@ -27,6 +27,7 @@ from influencespace import storage
 from influencespace.curate.stage import CURVE_OUTPUT_PREFIX, curve_variant
 from influencespace.errors import ConfigError, InfluenceSpaceError, InputDataError
 from influencespace.faults import fault_point
+from influencespace.progress import NULL, Sink, track
 from influencespace.stages import Stage, StageContext, StageResult
 from influencespace.train.recipe import (
     RUN_FILE,
@@ -122,10 +123,11 @@ class TrainStage(Stage):
         fit_seconds = 0.0
         if pending:
             t0 = time.perf_counter()
-            if runtime.runner == "local":
-                _run_local(pending, hp, pool_uri, runtime.use_gpu)
-            else:
-                _run_on_ray(ctx, pending, hp, pool_uri)
+            with track(f"train: {len(pending)} runs", len(pending) * cfg.epochs, "epochs") as bar:
+                if runtime.runner == "local":
+                    _run_local(pending, hp, pool_uri, runtime.use_gpu, bar)
+                else:
+                    _run_on_ray(ctx, pending, hp, pool_uri, bar.sink())
             fit_seconds = time.perf_counter() - t0
 
         outputs: dict[str, str] = {}
@@ -251,10 +253,11 @@ def upload_dir(local_dir: str, uri: str) -> None:
                 storage.write_bytes(storage.join(uri, relative), f.read())
 
 
-def _run_local(specs: list[RunSpec], hp: Hyperparameters, pool_uri: str, use_gpu: bool) -> list[dict]:
+def _run_local(specs: list[RunSpec], hp: Hyperparameters, pool_uri: str, use_gpu: bool, progress: Sink = NULL) -> list[dict]:
     with local_process_group(use_gpu) as device:
         def report(metrics: dict, checkpoint_dir: str, name: str) -> None:
             upload_dir(checkpoint_dir, storage.join(specs[0].checkpoint_root, name))
+            progress.add(1)
 
         return _run_all(specs, hp, pool_uri, Session(rank=0, world_size=1, device=device, report=report))
 
@@ -293,6 +296,8 @@ def _ray_worker(config: dict) -> list[dict]:
         # same checkpoint directory, rank 0 also the plain weights.
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
                          checkpoint_dir_name=name)
+        if session.rank == 0:  # one count per epoch of the group
+            config["progress"].add(1)
 
     session = Session(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                       device=ray.train.torch.get_device(), report=report)
@@ -303,7 +308,8 @@ def _ray_worker(config: dict) -> list[dict]:
     return records
 
 
-def _run_on_ray(ctx: StageContext, specs: list[RunSpec], hp: Hyperparameters, pool_uri: str) -> list[dict]:
+def _run_on_ray(ctx: StageContext, specs: list[RunSpec], hp: Hyperparameters, pool_uri: str,
+                progress: Sink = NULL) -> list[dict]:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -341,6 +347,7 @@ def _run_on_ray(ctx: StageContext, specs: list[RunSpec], hp: Hyperparameters, po
             "hp": hp,
             "pool_uri": pool_uri,
             "storage": {"endpoint_url": settings.endpoint_url, "region": settings.region, "retries": settings.retries},
+            "progress": progress,
         },
         torch_config=TorchConfig(backend="nccl" if runtime.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=runtime.use_gpu,
