@@ -30,10 +30,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from influencespace import progress, storage
+from influencespace.layout import LOGS_DIR
 
 log = logging.getLogger(__name__)
 
-LOGS_DIR = "logs"
 BETWEEN_STAGES = "pipeline"
 PLAIN_INTERVAL_S = 30.0  # a non-interactive run prints one progress line per bar at most this often
 _SWITCH = b"\x00influencespace-log-switch\x00"

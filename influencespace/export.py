@@ -39,6 +39,7 @@ import numpy as np
 from influencespace import storage
 from influencespace.datasets.webdataset import IMAGE_EXTENSIONS, sample_key
 from influencespace.errors import InfluenceSpaceError, InputDataError
+from influencespace.layout import CURATED, manifest_dir
 from influencespace.progress import NULL, Sink, track
 
 FORMATS = ("uids", "webdataset", "parquet")
@@ -59,14 +60,14 @@ def repeats(weights: np.ndarray) -> np.ndarray:
     return np.maximum(1, np.rint(np.asarray(weights, dtype=np.float64))).astype(np.int64)
 
 
-def read_kept(run_dir: str, policy: str = "influencespace") -> Any:
+def read_kept(run_dir: str, policy: str = CURATED) -> Any:
     """Kept rows (``id``, ``weight``) of a finished curate stage, as a pyarrow table."""
     import pyarrow.compute as pc
 
     curate_dir = storage.join(run_dir, "curate")
     if not storage.exists(storage.join(curate_dir, "_SUCCESS.json")):
         raise InfluenceSpaceError(f"{run_dir} has no finished curate stage: run the pipeline up to 'curate' first")
-    directory = storage.join(curate_dir, "manifest") if policy == "influencespace" else storage.join(curate_dir, "policies", policy)
+    directory = storage.join(curate_dir, manifest_dir(policy))
     if not storage.exists(directory):
         raise InfluenceSpaceError(f"{run_dir} has no manifest for policy '{policy}'")
     table = storage.read_table(directory, columns=["id", "keep", "weight"])
@@ -185,7 +186,7 @@ def _to_webdataset_rows(weights_mode: str):
     return convert
 
 
-def export_run(run_dir: str, fmt: str, out_uri: str, policy: str = "influencespace", weights_mode: str = "field",
+def export_run(run_dir: str, fmt: str, out_uri: str, policy: str = CURATED, weights_mode: str = "field",
                rows_per_file: int = 10_000, pairs_uri: str | None = None) -> dict[str, int]:
     """Write the kept subset of ``run_dir`` to ``out_uri`` in ``fmt``; return counts.
 

@@ -106,3 +106,69 @@ def ray_session() -> Iterator[None]:
     finally:
         if not already_up and _ray_is_up():
             sys.modules["ray"].shutdown()
+
+
+# --------------------------------------------------------------------------------------------------
+# Ray Train worker groups (influence and train share this one way to start them)
+
+
+def domain_error(exc: BaseException) -> InfluenceSpaceError | None:
+    """The :class:`InfluenceSpaceError` a remote worker raised, found inside Ray's wrappers by class.
+
+    Ray Train reports a worker's exception inside ``WorkerGroupError.worker_failures`` (and Ray core
+    inside ``RayTaskError.cause``); a user error (bad input, bad config) is re-raised as itself, so the
+    command line shows its one message instead of a remote traceback.
+    """
+    stack, seen = [exc], set()
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, InfluenceSpaceError):
+            return current
+        stack += [getattr(current, "cause", None), getattr(current, "controller_failure", None),
+                  current.__cause__, current.__context__]
+        stack += list((getattr(current, "worker_failures", None) or {}).values())
+    return None
+
+
+def _worker_entry(config: dict[str, Any]) -> Any:
+    """What each Ray Train worker runs: the storage settings of the driver, then the stage's loop."""
+    from influencespace import storage
+
+    storage.use(config["storage"])
+    return config["loop"](config)
+
+
+def run_torch_workers(loop: Any, config: dict[str, Any], *, runtime: Any, num_workers: int, run_config: Any) -> Any:
+    """Run ``loop(config)`` on ``num_workers`` Ray Train workers with torch's process group set up.
+
+    gloo on CPU, NCCL with one GPU per worker when ``runtime.use_gpu``; each worker reserves one CPU
+    and, on clusters that mark GPU nodes, a sliver of the marker. ``config`` travels to every worker
+    (keep it small: URIs and k-row tables, never per-row data) together with the driver's storage
+    settings. Returns Ray Train's ``Result``; a user error raised by a worker is re-raised as itself.
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from influencespace import storage
+
+    ensure_ray(runtime)
+    node = placement(runtime, "gpu")
+    resources = {"CPU": 1.0, **({"GPU": 1.0} if runtime.use_gpu else {}), **node.get("resources", {})}
+    trainer = TorchTrainer(
+        _worker_entry,
+        train_loop_config={**config, "loop": loop, "storage": storage.current_settings()},
+        torch_config=TorchConfig(backend="nccl" if runtime.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=runtime.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=run_config,
+    )
+    try:
+        return trainer.fit()
+    except Exception as exc:
+        found = domain_error(exc)
+        if found is not None:
+            raise found from None
+        raise

@@ -50,6 +50,11 @@ def configure(endpoint_url: str | None = None, region: str | None = None, retrie
     _s3_fsspec.cache_clear()
 
 
+def use(settings: S3Settings) -> None:
+    """Adopt settings made by :func:`current_settings` in another process (how Ray workers get them)."""
+    configure(settings.endpoint_url, settings.region, settings.retries)
+
+
 def configure_from(storage_config: Any) -> None:
     configure(storage_config.s3_endpoint_url, storage_config.s3_region, storage_config.retries)
 

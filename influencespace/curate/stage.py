@@ -17,7 +17,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from influencespace import storage
+from influencespace import layout, storage
 from influencespace.curate import policy
 from influencespace.errors import InputDataError, StageStateError
 from influencespace.stages import Stage, StageContext, StageResult
@@ -25,32 +25,6 @@ from influencespace.stages import Stage, StageContext, StageResult
 log = logging.getLogger(__name__)
 
 ROWS_PER_SHARD = 1_000_000
-
-
-# The reduction-vs-accuracy curve's names, written and read here only: curate writes output
-# ``curve_keep-0.40_<policy>`` into ``curve/keep-0.40/<policy>/``; train trains it as variant
-# ``curve-keep-0.40-<policy>``; evaluate reads the budget and policy back from the variant.
-CURVE_OUTPUT_PREFIX = "curve_"
-CURVE_VARIANT_PREFIX = "curve-"
-
-
-def curve_label(keep_fraction: float) -> str:
-    """Directory label of one curve budget: ``keep-0.40``."""
-    return f"keep-{keep_fraction:.2f}"
-
-
-def curve_variant(output_key: str) -> str:
-    """Train variant of a curve output key: ``curve_keep-0.40_random`` → ``curve-keep-0.40-random``."""
-    label, policy_name = output_key.removeprefix(CURVE_OUTPUT_PREFIX).split("_", 1)
-    return f"{CURVE_VARIANT_PREFIX}{label}-{policy_name}"
-
-
-def parse_curve_variant(variant: str) -> tuple[float, str] | None:
-    """(keep fraction, policy) of a curve variant; None for any other variant."""
-    if not variant.startswith(CURVE_VARIANT_PREFIX):
-        return None
-    label, policy_name = variant.removeprefix(CURVE_VARIANT_PREFIX).rsplit("-", 1)
-    return float(label.removeprefix("keep-")), policy_name
 
 
 def _read(uri: str, columns: list[str]) -> pd.DataFrame:
@@ -152,7 +126,7 @@ class CurateStage(Stage):
                 duplicate_scores=signals.get("duplicate_scores") if cfg.row_order != "random" else None,
                 mismatch=mismatch,
             )
-            return {"influencespace": manifest, **self._comparisons(cfg, keep_fraction, assignments, signals)}, decisions
+            return {layout.CURATED: manifest, **self._comparisons(cfg, keep_fraction, assignments, signals)}, decisions
 
         def write_all(frames: dict[str, pd.DataFrame], directory_of) -> dict[str, dict]:
             written = {}
@@ -164,20 +138,20 @@ class CurateStage(Stage):
 
         manifests, decisions = curate_at(cfg.keep_fraction)
         summary: dict = {"worst_group": worst_group, "budget_rows": policy.budget_rows(len(assignments), cfg.keep_fraction)}
-        summary.update(write_all(manifests, lambda n: ctx.path("manifest") if n == "influencespace" else ctx.path("policies", n)))
-        outputs = {"manifest": "manifest", "decisions": "cluster_decisions.parquet", "summary": "summary.json"}
-        outputs.update({f"policy_{n}": f"policies/{n}" for n in manifests if n != "influencespace"})
+        summary.update(write_all(manifests, lambda n: ctx.path(layout.manifest_dir(n))))
+        outputs = {layout.policy_output(n): layout.manifest_dir(n) for n in manifests}
+        outputs.update({"decisions": "cluster_decisions.parquet", "summary": "summary.json"})
         # The reduction-vs-accuracy curve: the same policies at further budgets (outputs curve_<fraction>_<policy>).
         summary["curve"] = {}
         curve_fractions = [f for f in cfg.curve_keep_fractions if f != cfg.keep_fraction]
         for fraction in curve_fractions:
-            label = curve_label(fraction)
+            label = layout.curve_label(fraction)
             frames, _ = curate_at(fraction)
-            summary["curve"][label] = write_all(frames, lambda n, label=label: ctx.path("curve", label, n))
-            outputs.update({f"{CURVE_OUTPUT_PREFIX}{label}_{n}": f"curve/{label}/{n}" for n in frames})
+            summary["curve"][label] = write_all(frames, lambda n, label=label: ctx.path(layout.curve_dir(label, n)))
+            outputs.update({layout.curve_output(label, n): layout.curve_dir(label, n) for n in frames})
         storage.write_table(pa.Table.from_pandas(decisions, preserve_index=False), ctx.path("cluster_decisions.parquet"))
         storage.write_json(ctx.path("summary.json"), summary)
-        ours = summary["influencespace"]
+        ours = summary[layout.CURATED]
         return StageResult(
             counts={"rows": ours["rows"], "kept": ours["kept"], "removed": ours["removed"],
                     "rejected": int(len(rejected)), "harmful_clusters": int((decisions["dropped_reason"] == policy.HARMFUL).sum())},

@@ -145,7 +145,7 @@ class EmbedActor:
         import torch
 
         if s3 is not None:  # the encoder checkpoint may live on S3 (see _by_reference)
-            storage.configure(s3.endpoint_url, s3.region, s3.retries)
+            storage.use(s3)
         if threads:
             # Ray sets OMP_NUM_THREADS to the (fractional) CPU reservation; use the threads asked for.
             torch.set_num_threads(threads)
@@ -162,7 +162,7 @@ class EmbedActor:
 def _write_task(stage_dir: str, shard_json: str, ranges: list[tuple[int, int]], s3: Any, *blocks: Any) -> tuple[int, int]:
     from ray.data.block import BlockAccessor
 
-    storage.configure(s3.endpoint_url, s3.region, s3.retries)
+    storage.use(s3)
     shard = pairs.Shard.from_json(shard_json)
     fault_point("embed.write", f"{shard.split}-{shard.index}")  # tests: the driver killed while shards are written
     parts = []

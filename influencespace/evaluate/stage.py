@@ -13,13 +13,12 @@ import logging
 import numpy as np
 
 from influencespace import storage
-from influencespace.curate.stage import parse_curve_variant
 from influencespace.errors import StageStateError
 from influencespace.evaluate.curation import curation_quality
 from influencespace.evaluate.summary import summarize
 from influencespace.evaluate.zero_shot import read_test, score_features, score_model
+from influencespace.layout import BASELINE, CURATED, parse_curve_variant, variant_manifests
 from influencespace.stages import Stage, StageContext, StageResult
-from influencespace.train.stage import BASELINE, variant_manifests
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ class EvaluateStage(Stage):
             summary["policies"][variant]["steps"] = train.get("extra", {}).get("steps", {}).get(variant)
         summary["budget_curve"] = budget_curve(summary["policies"], ctx.config.curate.keep_fraction)
         storage.write_json(ctx.path(SUMMARY_FILE), summary)
-        ours = summary["policies"].get("influencespace", summary["policies"][BASELINE])
+        ours = summary["policies"].get(CURATED, summary["policies"][BASELINE])
         return StageResult(
             counts={"variants": len(variants), "seeds": len(cfg.seeds), "test": len(test.ids)},
             outputs={"summary": SUMMARY_FILE},

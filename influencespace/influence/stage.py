@@ -392,7 +392,6 @@ def _train_loop(config: dict) -> None:
     from influencespace.influence.engine import TorchComm, compute_influence
     from influencespace.influence.sampling import shard_clusters
 
-    storage.configure(**config["storage"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     inputs, task, cfg = config["inputs"], config["task"], config["settings"]
@@ -424,13 +423,10 @@ def _train_loop(config: dict) -> None:
 def _run_on_ray(ctx: StageContext, inputs: Inputs, task: Any, model: Any, states: list,
                 progress: dict[str, Sink]) -> None:
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from influencespace.runtime import ensure_ray, placement
+    from influencespace.runtime import run_torch_workers
 
     cfg, runtime = ctx.config.influence, ctx.config.runtime
-    ensure_ray(runtime)
-    settings = storage.current_settings()
     # A worker lost with its node restarts the whole group (the loop is deterministic; rank 0 writes last).
     failures = ray.train.FailureConfig(max_failures=runtime.worker_restarts)
     name = f"influence-{ctx.config.name}"
@@ -441,33 +437,9 @@ def _run_on_ray(ctx: StageContext, inputs: Inputs, task: Any, model: Any, states
         run_config = ray.train.RunConfig(
             name=name, storage_path=tempfile.mkdtemp(prefix="influence-train-"), failure_config=failures
         )
-    node = placement(runtime, "gpu")  # the GPU-node marker on clusters that define one
-    resources = {"CPU": 1.0, **({"GPU": 1.0} if runtime.use_gpu else {}), **node.get("resources", {})}
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config={
-            "inputs": inputs,
-            "task": task,
-            "settings": cfg,
-            "model": model,
-            "states": states,
-            "stage_dir": ctx.stage_dir,
-            "storage": {"endpoint_url": settings.endpoint_url, "region": settings.region, "retries": settings.retries},
-            "progress": progress,
-        },
-        torch_config=TorchConfig(backend="nccl" if runtime.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=runtime.use_gpu, resources_per_worker=resources
-        ),
-        run_config=run_config,
-    )
-    try:
-        trainer.fit()
-    except Exception as exc:  # Ray wraps worker errors; keep the worker's message for the user
-        text = str(exc)
-        if "InfluenceError" in text or "InputDataError" in text:
-            raise InfluenceError(f"influence workers stopped: {text[-2000:]}") from None
-        raise
+    config = {"inputs": inputs, "task": task, "settings": cfg, "model": model, "states": states,
+              "stage_dir": ctx.stage_dir, "progress": progress}
+    run_torch_workers(_train_loop, config, runtime=runtime, num_workers=cfg.num_workers, run_config=run_config)
 
 
 # --------------------------------------------------------------------------------------------------

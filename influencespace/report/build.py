@@ -18,11 +18,10 @@ import numpy as np
 
 from influencespace import storage
 from influencespace.errors import StageStateError
+from influencespace.layout import BASELINE, CURATED
 
 log = logging.getLogger(__name__)
 
-CURATED = "influencespace"
-BASELINE = "baseline"
 FIGURES = "figures"
 
 

@@ -24,9 +24,9 @@ from dataclasses import replace
 from typing import Any
 
 from influencespace import storage
-from influencespace.curate.stage import CURVE_OUTPUT_PREFIX, curve_variant
 from influencespace.errors import ConfigError, InfluenceSpaceError, InputDataError
 from influencespace.faults import fault_point
+from influencespace.layout import BASELINE, variant_manifests
 from influencespace.progress import NULL, Sink, track
 from influencespace.stages import Stage, StageContext, StageResult
 from influencespace.train.recipe import (
@@ -41,25 +41,8 @@ from influencespace.train.recipe import (
 
 log = logging.getLogger(__name__)
 
-BASELINE = "baseline"
-CURATED = "influencespace"
 RAY_DIR = "_ray"
 LOCAL_CHECKPOINTS = "_checkpoints"
-
-
-def variant_manifests(curate_manifest: dict) -> dict[str, str | None]:
-    """Variant name → manifest output key of the curate stage (None for the baseline), in report order."""
-    outputs = curate_manifest.get("outputs", {})
-    variants: dict[str, str | None] = {BASELINE: None}
-    if "manifest" in outputs:
-        variants[CURATED] = "manifest"
-    for key in sorted(outputs):
-        if key.startswith("policy_"):
-            variants[key.removeprefix("policy_")] = key
-    for key in sorted(outputs):  # the reduction-vs-accuracy curve
-        if key.startswith(CURVE_OUTPUT_PREFIX):
-            variants[curve_variant(key)] = key
-    return variants
 
 
 def _kept_rows(manifest_uri: str) -> int:
@@ -268,7 +251,6 @@ def _ray_worker(config: dict) -> list[dict]:
     import ray.train.torch
     import torch.distributed as dist
 
-    storage.configure(**config["storage"])
     ctx = ray.train.get_context()
     # After a worker failure Ray Train starts the whole group again: runs finished by the lost group are
     # skipped, and the interrupted one goes on from its latest registered checkpoint.
@@ -311,9 +293,8 @@ def _ray_worker(config: dict) -> list[dict]:
 def _run_on_ray(ctx: StageContext, specs: list[RunSpec], hp: Hyperparameters, pool_uri: str,
                 progress: Sink = NULL) -> list[dict]:
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from influencespace.runtime import NODE_RESOURCE_SHARE, ensure_ray
+    from influencespace.runtime import ensure_ray, run_torch_workers
 
     cfg, runtime = ctx.config.train, ctx.config.runtime
     ensure_ray(runtime)
@@ -334,32 +315,7 @@ def _run_on_ray(ctx: StageContext, specs: list[RunSpec], hp: Hyperparameters, po
             log.info("train: %s goes on from %s", spec.name, spec.restore_uri)
     specs = [replace(s, checkpoint_root=storage.join(ray_root, name)) for s in specs]
 
-    resources: dict[str, float] = {"CPU": 1.0}
-    if runtime.use_gpu:
-        resources["GPU"] = 1.0
-    if runtime.gpu_node_resource:
-        resources[runtime.gpu_node_resource] = NODE_RESOURCE_SHARE
-    settings = storage.current_settings()
-    trainer = TorchTrainer(
-        _ray_worker,
-        train_loop_config={
-            "specs": specs,
-            "hp": hp,
-            "pool_uri": pool_uri,
-            "storage": {"endpoint_url": settings.endpoint_url, "region": settings.region, "retries": settings.retries},
-            "progress": progress,
-        },
-        torch_config=TorchConfig(backend="nccl" if runtime.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=runtime.use_gpu,
-                                               resources_per_worker=resources),
-        run_config=run_config,
-    )
-    try:
-        result = trainer.fit()
-    except Exception as exc:  # Ray wraps worker errors; keep the worker's message for the user
-        text = str(exc)
-        for kind in (InputDataError, ConfigError):
-            if kind.__name__ in text:
-                raise kind(f"training workers stopped: {text[-2000:]}") from None
-        raise
+    config = {"specs": specs, "hp": hp, "pool_uri": pool_uri, "progress": progress}
+    result = run_torch_workers(_ray_worker, config, runtime=runtime, num_workers=cfg.num_workers,
+                               run_config=run_config)
     return list(result.return_value or [])

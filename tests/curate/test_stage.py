@@ -108,7 +108,7 @@ def test_without_near_duplicate_step_the_embeddings_are_never_read(make_config, 
 
 
 def test_curve_budgets_curate_every_policy_again(make_config, tmp_path):
-    from influencespace.train.stage import variant_manifests
+    from influencespace.layout import variant_manifests
 
     config = make_config("curate.keep_fraction=0.5", "curate.curve_keep_fractions=[0.25,0.5,0.75]")
     outcome = run_stage(config, CurateStage(), upstream=_upstream(tmp_path))

@@ -54,7 +54,7 @@ def test_sample_id_prefers_the_configured_column_then_id_then_uid_then_key():
 
 
 @pytest.mark.ray
-def test_export_takes_sample_bytes_from_the_original_pairs(embeddings_run, tmp_path, ray_cluster, capsys):
+def test_export_takes_sample_bytes_from_the_original_pairs(embeddings_run, tmp_path, ray_cluster, capfd):
     run_dir, shards, originals, expected = embeddings_run
     with pytest.raises(InputDataError, match="--pairs"):
         export_run(run_dir, "webdataset", str(tmp_path / "nope"))
@@ -62,7 +62,8 @@ def test_export_takes_sample_bytes_from_the_original_pairs(embeddings_run, tmp_p
     # WebDataset pairs: the DataComp shard directory itself (its .parquet and .npz files are skipped).
     out = tmp_path / "wds"
     assert main(["export", run_dir, "--format", "webdataset", "--out", str(out), "--pairs", shards]) == 0
-    assert "{00000000..00000000}.tar" in capsys.readouterr().out
+    # The console writes to the terminal's file descriptor (fd 1 as it was), not to sys.stdout.
+    assert "{00000000..00000000}.tar" in capfd.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["00000000.tar"]  # DataComp-style shard names
     samples = list(webdataset.iter_samples(str(out)))
     assert {s["id"]: s["weight"] for s in samples} == pytest.approx(expected)

@@ -1,0 +1,85 @@
+"""The run directory's names, in one place: stage adapters, export and the report all read them here.
+
+Stages hand over through files, so the names of those files are a contract. Keeping them here (as
+kronfluence keeps its ``utils/constants.py``) means no stage adapter imports another to learn them::
+
+    <run_dir>/<stage>/_STARTED.json, _SUCCESS.json        the stage contract (influencespace.stages)
+    <run_dir>/logs/<stage>.log                             everything a stage printed (influencespace.console)
+    <run_dir>/curate/manifest/                             the InfluenceSpace manifest
+    <run_dir>/curate/policies/<policy>/                    a comparison policy's manifest
+    <run_dir>/curate/curve/keep-0.40/<policy>/             a policy at another budget (the curve)
+    <run_dir>/train/<variant>/metrics.json                 what training a variant gave
+
+Variants (what train trains and evaluate compares): ``baseline`` (the whole pool),
+``influencespace`` (curate's manifest), one per comparison policy (``random``, ``dedup``, …), and
+``curve-keep-0.40-<policy>`` for each policy at each further budget of the reduction curve.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+BASELINE = "baseline"
+CURATED = "influencespace"
+
+LOGS_DIR = "logs"
+MANIFEST_DIR = "manifest"
+POLICIES_DIR = "policies"
+CURVE_DIR = "curve"
+
+# Output keys of the curate stage's _SUCCESS.json: "manifest", "policy_<p>", "curve_<label>_<p>".
+MANIFEST_OUTPUT = "manifest"
+POLICY_OUTPUT_PREFIX = "policy_"
+CURVE_OUTPUT_PREFIX = "curve_"
+CURVE_VARIANT_PREFIX = "curve-"
+
+
+def manifest_dir(policy: str) -> str:
+    """Where, inside the curate stage's directory, ``policy``'s manifest is."""
+    return MANIFEST_DIR if policy == CURATED else f"{POLICIES_DIR}/{policy}"
+
+
+def policy_output(policy: str) -> str:
+    return MANIFEST_OUTPUT if policy == CURATED else f"{POLICY_OUTPUT_PREFIX}{policy}"
+
+
+def curve_label(keep_fraction: float) -> str:
+    """Directory label of one curve budget: ``keep-0.40``."""
+    return f"keep-{keep_fraction:.2f}"
+
+
+def curve_dir(label: str, policy: str) -> str:
+    return f"{CURVE_DIR}/{label}/{policy}"
+
+
+def curve_output(label: str, policy: str) -> str:
+    return f"{CURVE_OUTPUT_PREFIX}{label}_{policy}"
+
+
+def curve_variant(output_key: str) -> str:
+    """Train variant of a curve output key: ``curve_keep-0.40_random`` → ``curve-keep-0.40-random``."""
+    label, policy_name = output_key.removeprefix(CURVE_OUTPUT_PREFIX).split("_", 1)
+    return f"{CURVE_VARIANT_PREFIX}{label}-{policy_name}"
+
+
+def parse_curve_variant(variant: str) -> tuple[float, str] | None:
+    """(keep fraction, policy) of a curve variant; None for any other variant."""
+    if not variant.startswith(CURVE_VARIANT_PREFIX):
+        return None
+    label, policy_name = variant.removeprefix(CURVE_VARIANT_PREFIX).rsplit("-", 1)
+    return float(label.removeprefix("keep-")), policy_name
+
+
+def variant_manifests(curate_manifest: dict[str, Any]) -> dict[str, str | None]:
+    """Variant name → manifest output key of the curate stage (None for the baseline), in report order."""
+    outputs = curate_manifest.get("outputs", {})
+    variants: dict[str, str | None] = {BASELINE: None}
+    if MANIFEST_OUTPUT in outputs:
+        variants[CURATED] = MANIFEST_OUTPUT
+    for key in sorted(outputs):
+        if key.startswith(POLICY_OUTPUT_PREFIX):
+            variants[key.removeprefix(POLICY_OUTPUT_PREFIX)] = key
+    for key in sorted(outputs):  # the reduction-vs-accuracy curve
+        if key.startswith(CURVE_OUTPUT_PREFIX):
+            variants[curve_variant(key)] = key
+    return variants
