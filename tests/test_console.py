@@ -217,3 +217,20 @@ def test_a_person_at_a_terminal_sees_bars_and_one_summary_line_per_stage(tmp_pat
     assert {f"{stage}.log" for stage in PIPELINE} <= {p.name for p in logs.iterdir()}
     assert "Started a local Ray instance" in (logs / "embed.log").read_text()
     assert "RayTrainWorker" in (logs / "train.log").read_text()
+
+
+def test_every_command_an_error_message_suggests_parses():
+    from influencespace.stages import stage_command
+
+    suggested = [stage_command(stage) for stage in PIPELINE]
+    for module in ("influencespace/report/build.py", "influencespace/embed/offline_default.py"):
+        source = (REPO / module).read_text()
+        suggested += re.findall(r"[`(](influencespace (?:evaluate|embedder|run)[^`)]*)[`)]", source)
+    assert len(suggested) >= len(PIPELINE) + 2, suggested
+    parser = build_parser()
+    for command in suggested:
+        argv = shlex.split(command.replace("CONFIG", "test"))[1:]
+        try:
+            parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"an error message suggests `{command}`, which does not parse")
