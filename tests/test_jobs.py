@@ -36,4 +36,7 @@ def test_job_outside_a_cluster_fails_with_a_clear_message(tmp_path):
          "--set", f"data.uri={tmp_path}/absent"],
         capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1],
     )
-    assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    # The failing stage and its log, then the one message; the traceback stays in the log.
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("[data] failed (full output and traceback: ") and lines[-1].startswith("error: "), lines
