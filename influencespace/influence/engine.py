@@ -161,8 +161,7 @@ def compute_influence(
 
     for j, state in enumerate(states):
         set_state(model, state)
-        train = sketcher.train_sketches(feats, weights) if n_rows else None
-        progress.add(n_rows)
+        train = sketcher.train_sketches(feats, weights, progress) if n_rows else None
         finite = train.finite.cpu().numpy() if train else np.zeros(0, dtype=bool)
         finite_all &= finite
         vphi, vok = sketcher.measurement_sketches(vfeats) if len(shard.val_group) else (torch.zeros(0, k), torch.ones(0, dtype=torch.bool))

@@ -31,6 +31,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 from influencespace.influence.errors import InfluenceError
 from influencespace.influence.projector import RandomProjector
 from influencespace.influence.tasks import Task
+from influencespace.progress import NULL, Sink
 
 FISHERS = ("ggn", "empirical")
 
@@ -105,8 +106,12 @@ class GradientSketcher:
 
     # -- training examples --------------------------------------------------------------------------
 
-    def train_sketches(self, features: dict[str, torch.Tensor], weights: torch.Tensor) -> TrainSketches:
-        """φ_i for every example and ``Σ_i w_i P G_i Pᵀ`` (float64), skipping non-finite examples."""
+    def train_sketches(self, features: dict[str, torch.Tensor], weights: torch.Tensor,
+                       progress: Sink = NULL) -> TrainSketches:
+        """φ_i for every example and ``Σ_i w_i P G_i Pᵀ`` (float64), skipping non-finite examples.
+
+        ``progress`` counts the examples sketched, chunk by chunk.
+        """
         n = next(iter(features.values())).shape[0]
         k = self.projector.dim
         phi = torch.zeros(n, k, dtype=self.dtype, device=self.device)
@@ -131,6 +136,7 @@ class GradientSketcher:
                 curvature += (p64 * w[:, None]).T @ p64
             else:
                 curvature += curv_factors(w)
+            progress.add(stop - start)
         return TrainSketches(phi, curvature, finite)
 
     def _gradient_chunk(self, tracked, chunk, loss):
