@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -14,6 +15,15 @@ BUCKET = "influencespace-test"
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# DeepSpeed JIT-builds its shared-memory op (~/.cache/torch_extensions) with whichever `ninja` is first on
+# PATH. The venv's ninja (1.13, a DeepSpeed dependency) and Debian's (1.11) hash the build commands
+# differently, so each one takes the other's build for stale and rebuilds it (70-115 s on 2 busy cores,
+# inside every Ray Train worker start): seen as the train stage overrunning test limits whenever
+# processes with and without .venv/bin on PATH shared the machine. Every process the tests start (CLI
+# subprocesses, Ray workers) inherits this PATH, so they all use the venv's ninja.
+_BIN = os.path.dirname(sys.executable)
+if os.path.exists(os.path.join(_BIN, "ninja")) and os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = os.pathsep.join([_BIN, os.environ.get("PATH", "")])
 
 
 @pytest.fixture(scope="session")
