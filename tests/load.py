@@ -30,6 +30,11 @@ def spin(deadline: float, parent: int) -> None:
             return
 
 
+def _status(returncode: int) -> int:
+    """The exit status a shell would report: 128 + N for a command killed by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.load", description=__doc__.split("\n\n")[0])
     parser.add_argument("--busy", type=int, default=1, help="number of busy processes (default 1)")
@@ -59,15 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     child = None
     try:
         child = subprocess.Popen(command)
-        return child.wait()
+        return _status(child.wait())
     except KeyboardInterrupt:
         # The child got the same Ctrl-C (same process group); give it time to finish its own cleanup.
         if child is not None:
             try:
-                return child.wait(timeout=60)
+                return _status(child.wait(timeout=60))
             except subprocess.TimeoutExpired:
                 child.kill()
-                return child.wait()
+                return _status(child.wait())
         return 130
     finally:
         if child is not None and child.poll() is None:
