@@ -58,22 +58,17 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
         flush=True,
     )
-    # SIGTERM to the runner becomes a normal exit so the finally block below runs.
+    # SIGTERM to the runner becomes a normal exit so the finally block below runs. Ctrl-C reaches the
+    # command too (same process group): the runner lets the command handle it and cleans up when it
+    # has exited (a Python-level handler, so the command itself starts with the default one).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, lambda *_: None)
     started = time.monotonic()
     child = None
     try:
         child = subprocess.Popen(command)
         return _status(child.wait())
-    except KeyboardInterrupt:
-        # The child got the same Ctrl-C (same process group); give it time to finish its own cleanup.
-        if child is not None:
-            try:
-                return _status(child.wait(timeout=60))
-            except subprocess.TimeoutExpired:
-                child.kill()
-                return _status(child.wait())
-        return 130
     finally:
         if child is not None and child.poll() is None:
             child.terminate()
