@@ -1,6 +1,7 @@
 # InfluenceSpace — set up, run the demo, run the tests. Every target is idempotent.
 #   make demo   set up (system packages, .venv) and run the pipeline on the built-in benchmark
 #   make test   set up and run the test suite (what .ci/run runs)
+#   make test-load BUSY=1 PYTEST_ARGS='-m "faults or slow"'   the same with BUSY cores kept busy (docs/testing.md)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -11,8 +12,10 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 SYSTEM_FILES := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz /usr/share/wordnet/index.noun
 SYSTEM_PACKAGES := dataset-fashion-mnist wordnet-base
 PYTEST_ARGS ?=
+BUSY ?= 1
+LOAD_MAX_SECONDS ?= 3600
 
-.PHONY: setup system-deps demo test test-slow lint clean
+.PHONY: setup system-deps demo test test-slow test-load lint clean
 setup: system-deps $(VENV)/.installed
 
 system-deps:
@@ -52,6 +55,10 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+# The suite while BUSY processes spin on the CPUs (tests/load.py), to catch tests that assume an idle machine.
+test-load: setup
+	$(BIN)/python -m tests.load --busy $(BUSY) --max-seconds $(LOAD_MAX_SECONDS) -- $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

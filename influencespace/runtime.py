@@ -19,6 +19,7 @@ from influencespace.errors import InfluenceSpaceError
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
+LOCAL_START_ATTEMPTS = 3
 
 
 def ensure_ray(runtime: Any, include_dashboard: bool = False) -> None:
@@ -30,6 +31,7 @@ def ensure_ray(runtime: Any, include_dashboard: bool = False) -> None:
     # Keep Ray on loopback for local clusters, and quiet about usage stats (no network here).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    prefer_venv_ninja()
     kwargs: dict[str, Any] = {"log_to_driver": True, "ignore_reinit_error": True}
     if runtime.ray_address:
         log.info("joining Ray cluster at %s", runtime.ray_address)
@@ -44,13 +46,38 @@ def ensure_ray(runtime: Any, include_dashboard: bool = False) -> None:
     log.info("starting a local Ray on %s (num_cpus=%s)", LOOPBACK, runtime.num_cpus or "all")
     # address="local" always starts a fresh instance: a bare ray.init() would silently join whatever
     # cluster `ray start` last left on this machine.
-    ray.init(
-        address="local",
-        num_cpus=runtime.num_cpus,
-        include_dashboard=include_dashboard,
-        _node_ip_address=LOOPBACK,
-        **kwargs,
-    )
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        try:
+            ray.init(
+                address="local",
+                num_cpus=runtime.num_cpus,
+                include_dashboard=include_dashboard,
+                _node_ip_address=LOOPBACK,
+                **kwargs,
+            )
+            return
+        except Exception as exc:
+            # Ray waits a fixed 30 s for its raylet to register (ray/_private/node.py, not configurable);
+            # a machine busy with other work can take longer. Ray raises a bare Exception for it, so the
+            # message is all there is to recognise it by.
+            if "timed out during startup" not in str(exc) or attempt == LOCAL_START_ATTEMPTS:
+                raise
+            log.warning("local Ray did not start in time (attempt %d of %d); starting it again",
+                        attempt, LOCAL_START_ATTEMPTS)
+            ray.shutdown()
+
+
+def prefer_venv_ninja() -> None:
+    """Put the interpreter's own ``bin`` first on PATH when it holds ``ninja`` (Ray workers inherit it).
+
+    DeepSpeed JIT-builds its ops with the first ``ninja`` on PATH. The venv's ninja (a DeepSpeed
+    dependency) and a system one each take the other's build for stale, so mixing them rebuilds the
+    op in every Ray Train worker start (1–2 min each on a busy machine; seen in the test suite).
+    """
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.path.exists(os.path.join(bin_dir, "ninja")) and path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir
 
 
 def configure_data_context() -> None:

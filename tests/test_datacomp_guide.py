@@ -48,6 +48,9 @@ def test_the_datacomp_guide_runs_as_written(tmp_path, offline_checkpoint):
     cache.mkdir()
     shutil.copy(offline_checkpoint, cache / DEFAULT_FILE)
     env = {**os.environ, "INFLUENCESPACE_CACHE": str(cache), "RAY_USAGE_STATS_ENABLED": "0"}
+    assert (ROOT / ".venv" / "bin" / "influencespace").exists(), (
+        f"docs/datacomp.md runs .venv/bin/influencespace from {ROOT}; create the checkout's venv first (make setup)"
+    )
     result = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", guide_script(directories)], cwd=ROOT, env=env,
         capture_output=True, text=True, timeout=1700,

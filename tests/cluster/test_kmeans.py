@@ -30,43 +30,66 @@ def faiss_objective(x: np.ndarray, k: int, iters: int, spherical: bool) -> float
     return data.assign_to(km.centroids).objective
 
 
+@pytest.fixture
+def faiss_threads():
+    """Set faiss's OpenMP thread count for one test and restore it after (it is process-wide state:
+    ``FlatSearcher(threads=...)`` sets it too)."""
+    before = faiss.omp_get_max_threads()
+    yield faiss.omp_set_num_threads
+    faiss.omp_set_num_threads(before)
+
+
+# Both sides are one seeded draw of a local optimum, so the outcome is fixed by the seeds (data seed 1,
+# ours seed 2, faiss seed 1), not by the machine: the ratios ours/faiss are 0.8891, 0.9574 and 0.6064
+# with 1, 2, 3, 4 or 8 faiss threads, every faiss SIMD level and the data scaled by 1 ± 1e-6 (they move
+# in the 8th digit; docs/testing.md). Other seeds give other local optima (ours/faiss over our seeds
+# 0-19: 0.59-0.98, 0.61-1.28, 0.56-0.84), so the seeds are part of the test and must not be changed
+# to make it pass.
 @pytest.mark.parametrize(("spherical", "seeding"), [(False, "kmeans++"), (True, "kmeans++"), (False, "kmeans||")])
 def test_objective_within_2_percent_of_faiss_kmeans(spherical, seeding):
     x = gaussian_blobs(6000, 24, 40, seed=1)
     data = InMemoryDataset(x, spherical=spherical)
     result = fit(data, KMeansParams(k=40, max_iter=20, tol=0.0, spherical=spherical, seeding=seeding, seed=2))
     ours = data.assign_to(result.centroids).objective
-    assert ours <= 1.02 * faiss_objective(x, 40, 20, spherical)
+    theirs = faiss_objective(x, 40, 20, spherical)
+    assert ours <= 1.02 * theirs, (
+        f"objective ours {ours:.6g} vs faiss.Kmeans {theirs:.6g}: ratio {ours / theirs:.6f} > 1.02 "
+        f"(faiss threads {faiss.omp_get_max_threads()})"
+    )
     if spherical:
         np.testing.assert_allclose(np.linalg.norm(result.centroids, axis=1), 1.0, rtol=1e-5)
     # The logged objective only goes down (no repair happened on these blobs).
     objectives = [h["objective"] for h in result.history]
-    assert all(b <= a * (1 + 1e-6) for a, b in zip(objectives, objectives[1:], strict=False))
+    rises = [
+        (i + 1, a, b) for i, (a, b) in enumerate(zip(objectives, objectives[1:], strict=False)) if b > a * (1 + 1e-6)
+    ]
+    assert not rises, f"objective rose at (iteration, before, after) {rises}; history {objectives}"
 
 
-@pytest.mark.parametrize("spherical", [False, True])
-def test_lloyd_from_the_same_start_matches_faiss_kmeans(spherical):
-    x = gaussian_blobs(4000, 16, 25, seed=8, spread=1.5)
-    data = InMemoryDataset(x, spherical=spherical)
-    start = data.x[np.random.default_rng(0).choice(len(data.x), 25, replace=False)]
-    ours = lloyd(data, start, max_iter=10, tol=0.0, spherical=spherical)
-    km = faiss.Kmeans(16, 25, niter=10, spherical=spherical, max_points_per_centroid=len(x))
-    km.train(data.x, init_centroids=start)
-    np.testing.assert_allclose(ours.centroids, km.centroids, atol=1e-4)
-    ratio = data.assign_to(ours.centroids).objective / data.assign_to(km.centroids).objective
-    assert abs(ratio - 1) < 1e-4
-
-
-def test_two_level_within_5_percent_of_flat():
-    x = gaussian_blobs(8000, 16, 64, seed=4)
-    data = InMemoryDataset(x)
-    flat = fit(data, KMeansParams(k=64, max_iter=20, tol=0.0, seed=0))
-    two_level = fit(data, KMeansParams(k=64, max_iter=20, tol=0.0, seed=0, hierarchical=True, k_coarse=8))
-    assert two_level.coarse is not None and two_level.coarse.offsets[-1] == 64
-    assert len(two_level.coarse_history) > 0 and len(two_level.centroids) == 64
-    flat_objective = data.assign_to(flat.centroids).objective
-    two_level_objective = data.assign_to(two_level.centroids, two_level.coarse).objective
-    assert two_level_objective <= 1.05 * flat_objective
+def test_fit_does_not_depend_on_the_faiss_thread_count(faiss_threads):
+    """The cluster stage runs faiss with as many threads as its worker has CPUs, so a result that changed
+    with the thread count would change with the machine (and with how busy it is). faiss's flat search
+    splits the queries, not the inner products, between threads, so the labels, and the centroids our
+    own single-threaded sums compute from them, are bitwise the same; only the float32 rounding of the
+    distances, and so of the objective, may differ."""
+    x = gaussian_blobs(6000, 24, 40, seed=1)
+    results = {}
+    for threads in (1, 2, 4):
+        faiss_threads(threads)
+        results[threads] = fit(InMemoryDataset(x), KMeansParams(k=40, max_iter=10, tol=0.0, seed=2))
+    # Rounding bound of J = sum_i ||x_i - c||^2 computed as ||x||^2 + ||c||^2 - 2<x, c> in float32: each
+    # inner product of length d is off by at most ~d*eps*|x||c|, so |dJ| <= (d + 2) * eps * sum_i(||x_i||^2
+    # + ||c||^2), and ||c||^2 <= max ||x||^2 for a mean. Relative to J that is ~5e-5 here; 2e-8 is seen.
+    eps, d = float(np.finfo(np.float32).eps), x.shape[1]
+    sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+    for threads in (2, 4):
+        np.testing.assert_array_equal(
+            results[threads].centroids, results[1].centroids, err_msg=f"centroids, {threads} threads vs 1"
+        )
+        ours = np.array([h["objective"] for h in results[threads].history])
+        one = np.array([h["objective"] for h in results[1].history])
+        rtol = (d + 2) * eps * (sq.sum() + len(x) * sq.max()) / one.min()
+        np.testing.assert_allclose(ours, one, rtol=rtol, err_msg=f"objective history, {threads} threads vs 1")
 
 
 class Interrupted(Exception):

@@ -120,17 +120,24 @@ def test_fuzzed_rows_are_embedded_or_rejected_with_a_reason_none_lost(make_confi
     run_pipeline(config, ["data", "embed"], report=lambda _: None)
 
     embedded, rejected = _embedded_and_rejected(config)
-    assert len(embedded) == len(set(embedded)) and not set(embedded) & set(rejected)
-    assert sorted(embedded + list(rejected)) == sorted(expected)  # every id exactly once: nothing lost
+    twice = sorted({i for i in embedded if embedded.count(i) > 1})
+    assert not twice and not set(embedded) & set(rejected), (
+        f"embedded twice {twice[:10]}; embedded and rejected {sorted(set(embedded) & set(rejected))[:10]}"
+    )
+    accounted = sorted(embedded + list(rejected))
+    assert accounted == sorted(expected), (  # every id exactly once: nothing lost
+        f"{len(expected)} ids in, {len(accounted)} out; lost {sorted(set(expected) - set(accounted))[:10]}, "
+        f"unknown {sorted(set(accounted) - set(expected))[:10]}"
+    )
     for row_id, (kind, reason) in expected.items():
         if kind == "bitflip":
-            assert row_id in embedded or rejected[row_id].startswith("undecodable image")
+            assert row_id in embedded or rejected[row_id].startswith("undecodable image"), (kind, rejected.get(row_id))
         elif reason is None:
-            assert row_id in embedded, kind
+            assert row_id in embedded, (kind, row_id, rejected.get(row_id))
         else:
             assert rejected.get(row_id, "").startswith(reason), (kind, rejected.get(row_id))
     counts = read_manifest(config, "embed")["counts"]
-    assert counts["pool"] + counts["pool_rejected"] == counts["pool_input"] == ROWS
+    assert counts["pool"] + counts["pool_rejected"] == counts["pool_input"] == ROWS, (counts, ROWS)
     injected = sum(kind != "ok" for kind, _ in expected.values())
     record_fault(f"fuzzed bad rows (seed {SEED}): garbage/truncated/bit-flipped/bomb/empty images, "
                  "missing images, empty/blank/missing captions", f"{len(rejected)} rejected with a reason, rest embedded",
