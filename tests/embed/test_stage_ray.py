@@ -79,3 +79,22 @@ def test_open_clip_checkpoint_and_webdataset_on_s3(ray_cluster, make_config, tin
     assert sorted(table.column("id").to_pylist() + rejected) == sorted(pool.column("id").to_pylist())
     embedding = np.array(table.column("embedding").to_pylist())
     np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=1e-4)
+
+
+def test_embed_actor_arguments_are_small_enough_to_travel_inline(make_config, offline_checkpoint, tmp_path):
+    import pickle
+
+    from influencespace.embed.encoders import spec_from_config
+    from influencespace.embed.stage import _by_reference
+    from influencespace.stages import StageContext
+
+    config = make_config(f"embed.pretrained={offline_checkpoint}")
+    spec = spec_from_config(config.embed)
+    assert spec.checkpoint_bytes is not None  # the offline default's checkpoint is read inline
+    ctx = StageContext(config=config, stage_dir=str(tmp_path / "embed"), input_manifests={})
+    actor_spec = _by_reference(ctx, spec)
+    # Ray inlines task arguments up to 100 KB (max_direct_call_object_size); bigger ones go to the object
+    # store, where a restarted actor may no longer find them (ray-project/ray#53727).
+    assert len(pickle.dumps(actor_spec)) < 100 * 1024, len(pickle.dumps(actor_spec))
+    assert actor_spec.checkpoint_bytes is None and storage.read_bytes(actor_spec.checkpoint) == spec.checkpoint_bytes
+    assert _by_reference(ctx, spec) == actor_spec  # written once, found again

@@ -308,12 +308,11 @@ def test_driver_sigkill_in_embed_then_rerun_resumes_with_equal_shards(faulted_ru
 def test_embed_actor_sigkill_is_restarted_and_the_batch_retried(faulted_run, reference_run, record_fault):
     _worker_fault(faulted_run["outcomes"][0], "embed.batch.kill")
     _check_embed(faulted_run["run_dir"], reference_run)
-    # The restarted actor rebuilt itself from small arguments inside its creation task: the encoder
-    # checkpoint travels by URI, not in the object store (ray-project/ray#53727), and Ray said nothing.
-    run_dir = faulted_run["run_dir"]
-    assert list((run_dir / "embed" / "_encoder").glob("*.pt"))
-    embed_log = (run_dir / "logs" / "embed.log").read_text()
-    assert "constructor arguments in the object store" not in embed_log, embed_log[-4000:]
+    # The restarted actor rebuilt itself (equal shards above) from the encoder checkpoint it reads by URI.
+    # Ray still logs that the actor "has constructor arguments in the object store": that argument is
+    # Ray Data's own MapTransformer, which it puts in the object store for every actor pool; the driver
+    # owns and pins it for the dataset's lifetime. Our own arguments are small (test_stage_ray.py).
+    assert list((faulted_run["run_dir"] / "embed" / "_encoder").glob("*.pt"))
     record_fault("embed actor SIGKILL on its 2nd batch", "Ray Data restarted the actor and retried the batch; equal shards")
 
 
