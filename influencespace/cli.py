@@ -7,8 +7,11 @@ imports what it needs. Errors a user can act on print one message and exit with 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 STAGE_COMMANDS = ("embed", "cluster", "influence", "curate", "train", "evaluate")
 
@@ -106,32 +109,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(config_source: str, overrides: list[str], stages: list[str] | None, overwrite: bool, verbose: bool) -> int:
-    from influencespace import storage
-    from influencespace.config import load_config
+@contextlib.contextmanager
+def _console(run_dir: str, verbose: bool, show_progress: bool = True) -> Iterator[Any]:
+    """The console around a command's work, and a Ray session inside it (stopped before the console).
+
+    A user error leaves as itself (``main`` prints it, exit 2). Any other exception from a stage the
+    console named was logged with its traceback there: it ends the command with one line, exit 1.
+    """
     from influencespace.console import Console
     from influencespace.errors import InfluenceSpaceError
     from influencespace.runtime import ray_session
+
+    console = Console(run_dir, verbose=verbose, show_progress=show_progress)
+    try:
+        with console, ray_session():
+            yield console
+    except Exception as exc:
+        if isinstance(exc, InfluenceSpaceError) or console.failed_stage is None:
+            raise
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _run(config_source: str, overrides: list[str], stages: list[str] | None, overwrite: bool, verbose: bool) -> int:
+    from influencespace import storage
+    from influencespace.config import load_config
     from influencespace.stages import run_pipeline
 
     config = load_config(config_source, overrides)
     storage.configure_from(config.storage)  # the console writes logs/ into the run directory
-    console = Console(config.run_dir, verbose=verbose, show_progress=config.runtime.progress)
-    try:
-        with console:
-            console.line(f"run directory: {config.run_dir}")
-            console.line(f"logs: {console.logs_uri}/ (each stage's full output)")
-            with ray_session():
-                outcomes = run_pipeline(config, stages, overwrite=overwrite, console=console)
-            if any(o.name == "report" for o in outcomes):
-                console.line(f"report: {storage.join(config.run_dir, 'report', 'index.html')}")
-            console.line(f"done: artifacts in {config.run_dir}")
-    except Exception as exc:
-        if isinstance(exc, InfluenceSpaceError) or console.failed_stage is None:
-            raise
-        # A bug rather than a user error: the stage and its log were named, the traceback is in the log.
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    with _console(config.run_dir, verbose, config.runtime.progress) as console:
+        console.line(f"run directory: {config.run_dir}")
+        console.line(f"logs: {console.logs_uri}/ (each stage's full output)")
+        outcomes = run_pipeline(config, stages, overwrite=overwrite, console=console)
+        if any(o.name == "report" for o in outcomes):
+            console.line(f"report: {storage.join(config.run_dir, 'report', 'index.html')}")
+        console.line(f"done: artifacts in {config.run_dir}")
     return 0
 
 
@@ -209,20 +222,18 @@ def _report(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from influencespace import storage
     from influencespace.config import RuntimeConfig
-    from influencespace.console import Console
     from influencespace.errors import InfluenceSpaceError
     from influencespace.export import export_run
-    from influencespace.runtime import ensure_ray, ray_session
+    from influencespace.runtime import ensure_ray
 
     storage.configure()
     if not storage.exists(args.run_dir):  # before the console makes <run_dir>/logs/ there
         raise InfluenceSpaceError(f"no run directory at {args.run_dir}; give the run_dir of a finished run")
-    with Console(args.run_dir, verbose=args.verbose) as console, console.stage("export"):
-        with ray_session():
-            if args.format != "uids":
-                ensure_ray(RuntimeConfig())
-            counts = export_run(args.run_dir, args.format, args.out, args.policy, args.weights, args.rows_per_file,
-                                args.pairs)
+    with _console(args.run_dir, args.verbose) as console, console.stage("export"):
+        if args.format != "uids":
+            ensure_ray(RuntimeConfig())
+        counts = export_run(args.run_dir, args.format, args.out, args.policy, args.weights, args.rows_per_file,
+                            args.pairs)
         console.line(f"exported {counts['kept']} kept samples of {args.run_dir} as {args.format} to {args.out}")
         if args.format == "webdataset":
             last = max(counts["shards"] - 1, 0)

@@ -231,7 +231,7 @@ class Console:
         self.plain_interval = plain_interval
         self.logs_uri = storage.join(run_dir, LOGS_DIR)
         self._remote_logs = storage.is_s3(run_dir)
-        self._local_logs = tempfile.mkdtemp(prefix="influencespace-logs-") if self._remote_logs else self.logs_uri
+        self._local_logs = self.logs_uri  # S3 run directories: a local folder, made on entering
         self.terminal: Any = None
         self.errors: Any = None
         self._pump: _LogPump | None = None
@@ -241,6 +241,8 @@ class Console:
     # -- lifetime -----------------------------------------------------------------------------------
 
     def __enter__(self) -> Console:
+        if self._remote_logs:
+            self._local_logs = tempfile.mkdtemp(prefix="influencespace-logs-")
         os.makedirs(self._local_logs, exist_ok=True)
         self.terminal = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
         self.errors = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
