@@ -10,6 +10,12 @@ kronfluence keeps its ``utils/constants.py``) means no stage adapter imports ano
     <run_dir>/curate/curve/keep-0.40/<policy>/             a policy at another budget (the curve)
     <run_dir>/train/<variant>/metrics.json                 what training a variant gave
 
+A manifest directory is **shard-aligned** with the embedded pool: ``part-NNNNN.parquet`` lists exactly
+the ids of ``embed/pool/part-NNNNN.parquet`` (the same name; every row of that shard once, in any
+order), and ``rejected-NNNNN.parquet`` the rows the embed stage rejected (``keep = false``; they have
+no pool row). A reader therefore joins pool shard i with manifest part i (:func:`manifest_part`), one
+shard at a time, in parallel, never holding the whole pool or manifest.
+
 Variants (what train trains and evaluate compares): ``baseline`` (the whole pool),
 ``influencespace`` (curate's manifest), one per comparison policy (``random``, ``dedup``, …), and
 ``curve-keep-0.40-<policy>`` for each policy at each further budget of the reduction curve.
@@ -32,6 +38,28 @@ MANIFEST_OUTPUT = "manifest"
 POLICY_OUTPUT_PREFIX = "policy_"
 CURVE_OUTPUT_PREFIX = "curve_"
 CURVE_VARIANT_PREFIX = "curve-"
+
+
+REJECTED_PART_PREFIX = "rejected-"
+
+
+def manifest_part(manifest_directory: str, pool_shard_uri: str) -> str:
+    """The manifest part that lists the rows of one embedded pool shard (same file name)."""
+    return manifest_directory.rstrip("/") + "/" + pool_shard_uri.rsplit("/", 1)[-1]
+
+
+def rejected_part(index: int) -> str:
+    return f"{REJECTED_PART_PREFIX}{index:05d}.parquet"
+
+
+def summary_entry(summary: dict[str, Any], output_key: str) -> dict[str, Any]:
+    """What the curate stage's ``summary.json`` says of the manifest under ``output_key`` (rows, kept, weight_sum, …)."""
+    if output_key.startswith(CURVE_OUTPUT_PREFIX):
+        label, policy_name = output_key.removeprefix(CURVE_OUTPUT_PREFIX).split("_", 1)
+        return summary["curve"][label][policy_name]
+    if output_key == MANIFEST_OUTPUT:
+        return summary[CURATED]
+    return summary[output_key.removeprefix(POLICY_OUTPUT_PREFIX)]
 
 
 def manifest_dir(policy: str) -> str:

@@ -31,7 +31,7 @@ def ensure_ray(runtime: Any, include_dashboard: bool = False) -> None:
     # Keep Ray on loopback for local clusters, and quiet about usage stats (no network here).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    prefer_venv_ninja()
+    use_venv_build_tools()
     kwargs: dict[str, Any] = {"log_to_driver": True, "ignore_reinit_error": True}
     if runtime.ray_address:
         log.info("joining Ray cluster at %s", runtime.ray_address)
@@ -67,17 +67,24 @@ def ensure_ray(runtime: Any, include_dashboard: bool = False) -> None:
             ray.shutdown()
 
 
-def prefer_venv_ninja() -> None:
-    """Put the interpreter's own ``bin`` first on PATH when it holds ``ninja`` (Ray workers inherit it).
+def use_venv_build_tools() -> None:
+    """Build DeepSpeed's JIT ops with this environment's own tools, into its own cache (Ray workers inherit both).
 
-    DeepSpeed JIT-builds its ops with the first ``ninja`` on PATH. The venv's ninja (a DeepSpeed
-    dependency) and a system one each take the other's build for stale, so mixing them rebuilds the
-    op in every Ray Train worker start (1–2 min each on a busy machine; seen in the test suite).
+    DeepSpeed JIT-builds its ops with the first ``ninja`` on PATH into torch's extensions cache
+    (``~/.cache/torch_extensions`` unless ``TORCH_EXTENSIONS_DIR`` says otherwise). Two builders that
+    share that cache take each other's build for stale and rebuild the op in every Ray Train worker start
+    (1–2 min each on a busy machine; seen in the test suite): the venv's ninja (a DeepSpeed dependency)
+    against a system one, and two checkouts' venvs on one machine against each other (their include paths
+    differ). So the interpreter's ``bin`` goes first on PATH when it holds ``ninja``, and, unless the
+    user chose a cache, a virtual environment builds into its own ``<venv>/torch_extensions`` (when
+    writable).
     """
     bin_dir = os.path.dirname(sys.executable)
     path = os.environ.get("PATH", "")
     if os.path.exists(os.path.join(bin_dir, "ninja")) and path.split(os.pathsep)[0] != bin_dir:
         os.environ["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and sys.prefix != sys.base_prefix and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")
 
 
 def configure_data_context() -> None:
@@ -168,13 +175,17 @@ def _worker_entry(config: dict[str, Any]) -> Any:
     return config["loop"](config)
 
 
-def run_torch_workers(loop: Any, config: dict[str, Any], *, runtime: Any, num_workers: int, run_config: Any) -> Any:
+def run_torch_workers(loop: Any, config: dict[str, Any], *, runtime: Any, num_workers: int, run_config: Any,
+                      datasets: dict[str, Any] | None = None, dataset_config: Any = None) -> Any:
     """Run ``loop(config)`` on ``num_workers`` Ray Train workers with torch's process group set up.
 
     gloo on CPU, NCCL with one GPU per worker when ``runtime.use_gpu``; each worker reserves one CPU
     and, on clusters that mark GPU nodes, a sliver of the marker. ``config`` travels to every worker
     (keep it small: URIs and k-row tables, never per-row data) together with the driver's storage
-    settings. Returns Ray Train's ``Result``; a user error raised by a worker is re-raised as itself.
+    settings. ``datasets`` (Ray Data datasets by name) are split between the workers by Ray Train,
+    each worker reading its split with ``ray.train.get_dataset_shard(name)``; ``dataset_config`` is
+    Ray Train's ``DataConfig``. Returns Ray Train's ``Result``; a user error raised by a worker is
+    re-raised as itself.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -191,6 +202,8 @@ def run_torch_workers(loop: Any, config: dict[str, Any], *, runtime: Any, num_wo
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=runtime.use_gpu,
                                                resources_per_worker=resources),
         run_config=run_config,
+        datasets=datasets,  # split between the workers; each reads its split with get_dataset_shard
+        **({"dataset_config": dataset_config} if dataset_config is not None else {}),
     )
     try:
         return trainer.fit()

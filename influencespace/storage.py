@@ -25,7 +25,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from influencespace.errors import StorageError
+from influencespace.errors import InputDataError, StorageError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -273,6 +273,17 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
         except (OSError, pa.ArrowInvalid) as exc:
             raise StorageError(f"could not read Parquet file '{file_uri}': {exc}") from exc
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def parquet_rows(uri: str) -> int:
+    """Row count of a Parquet file from its footer (no data read)."""
+    import pyarrow.parquet as pq
+
+    fs, path = resolve(uri)
+    try:
+        return pq.read_metadata(path, filesystem=fs).num_rows
+    except OSError as exc:
+        raise InputDataError(f"'{uri}' is not a readable Parquet file: {exc}") from None
 
 
 def schema(uri: str) -> pa.Schema:

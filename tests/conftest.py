@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from influencespace.runtime import prefer_venv_ninja
+from influencespace.runtime import use_venv_build_tools
 from tests.s3server import start_s3_server
 
 BUCKET = "influencespace-test"
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-# The venv's ninja first on PATH for every process the tests start (CLI subprocesses, Ray workers,
-# also those that never call ensure_ray): see runtime.prefer_venv_ninja for why.
-prefer_venv_ninja()
+# The venv's ninja first on PATH and its own DeepSpeed build cache for every process the tests start (CLI subprocesses, Ray workers,
+# also those that never call ensure_ray): see runtime.use_venv_build_tools for why.
+use_venv_build_tools()
 
 
 @pytest.fixture(scope="session")

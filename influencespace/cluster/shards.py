@@ -327,17 +327,6 @@ def plan_groups(files: Sequence[str], rows: Sequence[int], num_workers: int) -> 
     return [g for g in groups if g]
 
 
-def parquet_rows(uri: str) -> int:
-    """Row count of a Parquet file from its footer (no data read)."""
-    import pyarrow.parquet as pq
-
-    fs, path = storage.resolve(uri)
-    try:
-        return pq.read_metadata(path, filesystem=fs).num_rows
-    except OSError as exc:
-        raise InputDataError(f"'{uri}' is not a readable Parquet file: {exc}") from None
-
-
 class ShardedDataset:
     """The :class:`~influencespace.cluster.kmeans.Dataset` over workers' shards; partial sums reduced here."""
 

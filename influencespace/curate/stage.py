@@ -1,9 +1,12 @@
 """The ``curate`` stage: cluster scores + assignments → manifests for InfluenceSpace and comparison policies.
 
 Outputs (docs/architecture.md): ``manifest/`` (the InfluenceSpace policy), ``policies/<name>/`` for
-each comparison policy, ``cluster_decisions.parquet`` and ``summary.json``. Every input id appears
-exactly once in every manifest: rows the embed stage rejected are listed with ``keep = false`` and
-reason ``rejected: <why>`` (cluster -1), so nothing is silently dropped.
+each comparison policy, ``cluster_decisions.parquet`` and ``summary.json`` (per policy: rows, kept,
+weight sum, reasons — what train and evaluate count from). Every input id appears exactly once in
+every manifest: rows the embed or cluster stage rejected are listed with ``keep = false`` and reason
+``rejected: <why>`` (cluster -1), so nothing is silently dropped. Manifests are shard-aligned with the
+embedded pool (layout.py): part ``part-NNNNN.parquet`` lists exactly the ids of pool shard
+``part-NNNNN.parquet``, so a reader joins one pool shard with one manifest part, never the whole pool.
 
 Memory: the stage holds the per-sample columns it needs (id, cluster, distance, image–text cosine,
 duplicate score; the fused embeddings one cluster at a time for the SemDeDup scores) — about 40 bytes per row plus one
@@ -31,14 +34,40 @@ def _read(uri: str, columns: list[str]) -> pd.DataFrame:
     return storage.read_table(uri, columns=columns).to_pandas()
 
 
-def write_manifest(frame: pd.DataFrame, directory: str) -> None:
-    """Write a manifest sorted by id as Parquet shards (atomic per shard)."""
+def shard_parts(assignments_uri: str) -> list[tuple[str, int]]:
+    """(file name, rows) of each assignment part, in the order the stage reads them (Parquet footers only)."""
+    return [(uri.rsplit("/", 1)[-1], storage.parquet_rows(uri)) for uri in storage.parquet_files(assignments_uri)]
+
+
+def write_manifest(frame: pd.DataFrame, directory: str, parts: list[tuple[str, int]],
+                   part_rejects: dict[str, pd.DataFrame], rejected: pd.DataFrame) -> None:
+    """Write a manifest shard-aligned with the pool (layout.py, "the manifest's parts").
+
+    ``frame`` is aligned with the assignments read part by part (``parts``: name, rows); manifest part
+    ``name`` holds those rows in pool order plus the rows of that pool shard the cluster stage rejected
+    (``part_rejects``), so it lists exactly the ids of pool shard ``name``. Rows the embed stage rejected
+    (never in the pool) go to ``rejected-NNNNN.parquet``. Each file is written atomically.
+    """
     import pyarrow as pa
 
-    frame = frame.sort_values("id", kind="stable").reset_index(drop=True)
-    table = pa.Table.from_pandas(frame[policy.KEEP_COLUMNS], preserve_index=False)
-    for shard, start in enumerate(range(0, max(1, table.num_rows), ROWS_PER_SHARD)):
-        storage.write_table(table.slice(start, ROWS_PER_SHARD), storage.join(directory, f"part-{shard:05d}.parquet"))
+    schema = pa.schema([("id", pa.string()), ("cluster", pa.int32()), ("keep", pa.bool_()), ("weight", pa.float64()),
+                        ("reason", pa.string())])  # one schema for every part, so the directory reads as one table
+
+    def write(rows: pd.DataFrame, name: str) -> None:
+        table = pa.Table.from_pandas(rows[policy.KEEP_COLUMNS].reset_index(drop=True), schema=schema, preserve_index=False)
+        storage.write_table(table, storage.join(directory, name))
+
+    start = 0
+    for name, rows in parts:
+        part = frame.iloc[start:start + rows]
+        if name in part_rejects:
+            part = pd.concat([part, part_rejects[name]], ignore_index=True)
+        write(part, name)
+        start += rows
+    if start != len(frame):
+        raise StageStateError(f"the manifest has {len(frame)} rows but the assignment parts {start}; rerun the cluster stage")
+    for shard, begin in enumerate(range(0, len(rejected), ROWS_PER_SHARD)):
+        write(rejected.iloc[begin:begin + ROWS_PER_SHARD], layout.rejected_part(shard))
 
 
 def manifest_summary(frame: pd.DataFrame) -> dict:
@@ -48,6 +77,7 @@ def manifest_summary(frame: pd.DataFrame) -> dict:
         "kept": int(len(kept)),
         "removed": int(len(frame) - len(kept)),
         "keep_fraction": float(len(kept) / max(1, len(frame))),
+        "weight_sum": float(kept["weight"].sum()),
         "mean_weight_kept": float(kept["weight"].mean()) if len(kept) else 0.0,
         "max_weight": float(kept["weight"].max()) if len(kept) else 0.0,
         "reasons": {str(k): int(v) for k, v in frame["reason"].value_counts().sort_index().items()},
@@ -62,19 +92,33 @@ def _worst_group(ctx: StageContext) -> str | None:
     return max(losses, key=losses.get) if losses else None
 
 
+def _as_rejected(ids, reasons) -> pd.DataFrame:
+    return pd.DataFrame({"id": np.asarray(ids, dtype=object), "cluster": -1, "keep": False, "weight": 0.0,
+                         "reason": ("rejected: " + pd.Series(reasons, dtype=str)).to_numpy()})
+
+
 def _rejected_rows(ctx: StageContext) -> pd.DataFrame:
+    """Pool rows the embed stage rejected (undecodable images, …): never part of the embedded pool."""
     outputs = ctx.input_manifests["embed"].get("outputs", {})
     if "rejects" not in outputs:
-        return pd.DataFrame(columns=policy.KEEP_COLUMNS)
+        return _as_rejected([], [])
     uri = ctx.input_path("embed", "rejects")
     if not storage.list_files(uri, ".parquet", recursive=True):
-        return pd.DataFrame(columns=policy.KEEP_COLUMNS)
+        return _as_rejected([], [])
     rejects = _read(uri, ["id", "split", "reason"])
     rejects = rejects[rejects["split"] == "pool"]
-    return pd.DataFrame({
-        "id": rejects["id"].to_numpy(), "cluster": -1, "keep": False, "weight": 0.0,
-        "reason": ("rejected: " + rejects["reason"].astype(str)).to_numpy(),
-    })
+    return _as_rejected(rejects["id"].to_numpy(), rejects["reason"].to_numpy())
+
+
+def _cluster_rejects(ctx: StageContext) -> dict[str, pd.DataFrame]:
+    """Embedded rows the cluster stage could not assign (non-finite or zero embeddings), per pool shard."""
+    if "rejects" not in ctx.input_manifests["cluster"].get("outputs", {}):
+        return {}
+    out = {}
+    for uri in storage.parquet_files(ctx.input_path("cluster", "rejects")):
+        rejects = _read(uri, ["id", "reason"])
+        out[uri.rsplit("/", 1)[-1]] = _as_rejected(rejects["id"].to_numpy(), rejects["reason"].to_numpy())
+    return out
 
 
 class CurateStage(Stage):
@@ -95,6 +139,9 @@ class CurateStage(Stage):
         if missing:
             raise StageStateError(f"influence scores lack column(s) {', '.join(sorted(missing))}; rerun the influence stage")
         rejected = _rejected_rows(ctx)
+        parts = shard_parts(ctx.input_path("cluster", "assignments"))
+        part_rejects = _cluster_rejects(ctx)
+        unassigned = pd.concat([rejected, *part_rejects.values()], ignore_index=True)
         worst_group = _worst_group(ctx)
         log.info("curate: worst-off group for fairness: %s", worst_group or "none measured")
 
@@ -131,9 +178,8 @@ class CurateStage(Stage):
         def write_all(frames: dict[str, pd.DataFrame], directory_of) -> dict[str, dict]:
             written = {}
             for name, frame in frames.items():
-                full = pd.concat([frame, rejected], ignore_index=True)
-                write_manifest(full, directory_of(name))
-                written[name] = manifest_summary(full)
+                write_manifest(frame, directory_of(name), parts, part_rejects, rejected)
+                written[name] = manifest_summary(pd.concat([frame, unassigned], ignore_index=True))
             return written
 
         manifests, decisions = curate_at(cfg.keep_fraction)
@@ -154,7 +200,7 @@ class CurateStage(Stage):
         ours = summary[layout.CURATED]
         return StageResult(
             counts={"rows": ours["rows"], "kept": ours["kept"], "removed": ours["removed"],
-                    "rejected": int(len(rejected)), "harmful_clusters": int((decisions["dropped_reason"] == policy.HARMFUL).sum())},
+                    "rejected": int(len(unassigned)), "harmful_clusters": int((decisions["dropped_reason"] == policy.HARMFUL).sum())},
             outputs=outputs,
             extra={"worst_group": worst_group, "policies": sorted(manifests),
                    "curve_keep_fractions": curve_fractions},

@@ -17,7 +17,7 @@ from influencespace.errors import StageStateError
 from influencespace.evaluate.curation import curation_quality
 from influencespace.evaluate.summary import summarize
 from influencespace.evaluate.zero_shot import read_test, score_features, score_model
-from influencespace.layout import BASELINE, CURATED, parse_curve_variant, variant_manifests
+from influencespace.layout import BASELINE, CURATED, parse_curve_variant, summary_entry, variant_manifests
 from influencespace.stages import Stage, StageContext, StageResult
 
 log = logging.getLogger(__name__)
@@ -52,11 +52,14 @@ class EvaluateStage(Stage):
         positive = tuple(cfg.positive_classes or classes.get("footwear_classes") or ()) or None
         minority = (classes.get("groups") or {}).get("minority")
         test = read_test(ctx.input_path("embed", "test"))
-        pool_ids = np.asarray(storage.read_table(ctx.input_path("embed", "pool"), columns=["id"]).column("id").to_pylist(),
-                              dtype=object)
-        ground_truth = None
+        pool_rows = sum(storage.parquet_rows(f) for f in storage.parquet_files(ctx.input_path("embed", "pool")))
+        curate_summary = storage.read_json(ctx.input_path("curate", "summary"))
+        ground_truth = pool_ids = None
         if "ground_truth" in data_outputs:
+            # The built-in benchmark's planted defects (thousands of rows; user data has none).
             ground_truth = storage.read_table(ctx.input_path("data", "ground_truth")).to_pandas()
+            pool_ids = np.asarray(storage.read_table(ctx.input_path("embed", "pool"), columns=["id"]).column("id")
+                                  .to_pylist(), dtype=object)
         manifest_keys = variant_manifests(ctx.input_manifests["curate"])
 
         variants = [v for v in train.get("extra", {}).get("variants", []) if v in train.get("outputs", {})]
@@ -77,15 +80,15 @@ class EvaluateStage(Stage):
                 scores.update(train_seconds=record["train_seconds"], wall_seconds=record["wall_seconds"],
                               final_loss=record["final_loss"], steps=record["steps"])
                 runs[variant][seed] = scores
-            manifest = None
             key = manifest_keys.get(variant)
-            if key is not None:
-                manifest = storage.read_table(ctx.input_path("curate", key), columns=["id", "keep", "weight"]).to_pandas()
-            kept = len(pool_ids)
-            if manifest is not None:  # rows the embed stage rejected are not part of the pool
-                kept = int((manifest["keep"].astype(bool) & manifest["id"].isin(set(pool_ids))).sum())
-            volume[variant] = {"pool_rows": len(pool_ids), "kept_rows": kept}
-            curation[variant] = None if ground_truth is None else curation_quality(pool_ids, manifest, ground_truth, minority)
+            # Counted by the curate stage (rows the embed stage rejected are never kept, so every kept row is a pool row).
+            kept = pool_rows if key is None else int(summary_entry(curate_summary, key)["kept"])
+            volume[variant] = {"pool_rows": pool_rows, "kept_rows": kept}
+            curation[variant] = None
+            if ground_truth is not None:
+                manifest = None if key is None else storage.read_table(
+                    ctx.input_path("curate", key), columns=["id", "keep", "weight"]).to_pandas()
+                curation[variant] = curation_quality(pool_ids, manifest, ground_truth, minority)
             log.info("evaluate %s: zero-shot accuracy %s", variant,
                      ", ".join(f"{runs[variant][s]['zero_shot_acc']:.3f}" for s in cfg.seeds))
 

@@ -1,33 +1,40 @@
-"""A variant's training set: the embedded pool joined with a curation manifest.
+"""A variant's training data: embedded pool shards joined with their manifest parts, one shard at a time.
 
 The baseline is the whole embedded pool with weight 1. A curated variant keeps the rows its manifest
-marks ``keep`` with their ``weight``; rows the manifest keeps but the pool lacks are an error (the
-manifest belongs to another run), rows the embed stage rejected are ``keep = false`` and ignored.
+marks ``keep`` with their ``weight``. Manifests are shard-aligned with the pool (``layout.py``), so
+pool shard ``part-NNNNN.parquet`` is joined with manifest part ``part-NNNNN.parquet`` alone: a reader
+holds one manifest part (about 30 bytes per row of one shard) and one chunk of pool rows, never the
+whole pool or manifest. A manifest part that keeps an id its pool shard lacks is an error (the
+manifest belongs to another run).
+
+On Ray the pairs become a Ray Data dataset (:func:`variant_dataset`) that Ray Train splits between its
+workers (``get_dataset_shard``); the local runner reads the same pairs with the same function in
+order. Either way each input file is read once per epoch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from influencespace import storage
+from influencespace import layout, storage
 from influencespace.errors import InputDataError
 
 POOL_COLUMNS = ["id", "image_embedding", "text_embedding"]
+CHUNK_ROWS = 8192  # pool rows per chunk read from a shard (a few MiB at d = 512)
 
 
-@dataclass
-class TrainingSet:
-    """Row-aligned arrays: ids, frozen tower embeddings (float32) and sampling weights."""
+@dataclass(frozen=True)
+class VariantData:
+    """What a worker needs to stream one variant (plain data, small: URIs and counts, no rows)."""
 
-    ids: np.ndarray
-    image: np.ndarray
-    text: np.ndarray
-    weight: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.ids)
+    pairs: tuple[tuple[str, str], ...]  # (pool shard, manifest part); "" for the baseline (weight 1)
+    rows: int  # rows with keep and weight > 0
+    weight_sum: float  # Σ weight over those rows
+    image_dim: int
+    text_dim: int
 
 
 def fixed_size_matrix(column) -> np.ndarray:
@@ -43,37 +50,133 @@ def fixed_size_matrix(column) -> np.ndarray:
     return np.stack(array.to_numpy(zero_copy_only=False)).astype(np.float32)
 
 
-def read_pool(pool_uri: str) -> TrainingSet:
-    """The embedded pool with weight 1 for every row (the baseline)."""
-    table = storage.read_table(pool_uri, columns=POOL_COLUMNS)
-    ids = np.asarray(table.column("id").to_pylist(), dtype=object)
-    image = fixed_size_matrix(table.column("image_embedding"))
-    text = fixed_size_matrix(table.column("text_embedding"))
-    if len(ids) == 0:
-        raise InputDataError(f"the embedded pool at {pool_uri} is empty; nothing to train on")
-    return TrainingSet(ids, image, text, np.ones(len(ids)))
+def pool_shards(pool_uri: str) -> list[str]:
+    shards = storage.parquet_files(pool_uri)
+    if not shards:
+        raise InputDataError(f"the embedded pool at {pool_uri} has no Parquet shards; nothing to train on")
+    return shards
 
 
-def apply_manifest(pool: TrainingSet, manifest_uri: str) -> TrainingSet:
-    """The rows of ``pool`` a manifest keeps, with the manifest's weights."""
-    table = storage.read_table(manifest_uri, columns=["id", "keep", "weight"])
-    frame = table.to_pandas()
-    kept = frame[frame["keep"].astype(bool) & (frame["weight"] > 0)]
-    if kept["id"].duplicated().any():
-        raise InputDataError(f"manifest {manifest_uri} lists id '{kept['id'][kept['id'].duplicated()].iloc[0]}' twice")
-    position = {row_id: i for i, row_id in enumerate(pool.ids)}
-    missing = [row_id for row_id in kept["id"] if row_id not in position]
-    if missing:
+def embedding_dims(pool_uri: str) -> tuple[int, int]:
+    """(image, text) embedding widths from the pool's schema (one footer read)."""
+    import pyarrow as pa
+
+    schema = storage.schema(pool_uri)
+    dims = []
+    for name in ("image_embedding", "text_embedding"):
+        if name not in schema.names:
+            raise InputDataError(f"the embedded pool at {pool_uri} has no '{name}' column; rerun the embed stage")
+        kind = schema.field(name).type
+        if not pa.types.is_fixed_size_list(kind):
+            first = storage.read_table(pool_shards(pool_uri)[0], columns=[name]).column(name)
+            dims.append(fixed_size_matrix(first.slice(0, 1)).shape[1])
+        else:
+            dims.append(kind.list_size)
+    return dims[0], dims[1]
+
+
+def plan_variant(pool_uri: str, manifest_uri: str | None, rows: int, weight_sum: float) -> VariantData:
+    """The shard pairs of one variant (O(number of shards) on the driver; no data read)."""
+    shards = pool_shards(pool_uri)
+    pairs = tuple((shard, layout.manifest_part(manifest_uri, shard) if manifest_uri else "") for shard in shards)
+    if manifest_uri:
+        missing = [m for _, m in pairs if not storage.is_file(m)]
+        if missing:
+            raise InputDataError(
+                f"manifest {manifest_uri} has no part for {len(missing)} pool shard(s) (e.g. {missing[0]}); it was "
+                "written before manifests were shard-aligned, or for another run: rerun curate"
+            )
+    if rows <= 0 or not weight_sum > 0:
+        where = f"manifest {manifest_uri}" if manifest_uri else f"the embedded pool at {pool_uri}"
+        raise InputDataError(f"{where} keeps no rows with a positive weight; nothing to train on")
+    return VariantData(pairs, int(rows), float(weight_sum), *embedding_dims(pool_uri))
+
+
+def _kept_table(manifest_part: str):
+    """(ids, weights) a manifest part keeps (keep and weight > 0), checked."""
+    import pyarrow.compute as pc
+
+    table = storage.read_table(manifest_part, columns=["id", "keep", "weight"])
+    table = table.filter((pc.field("keep")) & (pc.field("weight") > 0.0))
+    ids = table.column("id").combine_chunks()
+    if pc.count_distinct(ids).as_py() != len(ids):
+        counts = pc.value_counts(ids)
+        twice = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
+        raise InputDataError(f"manifest part {manifest_part} lists id '{twice}' twice")
+    weight = table.column("weight").to_numpy().astype(np.float64)
+    if not np.all(np.isfinite(weight)):
+        raise InputDataError(f"manifest part {manifest_part} has non-finite weights")
+    return ids, weight
+
+
+def read_pair(pool_shard: str, manifest_part: str, chunk_rows: int = CHUNK_ROWS) -> Iterator[dict[str, np.ndarray]]:
+    """The rows of one pool shard its manifest part keeps, chunk by chunk, in pool order.
+
+    Yields ``{"id", "image", "text", "weight"}`` numpy arrays. Memory: the manifest part's kept ids and
+    weights plus one chunk of ``chunk_rows`` pool rows.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    kept_ids, kept_weight = _kept_table(manifest_part) if manifest_part else (None, None)
+    if kept_ids is not None and len(kept_ids) == 0:
+        return
+    matched = 0
+    fs, path = storage.resolve(pool_shard)
+    try:
+        reader = pq.ParquetFile(fs.open_input_file(path))
+        batches = reader.iter_batches(batch_size=chunk_rows, columns=POOL_COLUMNS)
+        for batch in batches:
+            ids = batch.column("id")
+            if kept_ids is None:
+                weight = np.ones(batch.num_rows)
+            else:
+                position = pc.index_in(ids, value_set=kept_ids)
+                mask = pc.is_valid(position)
+                batch = batch.filter(mask)
+                weight = kept_weight[pc.drop_null(position).to_numpy()]
+                matched += batch.num_rows
+            if batch.num_rows == 0:
+                continue
+            yield {
+                "id": np.asarray(batch.column("id").to_pylist(), dtype=object),
+                "image": fixed_size_matrix(batch.column("image_embedding")),
+                "text": fixed_size_matrix(batch.column("text_embedding")),
+                "weight": weight,
+            }
+    except OSError as exc:
+        raise InputDataError(f"could not read pool shard {pool_shard}: {exc}") from exc
+    if kept_ids is not None and matched != len(kept_ids):
         raise InputDataError(
-            f"manifest {manifest_uri} keeps {len(missing)} id(s) the embedded pool lacks (e.g. '{missing[0]}'); "
+            f"manifest part {manifest_part} keeps {len(kept_ids) - matched} id(s) that pool shard {pool_shard} lacks; "
             "was it made from another run's embeddings? Rerun curate"
         )
-    if kept.empty:
-        raise InputDataError(f"manifest {manifest_uri} keeps no rows; nothing to train on")
-    rows = np.array([position[row_id] for row_id in kept["id"]], dtype=np.int64)
-    order = np.argsort(rows, kind="stable")  # pool order: independent of how the manifest is sorted
-    rows = rows[order]
-    weight = kept["weight"].to_numpy(dtype=np.float64)[order]
-    if not np.all(np.isfinite(weight)):
-        raise InputDataError(f"manifest {manifest_uri} has non-finite weights")
-    return TrainingSet(pool.ids[rows], pool.image[rows], pool.text[rows], weight)
+
+
+def read_pairs(pairs: Sequence[tuple[str, str]], chunk_rows: int = CHUNK_ROWS) -> Iterator[dict[str, np.ndarray]]:
+    """Every pair's kept rows in order (what the local runner streams; one pair open at a time)."""
+    for pool_shard, manifest_part in pairs:
+        yield from read_pair(pool_shard, manifest_part, chunk_rows)
+
+
+def _read_pair_batch(batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data UDF: one row per pair in, that pair's kept rows out (chunk by chunk)."""
+    for pool_shard, manifest_part in zip(batch["pool"], batch["manifest"], strict=True):
+        yield from read_pair(str(pool_shard), str(manifest_part))
+
+
+def variant_dataset(data: VariantData, num_cpus: float = 0.0, concurrency: int = 2):
+    """A Ray Data dataset of one variant's kept rows: one read task per shard pair, in pool order.
+
+    With Ray Data's ``preserve_order`` (set by the train stage for Ray Train's split) the rows arrive
+    in pair order, so a one-worker run sees exactly what the local runner reads. The read tasks ask for
+    no CPU (``num_cpus=0``; at most ``concurrency`` at a time): Ray Train's workers hold the CPUs they
+    reserved, and a read task that waited for one of them would wait for ever on a cluster the
+    workers fill. Reading a shard is I/O and Arrow decoding, light beside a training step.
+    """
+    import ray.data
+
+    items = [{"pool": p, "manifest": m} for p, m in data.pairs]
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _read_pair_batch, batch_size=1, batch_format="numpy", num_cpus=num_cpus, concurrency=concurrency,
+    )

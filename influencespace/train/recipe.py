@@ -1,7 +1,7 @@
 """The training recipe: one variant, one seed, DeepSpeed, on whatever process group the runner set up.
 
-A torchtune-style recipe in four parts — setup (model, DeepSpeed engine, sampler), train (epochs of
-weighted global batches), save (a DeepSpeed checkpoint + plain weights per epoch, reported through
+A torchtune-style recipe in four parts — setup (model, DeepSpeed engine), train (weighted epochs
+streamed from this worker's rows, :mod:`influencespace.train.sampler`), save (a DeepSpeed checkpoint + plain weights per epoch, reported through
 the runner), cleanup — written once and run unchanged by both runners:
 
 - Ray Train workers (``runtime.runner: ray``): ``TorchTrainer`` has initialised the process group
@@ -22,17 +22,18 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from influencespace import storage
+from influencespace.errors import InputDataError
 from influencespace.faults import fault_point
-from influencespace.train.data import TrainingSet
+from influencespace.train.data import VariantData
 from influencespace.train.model import build_model, clip_loss
-from influencespace.train.sampler import WeightedShardSampler
+from influencespace.train.sampler import epoch_batches, epoch_scale
 
 log = logging.getLogger(__name__)
 
@@ -151,20 +152,27 @@ def deepspeed_config(hp: Hyperparameters, world_size: int) -> dict:
 # The recipe
 
 
+Chunks = Callable[[], Iterable[dict]]  # one pass over this worker's kept rows: {"id", "image", "text", "weight"}
+
+
 def train_run(
-    spec: RunSpec, hp: Hyperparameters, data: TrainingSet, session: Session, restore: tuple[str, str] | None = None
+    spec: RunSpec, hp: Hyperparameters, data: VariantData, chunks: Chunks, session: Session,
+    restore: tuple[str, str] | None = None,
 ) -> dict:
     """Train one variant for one seed; return its record (also written to ``run.json`` by rank 0).
 
-    ``restore`` = (local directory, URI) of an epoch checkpoint of this run (every rank's DeepSpeed
-    partition, ``history.json``): the engine state (weights, optimizer, step) is loaded from it and
-    training goes on with the next epoch. The sampler draws each epoch from ``(seed, epoch)`` alone, so
-    a restored run sees the same batches as an uninterrupted one.
+    ``chunks()`` streams this worker's share of the variant's rows once (the local runner: every shard
+    pair in order; Ray Train: this worker's split of the variant's dataset); each epoch is one pass,
+    weighted by :func:`~influencespace.train.sampler.epoch_batches`. ``restore`` = (local directory,
+    URI) of an epoch checkpoint of this run (every rank's DeepSpeed partition, ``history.json``): the
+    engine state (weights, optimizer, step) is loaded from it and training goes on with the next epoch.
+    An epoch's samples depend on (seed, epoch) and the rows alone, so a restored run sees the same
+    epochs as an uninterrupted one.
     """
     import torch
 
     started = time.perf_counter()
-    engine, sampler, dtype = _setup(spec, hp, data, session)
+    engine, dtype = _setup(spec, hp, data, session)
     history: list[dict] = []
     checkpoint = ""
     if restore is not None:
@@ -176,28 +184,29 @@ def train_run(
             log.info("%s: restored after epoch %d from %s", spec.name, len(history), checkpoint)
     restored_epochs = len(history)
     setup_seconds = time.perf_counter() - started
-    image = torch.from_numpy(data.image).to(session.device, dtype)
-    text = torch.from_numpy(data.text).to(session.device, dtype)
+    scale = epoch_scale(spec.steps_per_epoch * hp.batch_size, data.weight_sum)
 
     for epoch in range(restored_epochs, spec.epochs):
-        metrics = _train_epoch(engine, sampler, epoch, image, text, session)
+        batches = epoch_batches(chunks(), scale=scale, seed=spec.seed, epoch=epoch, rank=session.rank,
+                                micro_batch=hp.batch_size // session.world_size)
+        metrics = _train_epoch(engine, batches, dtype, session, hp.batch_size)
         metrics.update({"variant": spec.variant, "seed": spec.seed, "epoch": epoch + 1,
-                        "step": (epoch + 1) * spec.steps_per_epoch})
+                        "step": sum(h["steps"] for h in history) + metrics["steps"]})
         history.append(metrics)
         checkpoint = _save_and_report(engine, spec, history, session, epoch + 1)
         if session.rank == 0:
-            log.info("%s epoch %d/%d: loss %.4f (%.1fs)", spec.name, epoch + 1, spec.epochs, metrics["loss"],
-                     metrics["seconds"])
+            log.info("%s epoch %d/%d: loss %.4f, %d steps (%.1fs)", spec.name, epoch + 1, spec.epochs,
+                     metrics["loss"], metrics["steps"], metrics["seconds"])
         fault_point("train.epoch", f"{spec.variant}-{epoch + 1}")  # tests: a worker lost between two epochs
 
     record = {
         "variant": spec.variant,
         "seed": spec.seed,
-        "rows": int(len(data)),
-        "weight_sum": float(data.weight.sum()),
+        "rows": data.rows,
+        "weight_sum": data.weight_sum,
         "epochs": spec.epochs,
-        "steps_per_epoch": spec.steps_per_epoch,
-        "steps": spec.epochs * spec.steps_per_epoch,
+        "steps_per_epoch": spec.steps_per_epoch,  # planned: an epoch holds this many global batches in expectation
+        "steps": int(sum(h["steps"] for h in history)),  # taken
         "global_batch": hp.batch_size,
         "world_size": session.world_size,
         "hyperparameters": asdict(hp),
@@ -222,63 +231,94 @@ def train_run(
     return record
 
 
-def warm_up(spec: RunSpec, hp: Hyperparameters, data: TrainingSet, session: Session, steps: int = 3) -> None:
-    """A few throwaway steps before the first timed run of a process.
+def warm_up(spec: RunSpec, hp: Hyperparameters, data: VariantData, session: Session, steps: int = 3) -> None:
+    """A few throwaway steps on random inputs before the first timed run of a process.
 
     The first steps in a fresh process pay for allocator growth, thread pools and the collectives'
     first-call setup; without this the first variant trained (the baseline) would look slower than
-    the rest and every time ratio would be biased in the curated sets' favour. Nothing is saved.
+    the rest and every time ratio would be biased in the curated sets' favour. Nothing is read or saved.
     """
-    import torch
-
-    engine, sampler, dtype = _setup(replace(spec, steps_per_epoch=steps), hp, data, session)
-    image = torch.from_numpy(data.image).to(session.device, dtype)
-    text = torch.from_numpy(data.text).to(session.device, dtype)
-    _train_epoch(engine, sampler, 0, image, text, session)
+    engine, dtype = _setup(spec, hp, data, session)
+    rng = np.random.default_rng([spec.seed, session.rank])
+    micro = hp.batch_size // session.world_size
+    batches = ({"id": np.zeros(micro), "image": rng.standard_normal((micro, data.image_dim), dtype=np.float32),
+                "text": rng.standard_normal((micro, data.text_dim), dtype=np.float32)} for _ in range(steps))
+    _train_epoch(engine, batches, dtype, session, hp.batch_size)
     engine.destroy()
 
 
-def _setup(spec: RunSpec, hp: Hyperparameters, data: TrainingSet, session: Session):
+def _setup(spec: RunSpec, hp: Hyperparameters, data: VariantData, session: Session):
     import deepspeed
     import torch
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)  # DeepSpeed logs every config key at INFO on every rank
-    model = build_model(data.image.shape[1], data.text.shape[1], hp.head_dim, hp.logit_scale_init, spec.seed)
+    model = build_model(data.image_dim, data.text_dim, hp.head_dim, hp.logit_scale_init, spec.seed)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=deepspeed_config(hp, session.world_size),
         dist_init_required=False,  # the runner (Ray Train or the local runner) owns the process group
     )
-    sampler = WeightedShardSampler(data.weight, spec.steps_per_epoch, hp.batch_size, session.rank,
-                                   session.world_size, spec.seed)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[hp.precision]
-    return engine, sampler, dtype
+    return engine, dtype
 
 
-def _train_epoch(engine, sampler: WeightedShardSampler, epoch: int, image, text, session: Session) -> dict:
+def in_step(batches: Iterable[dict], session: Session) -> Iterator[dict]:
+    """``batches`` for as long as every worker has one (the workers' streams may differ by a few samples).
+
+    Each step the workers agree (an all-reduce of MIN) whether all of them hold a next batch; when one
+    has run out, all stop, and the others read the rest of their stream (a tail of a few samples at
+    most, :mod:`~influencespace.train.sampler`) so that Ray Data finishes the epoch's split cleanly.
+    """
+    import torch
+    import torch.distributed as dist
+
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, None)
+        if session.world_size > 1:
+            flag = torch.tensor([0 if batch is None else 1], dtype=torch.int64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            if not flag.item():
+                for _ in iterator:
+                    pass
+                return
+        elif batch is None:
+            return
+        yield batch
+
+
+def _train_epoch(engine, batches: Iterable[dict], dtype, session: Session, global_batch: int) -> dict:
     import torch
     import torch.distributed as dist
 
     engine.train()
-    sampler.set_epoch(epoch)
     losses = []
     t0 = time.perf_counter()
-    for rows in sampler:
-        index = torch.from_numpy(rows).to(image.device)
-        loss = _loss(engine, image[index], text[index], session)
+    for batch in in_step(batches, session):
+        image = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(session.device, dtype)
+        text = torch.from_numpy(np.ascontiguousarray(batch["text"])).to(session.device, dtype)
+        loss = _loss(engine, image, text, session)
         engine.backward(loss)
         engine.step()
         losses.append(loss.detach().float())
     _barrier(session)  # the epoch ends when the slowest worker is done
     seconds = time.perf_counter() - t0
+    if not losses:
+        raise InputDataError(
+            f"an epoch had no full global batch of {global_batch} samples: the variant keeps too few rows for "
+            "train.batch_size; lower train.batch_size or keep more rows"
+        )
     # Each worker's loss covers its rows of every global batch; their mean is the global-batch loss.
-    mean = torch.stack(losses).mean().reshape(1)
+    offered = getattr(batches, "offered", len(losses) * global_batch // session.world_size)
+    totals = torch.tensor([float(torch.stack(losses).mean()), float(offered)], dtype=torch.float64)
     if session.world_size > 1:
-        dist.all_reduce(mean)
-        mean /= session.world_size
-    return {"loss": float(mean.item()), "seconds": float(seconds), "samples": len(sampler) * sampler.global_batch}
+        dist.all_reduce(totals)
+        totals[0] /= session.world_size
+    steps = len(losses)
+    return {"loss": float(totals[0]), "seconds": float(seconds), "steps": steps, "samples": steps * global_batch,
+            "samples_offered": int(totals[1])}
 
 
 def _loss(engine, image, text, session: Session):

@@ -24,11 +24,12 @@ from dataclasses import replace
 from typing import Any
 
 from influencespace import storage
-from influencespace.errors import ConfigError, InfluenceSpaceError, InputDataError
+from influencespace.errors import ConfigError, InfluenceSpaceError, InputDataError, StageStateError
 from influencespace.faults import fault_point
 from influencespace.layout import BASELINE, variant_manifests
 from influencespace.progress import NULL, Sink, track
 from influencespace.stages import Stage, StageContext, StageResult
+from influencespace.train.data import CHUNK_ROWS, VariantData, plan_variant, pool_shards, read_pairs, variant_dataset
 from influencespace.train.recipe import (
     RUN_FILE,
     Hyperparameters,
@@ -45,9 +46,18 @@ RAY_DIR = "_ray"
 LOCAL_CHECKPOINTS = "_checkpoints"
 
 
-def _kept_rows(manifest_uri: str) -> int:
-    frame = storage.read_table(manifest_uri, columns=["keep", "weight"]).to_pandas()
-    return int((frame["keep"].astype(bool) & (frame["weight"] > 0)).sum())
+def _variant_counts(ctx: StageContext, key: str) -> tuple[int, float]:
+    """(kept rows, weight sum) of a manifest, from the curate stage's summary (no manifest is read)."""
+    from influencespace.layout import summary_entry
+
+    summary = storage.read_json(ctx.input_path("curate", "summary"))
+    try:
+        entry = summary_entry(summary, key)
+        return int(entry["kept"]), float(entry["weight_sum"])
+    except KeyError:
+        raise StageStateError(
+            f"the curate stage's summary has no kept count and weight sum for '{key}'; rerun curate"
+        ) from None
 
 
 def _validate(cfg: Any, runtime: Any) -> None:
@@ -80,16 +90,18 @@ class TrainStage(Stage):
                 f"set train.seeds={list(ctx.config.evaluate.seeds)}"
             )
         pool_uri = ctx.input_path("embed", "pool")
-        pool_rows = storage.read_table(pool_uri, columns=["id"]).num_rows
+        pool_rows = sum(storage.parquet_rows(shard) for shard in pool_shards(pool_uri))  # footers only
         if pool_rows == 0:
             raise InputDataError(f"the embedded pool at {pool_uri} is empty; nothing to train on")
 
         specs: list[RunSpec] = []
         steps: dict[str, int] = {}
-        manifests = {v: (ctx.input_path("curate", key) if key else None)
-                     for v, key in variant_manifests(ctx.input_manifests["curate"]).items()}
+        data: dict[str, VariantData] = {}
+        keys = variant_manifests(ctx.input_manifests["curate"])
+        manifests = {v: (ctx.input_path("curate", key) if key else None) for v, key in keys.items()}
         for variant, manifest_uri in manifests.items():
-            kept = pool_rows if manifest_uri is None else _kept_rows(manifest_uri)
+            kept, weight_sum = (pool_rows, float(pool_rows)) if manifest_uri is None else _variant_counts(ctx, keys[variant])
+            data[variant] = plan_variant(pool_uri, manifest_uri, kept, weight_sum)
             steps[variant] = steps_per_epoch(cfg.step_policy, pool_rows, kept, cfg.batch_size)
         # Seed-major order: the variants of one seed run back to back under the same conditions.
         for seed in seeds:
@@ -108,9 +120,9 @@ class TrainStage(Stage):
             t0 = time.perf_counter()
             with track(f"train: {len(pending)} runs", len(pending) * cfg.epochs, "epochs") as bar:
                 if runtime.runner == "local":
-                    _run_local(pending, hp, pool_uri, runtime.use_gpu, bar)
+                    _run_local(pending, hp, data, runtime.use_gpu, bar)
                 else:
-                    _run_on_ray(ctx, pending, hp, pool_uri, bar.sink())
+                    _run_on_ray(ctx, pending, hp, data, bar.sink())
             fit_seconds = time.perf_counter() - t0
 
         outputs: dict[str, str] = {}
@@ -137,22 +149,20 @@ class TrainStage(Stage):
 # Running the recipe
 
 
-def _run_all(
-    specs: list[RunSpec], hp: Hyperparameters, pool_uri: str, session: Session, restore: Any = None
-) -> list[dict]:
-    """Train ``specs`` in order; ``restore(spec)`` may hand a checkpoint to go on from (see ``train_run``)."""
-    from influencespace.train.data import apply_manifest, read_pool
+def _run_all(specs: list[RunSpec], hp: Hyperparameters, data: dict[str, VariantData], chunks_of: Any,
+             session: Session, restore: Any = None) -> list[dict]:
+    """Train ``specs`` in order; ``chunks_of(variant)`` streams this worker's rows of a variant once;
+    ``restore(spec)`` may hand a checkpoint to go on from (see ``train_run``)."""
     from influencespace.train.recipe import train_run, warm_up
 
-    pool = read_pool(pool_uri)
     records = []
     if specs:
-        warm_up(specs[0], hp, pool, session)
+        warm_up(specs[0], hp, data[specs[0].variant], session)
     for number, spec in enumerate(specs, start=1):
-        data = pool if spec.manifest_uri is None else apply_manifest(pool, spec.manifest_uri)
         with contextlib.ExitStack() as stack:
             found = restore(spec, stack) if restore is not None else None
-            records.append(train_run(spec, hp, data, session, restore=found))
+            records.append(train_run(spec, hp, data[spec.variant], lambda v=spec.variant: chunks_of(v), session,
+                                     restore=found))
         fault_point("train.run", number)  # tests: the driver killed between two runs
     return records
 
@@ -236,13 +246,17 @@ def upload_dir(local_dir: str, uri: str) -> None:
                 storage.write_bytes(storage.join(uri, relative), f.read())
 
 
-def _run_local(specs: list[RunSpec], hp: Hyperparameters, pool_uri: str, use_gpu: bool, progress: Sink = NULL) -> list[dict]:
+def _run_local(specs: list[RunSpec], hp: Hyperparameters, data: dict[str, VariantData], use_gpu: bool,
+               progress: Sink = NULL) -> list[dict]:
     with local_process_group(use_gpu) as device:
         def report(metrics: dict, checkpoint_dir: str, name: str) -> None:
             upload_dir(checkpoint_dir, storage.join(specs[0].checkpoint_root, name))
             progress.add(1)
 
-        return _run_all(specs, hp, pool_uri, Session(rank=0, world_size=1, device=device, report=report))
+        def chunks_of(variant: str):  # every shard pair in pool order, as a one-worker Ray Train run reads them
+            return read_pairs(data[variant].pairs)
+
+        return _run_all(specs, hp, data, chunks_of, Session(rank=0, world_size=1, device=device, report=report))
 
 
 def _ray_worker(config: dict) -> list[dict]:
@@ -281,17 +295,21 @@ def _ray_worker(config: dict) -> list[dict]:
         if session.rank == 0:  # one count per epoch of the group
             config["progress"].add(1)
 
+    def chunks_of(variant: str):  # this worker's split of the variant's dataset (Ray Train's sharding)
+        return ray.train.get_dataset_shard(variant).iter_batches(batch_size=CHUNK_ROWS, batch_format="numpy")
+
     session = Session(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                       device=ray.train.torch.get_device(), report=report)
-    records = _run_all(specs, config["hp"], config["pool_uri"], session, restore)
+    records = _run_all(specs, config["hp"], config["data"], chunks_of, session, restore)
     # Without an explicit barrier + teardown, about one run in four aborted here (ENVIRONMENT.md).
     dist.barrier()
     dist.destroy_process_group()
     return records
 
 
-def _run_on_ray(ctx: StageContext, specs: list[RunSpec], hp: Hyperparameters, pool_uri: str,
+def _run_on_ray(ctx: StageContext, specs: list[RunSpec], hp: Hyperparameters, data: dict[str, VariantData],
                 progress: Sink = NULL) -> list[dict]:
+    import ray.data
     import ray.train
 
     from influencespace.runtime import ensure_ray, run_torch_workers
@@ -315,7 +333,13 @@ def _run_on_ray(ctx: StageContext, specs: list[RunSpec], hp: Hyperparameters, po
             log.info("train: %s goes on from %s", spec.name, spec.restore_uri)
     specs = [replace(s, checkpoint_root=storage.join(ray_root, name)) for s in specs]
 
-    config = {"specs": specs, "hp": hp, "pool_uri": pool_uri, "progress": progress}
+    # One dataset per variant, split between the workers by Ray Train (each reads only its blocks);
+    # preserve_order makes the split the same in every attempt, so a resumed run sees the same epochs.
+    variants = sorted({s.variant for s in specs})
+    datasets = {v: variant_dataset(data[v]) for v in variants}
+    options = ray.data.ExecutionOptions(preserve_order=True)
+    config = {"specs": specs, "hp": hp, "data": {v: data[v] for v in variants}, "progress": progress}
     result = run_torch_workers(_ray_worker, config, runtime=runtime, num_workers=cfg.num_workers,
-                               run_config=run_config)
+                               run_config=run_config, datasets=datasets,
+                               dataset_config=ray.train.DataConfig(execution_options=options))
     return list(result.return_value or [])

@@ -122,3 +122,39 @@ def test_curve_budgets_curate_every_policy_again(make_config, tmp_path):
     variants = variant_manifests(outcome.manifest)
     assert variants["curve-keep-0.25-influencespace"] == "curve_keep-0.25_influencespace"
     assert list(variants)[:2] == ["baseline", "influencespace"] and len(variants) == 5 + 8
+
+
+def test_manifests_are_shard_aligned_with_the_pool(make_config, tmp_path):
+    """Manifest part i lists exactly pool shard i's ids (cluster rejects included); embed rejects apart."""
+    import pyarrow.parquet as pq
+
+    upstream = _upstream(tmp_path)
+    pool, assignments = (pq.read_table(tmp_path / d / "part-00000.parquet")
+                         for d in ("embed/pool", "cluster/assignments"))
+    for name, start, stop in (("part-00000.parquet", 0, 25), ("part-00003.parquet", 25, 60)):
+        storage.write_table(pool.slice(start, stop - start), str(tmp_path / "embed" / "pool" / name))
+    # The second shard's last row had a zero embedding: the cluster stage rejected it, so no assignment.
+    storage.write_table(assignments.slice(0, 25), str(tmp_path / "cluster" / "assignments" / "part-00000.parquet"))
+    storage.write_table(assignments.slice(25, 34), str(tmp_path / "cluster" / "assignments" / "part-00003.parquet"))
+    storage.write_table(pa.table({"id": ["pool-0059"], "reason": ["zero-norm embedding"]}),
+                        str(tmp_path / "cluster" / "rejects" / "part-00003.parquet"))
+    upstream["cluster"]["outputs"]["rejects"] = "rejects"
+    config = make_config("curate.keep_fraction=0.5", "curate.curve_keep_fractions=[0.3]")
+    outcome = run_stage(config, CurateStage(), upstream=upstream)
+    assert outcome.manifest["counts"]["rows"] == 61 and outcome.manifest["counts"]["rejected"] == 2, outcome.manifest
+    summary = storage.read_json(f"{config.run_dir}/curate/summary.json")
+    for directory, entry in (("manifest", summary["influencespace"]), ("policies/random", summary["random"]),
+                             ("curve/keep-0.30/dedup", summary["curve"]["keep-0.30"]["dedup"])):
+        files = sorted(u.rsplit("/", 1)[-1] for u in storage.list_files(f"{config.run_dir}/curate/{directory}"))
+        assert files == ["part-00000.parquet", "part-00003.parquet", "rejected-00000.parquet"], files
+        for name in ("part-00000.parquet", "part-00003.parquet"):
+            part = storage.read_table(f"{config.run_dir}/curate/{directory}/{name}").to_pandas()
+            shard = storage.read_table(str(tmp_path / "embed" / "pool" / name)).column("id").to_pylist()
+            assert sorted(part["id"]) == sorted(shard), (directory, name)
+        rejected = storage.read_table(f"{config.run_dir}/curate/{directory}/rejected-00000.parquet").to_pandas()
+        assert rejected["id"].tolist() == ["pool-bad1"] and not rejected["keep"].any()
+        whole = storage.read_table(f"{config.run_dir}/curate/{directory}").to_pandas()
+        zero = whole.set_index("id").loc["pool-0059"]
+        assert not zero.keep and zero.reason == "rejected: zero-norm embedding" and zero.cluster == -1
+        assert entry["kept"] == int(whole["keep"].sum()) and entry["rows"] == 61
+        assert entry["weight_sum"] == pytest.approx(float(whole.loc[whole["keep"], "weight"].sum()))

@@ -112,12 +112,16 @@ def build_run(root: str, pool: int = 64, test: int = 60, dim: int = 16, seed: in
     ids = pool_ids + ["pool-undecodable"]
     write_manifest(os.path.join(curate_dir, "manifest"), ids, list(keep) + [False], list(weight) + [0.0])
     outputs = {"manifest": "manifest", "summary": "summary.json"}
+    summary = {"influencespace": {"rows": pool + 1, "kept": int(keep.sum()), "weight_sum": float(weight[keep].sum())}}
     for name in policies:
         random_keep = np.zeros(pool, bool)
         random_keep[rng.permutation(pool)[: int(keep.sum())]] = True
         write_manifest(os.path.join(curate_dir, "policies", name), ids, list(random_keep) + [False],
                        [1.0] * pool + [0.0])
         outputs[f"policy_{name}"] = f"policies/{name}"
+        summary[name] = {"rows": pool + 1, "kept": int(keep.sum()), "weight_sum": float(keep.sum())}
+    with open(os.path.join(curate_dir, "summary.json"), "w") as f:
+        json.dump(summary, f)
 
     upstream = {
         "data": {"fingerprint": "data-fp", "stage_dir": data_dir,

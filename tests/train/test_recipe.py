@@ -8,7 +8,7 @@ import torch
 
 from influencespace.config import load_config
 from influencespace.errors import InputDataError
-from influencespace.train.data import apply_manifest, read_pool
+from influencespace.train.data import plan_variant, read_pairs
 from influencespace.train.model import build_model, clip_loss, load_model
 from influencespace.train.recipe import Hyperparameters, deepspeed_config, steps_per_epoch
 from tests.train.synthetic import build_run, write_manifest
@@ -70,21 +70,33 @@ def test_model_init_is_seeded_and_state_round_trips():
 
 def test_manifest_join_keeps_weights_and_refuses_foreign_ids(tmp_path):
     run = build_run(str(tmp_path), pool=40, dim=8)
-    pool_dir = str(tmp_path / "embed" / "pool")
-    pool = read_pool(pool_dir)
-    assert len(pool) == 40 and pool.image.shape == (40, 8) and pool.image.dtype == np.float32
-    data = apply_manifest(pool, str(tmp_path / "curate" / "manifest"))
-    assert len(data) == int(run["keep"].sum())
+    pool_dir, manifest_dir = str(tmp_path / "embed" / "pool"), str(tmp_path / "curate" / "manifest")
+    data = plan_variant(pool_dir, manifest_dir, int(run["keep"].sum()), float(run["weight"][run["keep"]].sum()))
+    assert data.pairs == ((f"{pool_dir}/part-00000.parquet", f"{manifest_dir}/part-00000.parquet"),)
+    assert (data.image_dim, data.text_dim) == (8, 8)
+    chunks = list(read_pairs(data.pairs, chunk_rows=16))  # 40 pool rows read in chunks of 16
+    assert [len(c["id"]) for c in chunks] == [int(run["keep"][i:i + 16].sum()) for i in (0, 16, 32)]
+    ids = np.concatenate([c["id"] for c in chunks])
+    assert list(ids) == [i for i, k in zip(run["pool_ids"], run["keep"], strict=True) if k]  # pool order
     expected = dict(zip(run["pool_ids"], run["weight"], strict=True))
-    np.testing.assert_allclose(data.weight, [expected[i] for i in data.ids])
-    assert np.isclose(data.weight.mean(), 1.0)
+    np.testing.assert_allclose(np.concatenate([c["weight"] for c in chunks]), [expected[i] for i in ids])
+    assert chunks[0]["image"].shape == (len(chunks[0]["id"]), 8) and chunks[0]["image"].dtype == np.float32
+    baseline = list(read_pairs(plan_variant(pool_dir, None, 40, 40.0).pairs))
+    assert sum(len(c["id"]) for c in baseline) == 40 and all(np.all(c["weight"] == 1) for c in baseline)
 
-    write_manifest(str(tmp_path / "foreign"), ["pool-00000", "elsewhere"], [True, True], [1.0, 1.0])
+    foreign = tmp_path / "foreign"
+    write_manifest(str(foreign), ["pool-00000", "elsewhere"], [True, True], [1.0, 1.0])
     with pytest.raises(InputDataError, match="lacks"):
-        apply_manifest(pool, str(tmp_path / "foreign"))
-    write_manifest(str(tmp_path / "empty"), ["pool-00000"], [False], [0.0])
+        list(read_pairs(plan_variant(pool_dir, str(foreign), 2, 2.0).pairs))
+    write_manifest(str(tmp_path / "twice"), ["pool-00000", "pool-00000"], [True, True], [1.0, 1.0])
+    with pytest.raises(InputDataError, match="twice"):
+        list(read_pairs(plan_variant(pool_dir, str(tmp_path / "twice"), 2, 2.0).pairs))
     with pytest.raises(InputDataError, match="keeps no rows"):
-        apply_manifest(pool, str(tmp_path / "empty"))
+        plan_variant(pool_dir, manifest_dir, 0, 0.0)
+    (tmp_path / "unaligned").mkdir()
+    write_manifest(str(tmp_path / "unaligned" / "elsewhere"), ["pool-00000"], [True], [1.0])
+    with pytest.raises(InputDataError, match="no part for 1 pool shard"):
+        plan_variant(pool_dir, str(tmp_path / "unaligned"), 1, 1.0)
 
 
 def test_train_refuses_before_training_when_evaluate_wants_untrained_seeds(tmp_path, make_config):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import torch
 
 from influencespace import storage
 from influencespace.stages import run_stage
 from influencespace.train.model import load_model
+from influencespace.train.sampler import epoch_scale, repeat_counts
 from influencespace.train.stage import TrainStage
 from tests.train.synthetic import build_run
 
@@ -23,12 +25,20 @@ def test_train_stage_local_trains_every_variant_with_the_same_steps(tmp_path, ma
     assert manifest["extra"]["steps"] == {"baseline": 2, "influencespace": 2, "random": 2}
     assert manifest["counts"]["runs"] == 3
 
-    for variant, rows in (("baseline", 64), ("influencespace", int(run["keep"].sum()))):
+    keep = run["keep"]
+    for variant, ids, weight in (("baseline", run["pool_ids"], np.ones(64)),
+                                 ("influencespace", np.array(run["pool_ids"])[keep], run["weight"][keep])):
         metrics = storage.read_json(storage.join(manifest["stage_dir"], manifest["outputs"][variant]))
         record = metrics["runs"]["0"]
-        assert metrics["variant"] == variant and metrics["rows"] == rows and metrics["steps"] == 2
+        # The epoch offered each kept row its seeded repeat count (λ = 2 steps × 32 / Σw) and took every
+        # full global batch of them: the baseline (every w = 1, λ = 1) each row once, so exactly 2 steps.
+        offered = int(repeat_counts(np.array(ids, dtype=object), weight, epoch_scale(64, weight.sum()), 0, 0).sum())
+        assert metrics["variant"] == variant and metrics["rows"] == len(ids), (metrics["rows"], len(ids))
+        assert record["history"][0]["samples_offered"] == offered, (record["history"][0], offered)
+        assert metrics["steps"] == offered // 32 == record["history"][0]["steps"], (metrics["steps"], offered)
+        assert record["steps_per_epoch"] == 2 and (variant != "baseline" or metrics["steps"] == 2)
         assert record["world_size"] == 1 and record["hyperparameters"]["zero_stage"] == 2
-        assert len(record["history"]) == 1 and record["history"][0]["samples"] == 64
+        assert len(record["history"]) == 1 and record["history"][0]["samples"] == 32 * metrics["steps"]
         assert record["train_seconds"] > 0 and torch.isfinite(torch.tensor(record["final_loss"]))
         # The final weights load safely, and the epoch checkpoint holds DeepSpeed's and the plain weights.
         state = torch.load(io.BytesIO(storage.read_bytes(storage.join(manifest["stage_dir"], record["model"]))),
@@ -57,7 +67,10 @@ def test_zero3_bf16_sgd_train_and_save_full_weights(tmp_path, make_config):
     manifest = run_stage(config, TrainStage(), upstream=run["upstream"]).manifest
     metrics = storage.read_json(storage.join(manifest["stage_dir"], manifest["outputs"]["influencespace"]))
     record = metrics["runs"]["0"]
-    assert record["steps"] == 4 and len(record["history"]) == 2
+    assert len(record["history"]) == 2 and record["steps"] == sum(h["steps"] for h in record["history"]) > 0, record
+    # The baseline's epochs (every w = 1, λ = 1) hold each row once: exactly the planned 2 steps each.
+    baseline = storage.read_json(storage.join(manifest["stage_dir"], manifest["outputs"]["baseline"]))["runs"]["0"]
+    assert baseline["steps"] == 4 and [h["steps"] for h in baseline["history"]] == [2, 2], baseline["history"]
     state = torch.load(io.BytesIO(storage.read_bytes(storage.join(manifest["stage_dir"], record["model"]))),
                        weights_only=True)
     assert state["image_proj.weight"].shape == (8, 8) and state["image_proj.weight"].dtype == torch.bfloat16

@@ -1,4 +1,5 @@
-"""DeepSpeed inside Ray Train: 2 workers, 2 steps, run directory on S3; equal to the single-process run."""
+"""DeepSpeed inside Ray Train, reading through Ray Train's dataset sharding: 1 worker equals the
+single-process run exactly; 2 workers (run directory on S3) are offered exactly the same samples."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ from influencespace.train.stage import TrainStage
 from tests.train.synthetic import build_run
 
 
+def _record(manifest: dict, variant: str) -> dict:
+    return storage.read_json(storage.join(manifest["stage_dir"], manifest["outputs"][variant]))["runs"]["0"]
+
+
 def _weights(manifest: dict, variant: str) -> dict:
     metrics = storage.read_json(storage.join(manifest["stage_dir"], manifest["outputs"][variant]))
     path = storage.join(manifest["stage_dir"], metrics["runs"]["0"]["model"])
@@ -21,7 +26,7 @@ def _weights(manifest: dict, variant: str) -> dict:
 
 @pytest.mark.ray
 @pytest.mark.s3
-def test_deepspeed_in_ray_train_two_workers_matches_single_process(ray_cluster, s3_prefix, tmp_path, make_config):
+def test_deepspeed_in_ray_train_reads_its_dataset_shard_like_the_local_run(ray_cluster, s3_prefix, tmp_path, make_config):
     run = build_run(str(tmp_path / "inputs"), pool=64, dim=8, policies=())
     settings = ("train.batch_size=32", "train.epochs=1", "train.head_dim=8", "train.zero_stage=1")
     on_ray = run_stage(make_config(*settings, "train.num_workers=2", run_dir=s3_prefix), TrainStage(),
@@ -30,7 +35,7 @@ def test_deepspeed_in_ray_train_two_workers_matches_single_process(ray_cluster, 
 
     metrics = storage.read_json(storage.join(on_ray["stage_dir"], on_ray["outputs"]["influencespace"]))
     record = metrics["runs"]["0"]
-    assert record["world_size"] == 2 and record["steps"] == 2 and len(record["history"]) == 1
+    assert record["world_size"] == 2 and len(record["history"]) == 1, record
     # The per-epoch checkpoint went through Ray Train into the run directory on S3: DeepSpeed's
     # model states (rank 0) and both workers' ZeRO optimizer partitions, merged into one directory.
     checkpoint = storage.join(on_ray["stage_dir"], record["checkpoint"])
@@ -40,9 +45,18 @@ def test_deepspeed_in_ray_train_two_workers_matches_single_process(ray_cluster, 
     assert sum("optim_states" in f for f in files) == 2
 
     local = run_stage(make_config(*settings, "runtime.runner=local"), TrainStage(), upstream=run["upstream"]).manifest
-    # Global batches are the same for any worker count and features are gathered with gradients, so
-    # two workers take the same steps as one process.
+    one = run_stage(make_config(*settings, "train.num_workers=1", run_dir=str(tmp_path / "one")), TrainStage(),
+                    upstream=run["upstream"]).manifest
     for variant in ("baseline", "influencespace"):
-        a, b = _weights(on_ray, variant), _weights(local, variant)
+        # One Ray Train worker reads its dataset shard in pool order (preserve_order), so it takes exactly
+        # the batches the local runner reads from the files: the same weights.
+        a, b = _weights(one, variant), _weights(local, variant)
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+        # Two workers split the rows between them; each row's repeat count depends on its id, the seed
+        # and the epoch only, so together they were offered exactly what one process was.
+        two_epoch, local_epoch = (_record(m, variant)["history"][0] for m in (on_ray, local))
+        assert two_epoch["samples_offered"] == local_epoch["samples_offered"], (two_epoch, local_epoch)
+        assert 0 < two_epoch["steps"] <= local_epoch["steps"], (two_epoch, local_epoch)
+    # The baseline (64 rows of weight 1, λ = 1) splits 32 / 32: both workers take the full 2 steps.
+    assert _record(on_ray, "baseline")["steps"] == _record(local, "baseline")["steps"] == 2
