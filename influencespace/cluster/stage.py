@@ -31,11 +31,11 @@ from influencespace.cluster.shards import (
     ShardedDataset,
     ShardInfo,
     ShardWorker,
-    parquet_rows,
     plan_groups,
 )
 from influencespace.errors import InfluenceSpaceError, InputDataError
 from influencespace.stages import Stage, StageContext, StageResult
+from influencespace.storage import parquet_rows
 
 log = logging.getLogger(__name__)
 
