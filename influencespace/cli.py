@@ -230,8 +230,7 @@ def _export(args: argparse.Namespace) -> int:
     if not storage.exists(args.run_dir):  # before the console makes <run_dir>/logs/ there
         raise InfluenceSpaceError(f"no run directory at {args.run_dir}; give the run_dir of a finished run")
     with _console(args.run_dir, args.verbose) as console, console.stage("export"):
-        if args.format != "uids":
-            ensure_ray(RuntimeConfig())
+        ensure_ray(RuntimeConfig())
         counts = export_run(args.run_dir, args.format, args.out, args.policy, args.weights, args.rows_per_file,
                             args.pairs)
         console.line(f"exported {counts['kept']} kept samples of {args.run_dir} as {args.format} to {args.out}")

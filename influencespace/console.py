@@ -31,6 +31,7 @@ from typing import Any
 
 from influencespace import progress, storage
 from influencespace.layout import LOGS_DIR
+from influencespace.progress import RayCount, RaySink
 
 log = logging.getLogger(__name__)
 
@@ -90,30 +91,6 @@ class _LogPump:
         # what they still print goes nowhere, as after any run.
 
 
-class _Count:
-    """A Ray actor that adds up what remote workers report (see :meth:`_Bar.sink`)."""
-
-    def __init__(self) -> None:
-        self.n = 0
-
-    def add(self, n: int) -> None:
-        self.n += n
-
-    def value(self) -> int:
-        return self.n
-
-
-class RaySink:
-    """A :class:`~influencespace.progress.Sink` that works from any process of the Ray cluster."""
-
-    def __init__(self, actor: Any):
-        self.actor = actor
-
-    def add(self, n: int = 1) -> Any:
-        """Send ``n`` on (no waiting); the returned reference is for callers that must know it arrived."""
-        return self.actor.add.remote(int(n))
-
-
 class _Bar:
     """One tracked piece of work: a tqdm bar on a terminal, periodic plain lines elsewhere."""
 
@@ -144,7 +121,7 @@ class _Bar:
         if not ray.is_initialized():
             return self
         if self._actor is None:
-            self._actor = ray.remote(num_cpus=0)(_Count).remote()
+            self._actor = RayCount.start()
             self._poller = threading.Thread(target=self._poll, name=f"progress-{self.desc}", daemon=True)
             self._poller.start()
         return RaySink(self._actor)

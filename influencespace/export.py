@@ -23,9 +23,13 @@ tars or Parquet files holding the same ids. A run that started from precomputed 
 WebDataset sample's JSON; a sample whose JSON lacks it falls back to the JSON's ``id``, then ``uid``,
 then the tar key.
 
-Streaming through Ray Data: pool shards are read, filtered and written block by block. The kept-id →
-weight table is broadcast once through the object store (about 40 bytes per kept row per node), so
-memory is bounded by that table plus one block per task.
+Streaming through Ray Data, nothing per row on the driver: the manifest's kept rows (``id``,
+``weight``) are a Ray Data dataset read from the manifest's parts. ``uids`` sorts them with Ray Data's
+distributed sort and streams the sorted batches into ``uids.npy`` / ``uids.txt`` / ``weights.parquet``
+(the driver holds one batch; the ``.npy`` header is written first from a counting pass). ``webdataset``
+and ``parquet`` join the pool with the kept rows by id (``Dataset.join``, a hash-partitioned join, so
+each task holds one partition of each side) and write block by block. Every kept row must come out
+once: a kept id the pool lacks is an error that names how many are missing.
 """
 
 from __future__ import annotations
@@ -47,11 +51,13 @@ _HEX_UID = re.compile(r"^[0-9a-fA-F]{32}$")
 
 
 def uid_array(ids: list[str]) -> np.ndarray:
-    """Sorted uids as DataComp stores them (``u8,u8`` halves) or, for other ids, a sorted string array."""
+    """Sorted uids as DataComp stores them (``u8,u8`` halves) or, for other ids, a sorted string array.
+
+    In memory; what the streaming ``uids`` export writes, row for row (the tests compare them).
+    """
     ids = sorted(ids)
     if ids and all(_HEX_UID.match(i) for i in ids):
-        pairs = [(int(i[:16], 16), int(i[16:32], 16)) for i in ids]
-        return np.array(pairs, dtype=np.dtype("u8,u8"))
+        return hex_halves(np.asarray(ids, dtype=object))
     return np.array(ids, dtype=str)
 
 
@@ -60,18 +66,102 @@ def repeats(weights: np.ndarray) -> np.ndarray:
     return np.maximum(1, np.rint(np.asarray(weights, dtype=np.float64))).astype(np.int64)
 
 
-def read_kept(run_dir: str, policy: str = CURATED) -> Any:
-    """Kept rows (``id``, ``weight``) of a finished curate stage, as a pyarrow table."""
-    import pyarrow.compute as pc
-
+def manifest_directory(run_dir: str, policy: str = CURATED) -> str:
+    """The manifest directory of ``policy`` in a run whose curate stage finished (else a clear error)."""
     curate_dir = storage.join(run_dir, "curate")
     if not storage.exists(storage.join(curate_dir, "_SUCCESS.json")):
         raise InfluenceSpaceError(f"{run_dir} has no finished curate stage: run the pipeline up to 'curate' first")
     directory = storage.join(curate_dir, manifest_dir(policy))
     if not storage.exists(directory):
         raise InfluenceSpaceError(f"{run_dir} has no manifest for policy '{policy}'")
-    table = storage.read_table(directory, columns=["id", "keep", "weight"])
+    return directory
+
+
+def read_kept(run_dir: str, policy: str = CURATED) -> Any:
+    """Kept rows (``id``, ``weight``) of a finished curate stage, as one pyarrow table in memory.
+
+    For inspection and small runs; export itself streams (:func:`kept_dataset`).
+    """
+    import pyarrow.compute as pc
+
+    table = storage.read_table(manifest_directory(run_dir, policy), columns=["id", "keep", "weight"])
     return table.filter(pc.field("keep")).select(["id", "weight"])
+
+
+def _kept_rows(batch):
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.field("keep")).select(["id", "weight"])
+
+
+def kept_dataset(directory: str):
+    """The kept rows (``id``, ``weight``) of a manifest directory as a Ray Data dataset (its parts, in parallel)."""
+    import ray.data
+
+    fs, path = storage.resolve(directory)
+    return ray.data.read_parquet(path, filesystem=fs, columns=["id", "keep", "weight"],
+                                 file_extensions=["parquet"]).map_batches(_kept_rows, batch_format="pyarrow")
+
+
+def _id_stats(batch):
+    """Per batch: rows, rows whose id is not a 32-hex-digit uid, the longest id (in characters)."""
+    import pyarrow.compute as pc
+
+    ids = batch.column("id")
+    hex_uid = pc.match_substring_regex(ids, _HEX_UID.pattern)
+    return {"rows": [batch.num_rows], "non_hex": [batch.num_rows - pc.sum(hex_uid).as_py() if batch.num_rows else 0],
+            "max_len": [pc.max(pc.utf8_length(ids)).as_py() or 0 if batch.num_rows else 0]}
+
+
+_NIBBLE = np.full(256, 255, np.uint8)
+_NIBBLE[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
+_NIBBLE[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
+_NIBBLE[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+
+
+def hex_halves(ids: np.ndarray) -> np.ndarray:
+    """32-hex-digit uids as DataComp's ``u8,u8`` records (high and low 64 bits), vectorised."""
+    digits = _NIBBLE[np.asarray(ids, dtype="S32").view(np.uint8).reshape(len(ids), 32)].astype(np.uint64)
+    shifts = np.arange(60, -1, -4, dtype=np.uint64)
+    out = np.empty(len(ids), dtype=np.dtype("u8,u8"))
+    out["f0"] = (digits[:, :16] << shifts).sum(axis=1, dtype=np.uint64)
+    out["f1"] = (digits[:, 16:] << shifts).sum(axis=1, dtype=np.uint64)
+    return out
+
+
+def _export_uids(kept, out_uri: str, progress: Sink = NULL) -> int:
+    """Stream the kept ids, sorted, into ``uids.npy``, ``uids.txt`` and ``weights.parquet``; return the count."""
+    import contextlib
+
+    import pyarrow.parquet as pq
+
+    stats = kept.map_batches(_id_stats, batch_format="pyarrow").take_all()
+    count = int(sum(s["rows"] for s in stats))
+    hex_uids = count > 0 and sum(s["non_hex"] for s in stats) == 0
+    dtype = np.dtype("u8,u8") if hex_uids else np.dtype(f"<U{max([1] + [s['max_len'] for s in stats])}")
+    written = 0
+    with contextlib.ExitStack() as stack:
+        npy, txt, weights = (stack.enter_context(storage.open_output(storage.join(out_uri, name)))
+                             for name in ("uids.npy", "uids.txt", "weights.parquet"))
+        np.lib.format.write_array_header_1_0(
+            npy, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (count,)})
+        writer = None
+        for batch in kept.sort("id").iter_batches(batch_format="pyarrow", batch_size=65_536):
+            ids = np.asarray(batch.column("id").to_pylist(), dtype=object)
+            npy.write((hex_halves(ids) if hex_uids else np.asarray(ids, dtype=dtype)).tobytes())
+            txt.write(("\n".join(ids) + "\n").encode())
+            if writer is None:
+                writer = stack.enter_context(pq.ParquetWriter(weights, batch.schema))
+            writer.write_table(batch)
+            written += batch.num_rows
+            progress.add(batch.num_rows)
+        if writer is None:  # nothing kept: still a valid, empty table
+            import pyarrow as pa
+
+            pq.write_table(pa.table({"id": pa.array([], pa.string()), "weight": pa.array([], pa.float64())}), weights)
+        if written != count:
+            raise InfluenceSpaceError(f"export: {written} sorted uids but {count} kept rows; the manifest changed while exporting?")
+    return count
 
 
 def _pool_source(run_dir: str) -> tuple[str, str, str]:
@@ -140,26 +230,21 @@ def _read_pool(uri: str, fmt: str, id_column: str = "id"):
     return ds.map_batches(to_columns, batch_format="numpy")
 
 
-class _AttachWeights:
-    """Keep only kept rows and add their weight (vectorised lookup in the broadcast table)."""
+def _counting(counter: Any, progress: Sink):
+    """A Ray Data UDF that counts rows exactly across the cluster (a ``RayCount`` actor) and shows progress."""
 
-    def __init__(self, kept_ref: Any, progress: Sink = NULL):
+    def count(batch):
         import ray
 
-        kept = ray.get(kept_ref)
-        self.ids = kept.column("id")
-        self.weights = kept.column("weight")
-        self.progress = progress
+        ray.get(counter.add.remote(batch.num_rows))  # waits: the total is read right after the write
+        progress.add(batch.num_rows)
+        return batch
 
-    def __call__(self, batch):
-        import pyarrow.compute as pc
+    return count
 
-        position = pc.index_in(batch.column("id"), value_set=self.ids)
-        mask = pc.is_valid(position)
-        batch = batch.filter(mask)
-        weights = pc.take(self.weights, pc.drop_null(position))
-        self.progress.add(batch.num_rows)
-        return batch.append_column("weight", weights)
+
+def _copies(batch: dict) -> dict:
+    return {"copies": repeats(batch["weight"])}
 
 
 def _to_webdataset_rows(weights_mode: str):
@@ -191,25 +276,21 @@ def export_run(run_dir: str, fmt: str, out_uri: str, policy: str = CURATED, weig
     """Write the kept subset of ``run_dir`` to ``out_uri`` in ``fmt``; return counts.
 
     ``pairs_uri``: raw pairs (WebDataset tars or Parquet) to take sample bytes from; default the run's
-    data pool.
+    data pool. Runs on Ray Data: call it with Ray up (``runtime.ensure_ray``; the CLI does).
     """
     if fmt not in FORMATS:
         raise InfluenceSpaceError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
     if weights_mode not in ("field", "repeats"):
         raise InfluenceSpaceError(f"--weights must be 'field' or 'repeats', got '{weights_mode}'")
-    kept = read_kept(run_dir, policy)
-    counts = {"kept": kept.num_rows}
-    if fmt == "uids":
-        import io
-
-        buf = io.BytesIO()
-        np.save(buf, uid_array(kept.column("id").to_pylist()), allow_pickle=False)
-        storage.write_bytes(storage.join(out_uri, "uids.npy"), buf.getvalue())
-        storage.write_bytes(storage.join(out_uri, "uids.txt"), ("\n".join(sorted(kept.column("id").to_pylist())) + "\n").encode())
-        storage.write_table(kept.sort_by("id"), storage.join(out_uri, "weights.parquet"))
-        return counts
-
     import ray
+
+    from influencespace.progress import RayCount
+
+    directory = manifest_directory(run_dir, policy)
+    kept = kept_dataset(directory)
+    if fmt == "uids":
+        with track("export", None, "rows") as bar:
+            return {"kept": _export_uids(kept, out_uri, bar)}
 
     pool_uri, pool_format, id_column = _pool_source(run_dir)
     if pairs_uri:
@@ -219,12 +300,14 @@ def export_run(run_dir: str, fmt: str, out_uri: str, policy: str = CURATED, weig
             f"{run_dir} started from precomputed embeddings ({pool_uri}): its pool holds no image bytes; "
             f"pass --pairs URI with the original pairs (WebDataset tars or Parquet) to export {fmt}"
         )
-    kept_ref = ray.put(kept)
-    with track("export", kept.num_rows, "rows") as bar:
-        ds = _read_pool(pool_uri, pool_format, id_column).map_batches(
-            _AttachWeights, fn_constructor_args=(kept_ref, bar.sink()), batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5,
-        )
+    kept_rows = kept.count()
+    counter = RayCount.start()
+    # One join partition per ~1M kept rows: each join task then holds about that many rows of each side.
+    partitions = max(1, -(-kept_rows // 1_000_000))
+    with track("export", kept_rows, "rows") as bar:
+        ds = _read_pool(pool_uri, pool_format, id_column).join(kept, join_type="inner", num_partitions=partitions,
+                                                               on=("id",))
+        ds = ds.map_batches(_counting(counter, bar.sink()), batch_format="pyarrow")
         fs, path = storage.resolve(out_uri)
         if fmt == "parquet":
             ds.write_parquet(path, filesystem=fs, min_rows_per_file=rows_per_file)
@@ -232,13 +315,18 @@ def export_run(run_dir: str, fmt: str, out_uri: str, policy: str = CURATED, weig
             before = set(storage.list_files(out_uri, ".tar"))
             ds = ds.map_batches(_to_webdataset_rows(weights_mode), batch_format="pyarrow")
             ds.write_webdataset(path, filesystem=fs, encoder=None, min_rows_per_file=rows_per_file)
+    exported = int(ray.get(counter.value.remote()))
+    if exported != kept_rows:
+        raise InputDataError(
+            f"export wrote {exported} of the manifest's {kept_rows} kept rows to {out_uri}: the pairs at {pool_uri} lack "
+            f"{kept_rows - exported} kept id(s) (or hold some twice); pass --pairs with the pairs this run curated"
+        )
+    counts = {"kept": kept_rows}
     if fmt != "parquet":
         counts["shards"] = _number_shards(out_uri, before)
-        counts["samples"] = int(repeats(kept.column("weight").to_numpy()).sum()) if weights_mode == "repeats" else kept.num_rows
-    written = sum(1 for _ in storage.list_files(out_uri, recursive=True))
-    if written == 0:
-        raise InputDataError(f"export wrote no files to {out_uri}: did the pool at {pool_uri} hold the manifest's ids?")
-    counts["files"] = written
+        counts["samples"] = (int(kept.map_batches(_copies, batch_format="numpy").sum("copies") or 0)
+                             if weights_mode == "repeats" else kept_rows)
+    counts["files"] = sum(1 for _ in storage.list_files(out_uri, recursive=True))
     return counts
 
 

@@ -10,7 +10,9 @@ Stage code says what it is doing and how far it got, without knowing who (if any
 Work that runs in other processes (Ray actors, Ray Train workers) gets ``bar.sink()``: a small
 picklable object whose ``add(n)`` reaches the driver's bar from any process of the cluster. Without
 a display (tests, library use) every call is a no-op, so pure logic may call it freely: this module
-imports nothing heavy and knows nothing of Ray or terminals (``influencespace.console`` does).
+imports nothing heavy and knows nothing of terminals (``influencespace.console`` does); Ray is
+imported only when a :class:`RayCount` actor is started (what ``bar.sink()`` uses on a cluster, and
+what work that must know an exact count across workers uses directly, e.g. export).
 """
 
 from __future__ import annotations
@@ -64,3 +66,34 @@ def track(desc: str, total: int | None, unit: str = "it") -> Iterator[Tracker]:
         yield tracker
     finally:
         tracker.close()
+
+
+class RayCount:
+    """A Ray actor that adds up what remote workers report: progress bars, and counts that must be exact."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def add(self, n: int) -> None:
+        self.n += n
+
+    def value(self) -> int:
+        return self.n
+
+    @classmethod
+    def start(cls) -> Any:
+        """A fresh counter actor (no CPU reserved)."""
+        import ray
+
+        return ray.remote(num_cpus=0)(cls).remote()
+
+
+class RaySink:
+    """A :class:`Sink` that works from any process of the Ray cluster (backed by a :class:`RayCount`)."""
+
+    def __init__(self, actor: Any):
+        self.actor = actor
+
+    def add(self, n: int = 1) -> Any:
+        """Send ``n`` on (no waiting); the returned reference is for callers that must know it arrived."""
+        return self.actor.add.remote(int(n))

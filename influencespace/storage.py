@@ -20,6 +20,8 @@ import json
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -220,6 +222,43 @@ def write_bytes(uri: str, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         raise _wrap("write", uri, exc) from exc
+
+
+@contextmanager
+def open_output(uri: str) -> Iterator[Any]:
+    """A binary stream to write ``uri`` piece by piece; it appears complete or not at all.
+
+    Locally a temporary file renamed into place when the block ends without an error; on S3 a
+    multipart upload (pyarrow's output stream), which S3 completes only when the stream is closed. pyarrow
+    cannot abort an upload, so a block that fails closes it and deletes the object again.
+    """
+    fs, path = resolve(uri)
+    tmp = None
+    try:
+        if is_s3(uri):
+            stream = fs.open_output_stream(path)
+            try:
+                yield stream
+            except BaseException:
+                stream.close()
+                fs.delete_file(path)
+                raise
+            stream.close()
+            return
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise _wrap("write", uri, exc) from exc
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def read_json(uri: str) -> Any:

@@ -1,11 +1,12 @@
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
 
 from influencespace import storage
 from influencespace.cli import main
 from influencespace.datasets import webdataset
-from influencespace.export import export_run, repeats, uid_array
+from influencespace.export import export_run, hex_halves, repeats, uid_array
 from influencespace.stages import run_pipeline
 
 
@@ -26,10 +27,37 @@ def curated_run(make_config):
 
 
 def test_uid_array_formats():
-    hex_ids = ["0000000000000001000000000000000a", "00000000000000000000000000000002"]
+    hex_ids = ["0000000000000001000000000000000a", "00000000000000000000000000000002", "FFFFFFFFFFFFFFFFffffffffffffffff"]
     datacomp = uid_array(hex_ids)
-    assert datacomp.dtype == np.dtype("u8,u8") and datacomp.tolist() == [(0, 2), (1, 10)]
+    assert datacomp.dtype == np.dtype("u8,u8"), datacomp.dtype
+    assert datacomp.tolist() == [(0, 2), (1, 10), (2**64 - 1, 2**64 - 1)], datacomp.tolist()
+    # hex_halves agrees with Python's own int(…, 16) on random uids
+    rng = np.random.default_rng(0)
+    uids = [f"{int(a):016x}{int(b):016x}" for a, b in rng.integers(0, 2**63, (50, 2), dtype=np.int64)]
+    got = hex_halves(np.array(uids, dtype=object))
+    assert got.tolist() == [(int(u[:16], 16), int(u[16:], 16)) for u in uids]
     assert uid_array(["b", "a"]).tolist() == ["a", "b"]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("hex_ids", [False, True])
+def test_streamed_uids_equal_the_in_memory_reference(tmp_path, ray_cluster, hex_ids):
+    """Three manifest parts and a rejects part, streamed through Ray Data's sort: uid_array of the kept ids, exactly."""
+    rng = np.random.default_rng(1)
+    ids = [f"{int(a):016x}{int(b):016x}" for a, b in rng.integers(0, 2**63, (300, 2), dtype=np.int64)] if hex_ids \
+        else [f"sample-{i}" * (1 + i % 3) for i in range(300)]
+    keep = rng.random(300) < 0.6
+    curate = tmp_path / "run" / "curate"
+    for part, rows in (("part-00000", slice(0, 120)), ("part-00002", slice(120, 290)), ("rejected-00000", slice(290, 300))):
+        storage.write_table(pa.table({"id": ids[rows], "cluster": [0] * len(ids[rows]),
+                                      "keep": keep[rows] & (part != "rejected-00000"), "weight": rng.random(len(ids[rows])),
+                                      "reason": ["x"] * len(ids[rows])}), str(curate / "manifest" / f"{part}.parquet"))
+    storage.write_json(str(curate / "_SUCCESS.json"), {"stage": "curate"})
+    kept = [i for i, k in zip(ids[:290], keep[:290], strict=True) if k]
+    assert export_run(str(tmp_path / "run"), "uids", str(tmp_path / "out"))["kept"] == len(kept)
+    streamed, reference = np.load(tmp_path / "out" / "uids.npy", allow_pickle=False), uid_array(kept)
+    assert streamed.dtype == reference.dtype and np.array_equal(streamed, reference), (streamed[:3], reference[:3])
+    assert (tmp_path / "out" / "uids.txt").read_text().split() == sorted(kept)
 
 
 def test_repeats_rounding_never_drops_a_kept_sample():
@@ -76,8 +104,19 @@ def test_export_needs_a_finished_curate_stage(tmp_path):
         export_run(str(tmp_path), "uids", str(tmp_path / "o"))
 
 
+@pytest.mark.ray
+def test_export_refuses_pairs_that_lack_kept_ids(curated_run, tmp_path, ray_cluster):
+    run_dir, expected = curated_run
+    pool = storage.read_table(storage.join(run_dir, "data", "pool"))
+    short = pool.filter(pa.compute.is_in(pool.column("id"), value_set=pa.array(sorted(expected)[2:])))
+    storage.write_table(short, str(tmp_path / "pairs" / "part-00000.parquet"))
+    with pytest.raises(Exception, match="lack 2 kept id"):
+        export_run(run_dir, "parquet", str(tmp_path / "pq"), pairs_uri=str(tmp_path / "pairs"))
+
+
+@pytest.mark.ray
 @pytest.mark.s3
-def test_uids_export_to_s3(curated_run, s3_prefix):
+def test_uids_export_to_s3(curated_run, s3_prefix, ray_cluster):
     run_dir, expected = curated_run
     export_run(run_dir, "uids", f"{s3_prefix}/out")
     assert storage.read_bytes(f"{s3_prefix}/out/uids.txt").decode().split() == sorted(expected)
