@@ -115,42 +115,48 @@ def read_pair(pool_shard: str, manifest_part: str, chunk_rows: int = CHUNK_ROWS)
     Yields ``{"id", "image", "text", "weight"}`` numpy arrays. Memory: the manifest part's kept ids and
     weights plus one chunk of ``chunk_rows`` pool rows.
     """
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     kept_ids, kept_weight = _kept_table(manifest_part) if manifest_part else (None, None)
     if kept_ids is not None and len(kept_ids) == 0:
         return
-    matched = 0
+    counted = [0]
     fs, path = storage.resolve(pool_shard)
     try:
-        reader = pq.ParquetFile(fs.open_input_file(path))
-        batches = reader.iter_batches(batch_size=chunk_rows, columns=POOL_COLUMNS)
-        for batch in batches:
-            ids = batch.column("id")
-            if kept_ids is None:
-                weight = np.ones(batch.num_rows)
-            else:
-                position = pc.index_in(ids, value_set=kept_ids)
-                mask = pc.is_valid(position)
-                batch = batch.filter(mask)
-                weight = kept_weight[pc.drop_null(position).to_numpy()]
-                matched += batch.num_rows
-            if batch.num_rows == 0:
-                continue
-            yield {
-                "id": np.asarray(batch.column("id").to_pylist(), dtype=object),
-                "image": fixed_size_matrix(batch.column("image_embedding")),
-                "text": fixed_size_matrix(batch.column("text_embedding")),
-                "weight": weight,
-            }
+        with fs.open_input_file(path) as source:
+            yield from _join_chunks(pq.ParquetFile(source).iter_batches(batch_size=chunk_rows, columns=POOL_COLUMNS),
+                                    kept_ids, kept_weight, counted)
     except OSError as exc:
         raise InputDataError(f"could not read pool shard {pool_shard}: {exc}") from exc
-    if kept_ids is not None and matched != len(kept_ids):
+    if kept_ids is not None and counted[0] != len(kept_ids):
         raise InputDataError(
-            f"manifest part {manifest_part} keeps {len(kept_ids) - matched} id(s) that pool shard {pool_shard} lacks; "
+            f"manifest part {manifest_part} keeps {len(kept_ids) - counted[0]} id(s) that pool shard {pool_shard} lacks; "
             "was it made from another run's embeddings? Rerun curate"
         )
+
+
+def _join_chunks(batches, kept_ids, kept_weight, counted: list[int]) -> Iterator[dict[str, np.ndarray]]:
+    """Pool chunks restricted to the kept ids, with their weights (``counted[0]``: kept rows matched)."""
+    import pyarrow.compute as pc
+
+    for batch in batches:
+        ids = batch.column("id")
+        if kept_ids is None:
+            weight = np.ones(batch.num_rows)
+        else:
+            position = pc.index_in(ids, value_set=kept_ids)
+            mask = pc.is_valid(position)
+            batch = batch.filter(mask)
+            weight = kept_weight[pc.drop_null(position).to_numpy()]
+            counted[0] += batch.num_rows
+        if batch.num_rows == 0:
+            continue
+        yield {
+            "id": np.asarray(batch.column("id").to_pylist(), dtype=object),
+            "image": fixed_size_matrix(batch.column("image_embedding")),
+            "text": fixed_size_matrix(batch.column("text_embedding")),
+            "weight": weight,
+        }
 
 
 def read_pairs(pairs: Sequence[tuple[str, str]], chunk_rows: int = CHUNK_ROWS) -> Iterator[dict[str, np.ndarray]]:
