@@ -315,7 +315,7 @@ class TrainConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision (fp32 on CPU).")
     num_workers: int = _execution_only(default=2, ge=1, description="Ray Train workers.")
-    seed: int = Field(0, description="Seed of the model init and sampler.")
+    seed: int = Field(0, description="Seed of the model init and of each epoch's repeat counts and shuffle.")
     seeds: tuple[int, ...] | None = Field(
         None, min_length=1, description="Train every variant once per seed (None: train.seed only); evaluate.seeds must be among them."
     )
