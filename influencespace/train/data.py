@@ -75,9 +75,14 @@ def embedding_dims(pool_uri: str) -> tuple[int, int]:
     return dims[0], dims[1]
 
 
-def plan_variant(pool_uri: str, manifest_uri: str | None, rows: int, weight_sum: float) -> VariantData:
-    """The shard pairs of one variant (O(number of shards) on the driver; no data read)."""
-    shards = pool_shards(pool_uri)
+def plan_variant(pool_uri: str, manifest_uri: str | None, rows: int, weight_sum: float,
+                 shards: Sequence[str] | None = None, dims: tuple[int, int] | None = None) -> VariantData:
+    """The shard pairs of one variant (O(number of shards) on the driver; no data read).
+
+    ``shards`` and ``dims`` (the pool's shard list and embedding widths) may be passed when planning
+    several variants of one pool, so that the pool is listed and its schema read once.
+    """
+    shards = pool_shards(pool_uri) if shards is None else shards
     pairs = tuple((shard, layout.manifest_part(manifest_uri, shard) if manifest_uri else "") for shard in shards)
     if manifest_uri:
         missing = [m for _, m in pairs if not storage.is_file(m)]
@@ -89,7 +94,7 @@ def plan_variant(pool_uri: str, manifest_uri: str | None, rows: int, weight_sum:
     if rows <= 0 or not weight_sum > 0:
         where = f"manifest {manifest_uri}" if manifest_uri else f"the embedded pool at {pool_uri}"
         raise InputDataError(f"{where} keeps no rows with a positive weight; nothing to train on")
-    return VariantData(pairs, int(rows), float(weight_sum), *embedding_dims(pool_uri))
+    return VariantData(pairs, int(rows), float(weight_sum), *(dims or embedding_dims(pool_uri)))
 
 
 def _kept_table(manifest_part: str):

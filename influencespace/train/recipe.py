@@ -33,7 +33,7 @@ from influencespace.errors import InputDataError
 from influencespace.faults import fault_point
 from influencespace.train.data import VariantData
 from influencespace.train.model import build_model, clip_loss
-from influencespace.train.sampler import epoch_batches, epoch_scale
+from influencespace.train.sampler import EpochBatches, epoch_scale
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def train_run(
 
     ``chunks()`` streams this worker's share of the variant's rows once (the local runner: every shard
     pair in order; Ray Train: this worker's split of the variant's dataset); each epoch is one pass,
-    weighted by :func:`~influencespace.train.sampler.epoch_batches`. ``restore`` = (local directory,
+    weighted by :class:`~influencespace.train.sampler.EpochBatches`. ``restore`` = (local directory,
     URI) of an epoch checkpoint of this run (every rank's DeepSpeed partition, ``history.json``): the
     engine state (weights, optimizer, step) is loaded from it and training goes on with the next epoch.
     An epoch's samples depend on (seed, epoch) and the rows alone, so a restored run sees the same
@@ -187,8 +187,8 @@ def train_run(
     scale = epoch_scale(spec.steps_per_epoch * hp.batch_size, data.weight_sum)
 
     for epoch in range(restored_epochs, spec.epochs):
-        batches = epoch_batches(chunks(), scale=scale, seed=spec.seed, epoch=epoch, rank=session.rank,
-                                micro_batch=hp.batch_size // session.world_size)
+        batches = EpochBatches(chunks(), scale=scale, seed=spec.seed, epoch=epoch, rank=session.rank,
+                               micro_batch=hp.batch_size // session.world_size)
         metrics = _train_epoch(engine, batches, dtype, session, hp.batch_size)
         metrics.update({"variant": spec.variant, "seed": spec.seed, "epoch": epoch + 1,
                         "step": sum(h["steps"] for h in history) + metrics["steps"]})

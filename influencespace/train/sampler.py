@@ -122,5 +122,3 @@ class EpochBatches:
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self._batches
 
-
-epoch_batches = EpochBatches

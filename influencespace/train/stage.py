@@ -29,7 +29,15 @@ from influencespace.faults import fault_point
 from influencespace.layout import BASELINE, variant_manifests
 from influencespace.progress import NULL, Sink, track
 from influencespace.stages import Stage, StageContext, StageResult
-from influencespace.train.data import CHUNK_ROWS, VariantData, plan_variant, pool_shards, read_pairs, variant_dataset
+from influencespace.train.data import (
+    CHUNK_ROWS,
+    VariantData,
+    embedding_dims,
+    plan_variant,
+    pool_shards,
+    read_pairs,
+    variant_dataset,
+)
 from influencespace.train.recipe import (
     RUN_FILE,
     Hyperparameters,
@@ -46,11 +54,10 @@ RAY_DIR = "_ray"
 LOCAL_CHECKPOINTS = "_checkpoints"
 
 
-def _variant_counts(ctx: StageContext, key: str) -> tuple[int, float]:
+def _variant_counts(summary: dict, key: str) -> tuple[int, float]:
     """(kept rows, weight sum) of a manifest, from the curate stage's summary (no manifest is read)."""
     from influencespace.layout import summary_entry
 
-    summary = storage.read_json(ctx.input_path("curate", "summary"))
     try:
         entry = summary_entry(summary, key)
         return int(entry["kept"]), float(entry["weight_sum"])
@@ -90,7 +97,8 @@ class TrainStage(Stage):
                 f"set train.seeds={list(ctx.config.evaluate.seeds)}"
             )
         pool_uri = ctx.input_path("embed", "pool")
-        pool_rows = sum(storage.parquet_rows(shard) for shard in pool_shards(pool_uri))  # footers only
+        shards = pool_shards(pool_uri)
+        pool_rows = sum(storage.parquet_rows(shard) for shard in shards)  # footers only
         if pool_rows == 0:
             raise InputDataError(f"the embedded pool at {pool_uri} is empty; nothing to train on")
 
@@ -99,9 +107,11 @@ class TrainStage(Stage):
         data: dict[str, VariantData] = {}
         keys = variant_manifests(ctx.input_manifests["curate"])
         manifests = {v: (ctx.input_path("curate", key) if key else None) for v, key in keys.items()}
+        summary = storage.read_json(ctx.input_path("curate", "summary"))
+        dims = embedding_dims(pool_uri)
         for variant, manifest_uri in manifests.items():
-            kept, weight_sum = (pool_rows, float(pool_rows)) if manifest_uri is None else _variant_counts(ctx, keys[variant])
-            data[variant] = plan_variant(pool_uri, manifest_uri, kept, weight_sum)
+            kept, weight_sum = (pool_rows, float(pool_rows)) if manifest_uri is None else _variant_counts(summary, keys[variant])
+            data[variant] = plan_variant(pool_uri, manifest_uri, kept, weight_sum, shards, dims)
             steps[variant] = steps_per_epoch(cfg.step_policy, pool_rows, kept, cfg.batch_size)
         # Seed-major order: the variants of one seed run back to back under the same conditions.
         for seed in seeds:

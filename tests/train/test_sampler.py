@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from influencespace.train.sampler import (
-    epoch_batches,
+    EpochBatches,
     epoch_scale,
     micro_batches,
     repeat_counts,
@@ -90,8 +90,8 @@ def test_batches_do_not_depend_on_how_the_stream_is_chunked():
     scale = epoch_scale(192, weights.sum())
 
     def batches(chunk):
-        return [b["id"] for b in epoch_batches(_chunks(ids, weights, chunk), scale=scale, seed=1, epoch=0, rank=0,
-                                               micro_batch=16, window=48)]
+        return [b["id"] for b in EpochBatches(_chunks(ids, weights, chunk), scale=scale, seed=1, epoch=0, rank=0,
+                                              micro_batch=16, window=48)]
 
     reference = batches(200)
     for chunk in (1, 7, 64):
