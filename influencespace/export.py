@@ -243,8 +243,9 @@ def _counting(counter: Any, progress: Sink):
     return count
 
 
-def _copies(batch: dict) -> dict:
-    return {"copies": repeats(batch["weight"])}
+def _kept_stats(batch: dict) -> dict:
+    """Per batch of kept rows: how many, and how many copies ``--weights repeats`` writes of them."""
+    return {"rows": [len(batch["weight"])], "copies": [int(repeats(batch["weight"]).sum()) if len(batch["weight"]) else 0]}
 
 
 def _to_webdataset_rows(weights_mode: str):
@@ -300,7 +301,8 @@ def export_run(run_dir: str, fmt: str, out_uri: str, policy: str = CURATED, weig
             f"{run_dir} started from precomputed embeddings ({pool_uri}): its pool holds no image bytes; "
             f"pass --pairs URI with the original pairs (WebDataset tars or Parquet) to export {fmt}"
         )
-    kept_rows = kept.count()
+    stats = kept.map_batches(_kept_stats, batch_format="numpy").take_all()  # one pass over the manifest
+    kept_rows, copies = (int(sum(row[k] for row in stats)) for k in ("rows", "copies"))
     counter = RayCount.start()
     # One join partition per ~1M kept rows: each join task then holds about that many rows of each side.
     partitions = max(1, -(-kept_rows // 1_000_000))
@@ -324,8 +326,7 @@ def export_run(run_dir: str, fmt: str, out_uri: str, policy: str = CURATED, weig
     counts = {"kept": kept_rows}
     if fmt != "parquet":
         counts["shards"] = _number_shards(out_uri, before)
-        counts["samples"] = (int(kept.map_batches(_copies, batch_format="numpy").sum("copies") or 0)
-                             if weights_mode == "repeats" else kept_rows)
+        counts["samples"] = copies if weights_mode == "repeats" else kept_rows
     counts["files"] = sum(1 for _ in storage.list_files(out_uri, recursive=True))
     return counts
 
