@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from influencespace.errors import InfluenceSpaceError
@@ -212,3 +212,59 @@ def run_torch_workers(loop: Any, config: dict[str, Any], *, runtime: Any, num_wo
         if found is not None:
             raise found from None
         raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-shard tasks (curate's passes): one function, run in this process or as Ray tasks
+
+
+def _task_entry(settings: Any, fn: Any, item: Any) -> Any:
+    from influencespace import storage
+
+    storage.use(settings)
+    return fn(item)
+
+
+def map_tasks(runtime: Any, fn: Any, items: Iterable[Any], *, num_cpus: float = 1.0,
+              window: int | None = None) -> Iterator[Any]:
+    """``fn(item)`` for every item, results yielded in the items' order as they finish.
+
+    ``runtime.runner == "local"`` runs them one after another in this process; ``"ray"`` as Ray tasks
+    (``num_cpus`` each, the driver's storage settings shipped with them), at most ``window`` in flight
+    (default: twice the cluster's CPUs), so the driver holds a bounded number of results however many
+    items there are. A user error raised in a task is re-raised as itself. ``fn`` must be picklable
+    (a module-level function or a ``functools.partial`` of one).
+    """
+    if runtime.runner == "local":
+        for item in items:
+            yield fn(item)
+        return
+    import collections
+
+    import ray
+
+    from influencespace import storage
+
+    ensure_ray(runtime)
+    if window is None:
+        window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    remote = ray.remote(_task_entry).options(num_cpus=num_cpus, **placement(runtime, "cpu"))
+    settings = ray.put(storage.current_settings())
+    fn_ref = ray.put(fn)
+    pending: collections.deque = collections.deque()
+
+    def result(ref: Any) -> Any:
+        try:
+            return ray.get(ref)
+        except Exception as exc:
+            found = domain_error(exc)
+            if found is not None:
+                raise found from None
+            raise
+
+    for item in items:
+        pending.append(remote.remote(settings, fn_ref, item))
+        if len(pending) >= window:
+            yield result(pending.popleft())
+    while pending:
+        yield result(pending.popleft())

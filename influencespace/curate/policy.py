@@ -34,12 +34,20 @@ highest image–text cosine). All return the same manifest columns.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+from influencespace.curate.select import Key, lex_order, sortable
+from influencespace.ids import id_hash
+
 KEEP_COLUMNS = ["id", "cluster", "keep", "weight", "reason"]
+
+# Salts of the seeded id hashes (influencespace.ids): the tie-break, and the random policy's draw.
+TIE_SALT = 0x7469
+RANDOM_SALT = 0x726E
 
 # Reason codes (short on purpose: the manifest has one row per sample).
 HARMFUL = "harmful"
@@ -92,61 +100,172 @@ def classify_clusters(scores: pd.DataFrame, params: PolicyParams, worst_group: s
     return df
 
 
+def tie_hash(ids, seed: int) -> np.ndarray:
+    """The seeded per-id tie-break (uint64): the same whatever the file order, shard count or worker count."""
+    return id_hash(ids, seed, TIE_SALT)
+
+
+def value_for_order(row_value: np.ndarray | None, n: int) -> np.ndarray:
+    """Row values as the order uses them: float64, NaN as −inf (a row of unknown value leaves first)."""
+    if row_value is None:
+        return np.zeros(n)
+    return np.nan_to_num(np.asarray(row_value, dtype=np.float64), nan=-np.inf, posinf=np.inf, neginf=-np.inf)
+
+
+def row_tiers(helpful: np.ndarray, mismatch: np.ndarray | None = None, duplicate: np.ndarray | None = None) -> np.ndarray:
+    """Evidence tier of each row: 0 image–text mismatch, 1 near-duplicate, 2 negligible cluster, 3 helpful cluster."""
+    n = len(helpful)
+    mismatch = np.zeros(n, dtype=bool) if mismatch is None else np.asarray(mismatch, dtype=bool)
+    duplicate = np.zeros(n, dtype=bool) if duplicate is None else np.asarray(duplicate, dtype=bool)
+    return np.where(mismatch, 0, np.where(duplicate, 1, np.where(helpful, 3, 2))).astype(np.int8)
+
+
+def candidate_key(tier: np.ndarray, value: np.ndarray, hashes: np.ndarray) -> Key:
+    """The order rows leave in: tier, then lowest value, then the seeded hash (then the id)."""
+    return Key([np.asarray(tier).astype(np.uint64), sortable(value), np.asarray(hashes, dtype=np.uint64)], [16, 64, 64])
+
+
+def order_cluster(ids: np.ndarray, hashes: np.ndarray, tier: np.ndarray, value: np.ndarray,
+                  room: int) -> tuple[np.ndarray, np.ndarray]:
+    """(candidate, fallback_rank) for the rows of one cluster.
+
+    A cluster gives up at most ``room`` = size − floor rows on the way to the budget, and those are
+    its first ``room`` rows in the leaving order (:func:`candidate_key`): the candidates. The rest
+    (its floor) leave only if the floors together exceed the budget, lowest value first;
+    ``fallback_rank`` is their rank in that order (−1 for candidates).
+    """
+    n = len(ids)
+    order = lex_order(np.asarray(tier), sortable(value), np.asarray(hashes, dtype=np.uint64), ids=ids)
+    candidate = np.zeros(n, dtype=bool)
+    candidate[order[:max(0, room)]] = True
+    rest = np.flatnonzero(~candidate)
+    fallback_rank = np.full(n, -1, dtype=np.int64)
+    if len(rest):
+        rest_order = lex_order(sortable(value[rest]), np.asarray(hashes, dtype=np.uint64)[rest], ids=np.asarray(ids)[rest])
+        fallback_rank[rest[rest_order]] = np.arange(len(rest))
+    return candidate, fallback_rank
+
+
+def plan_fallback(clusters: pd.DataFrame, left: np.ndarray, excess: int) -> np.ndarray:
+    """Rows each cluster gives up beyond its candidates when the floors exceed the budget (aligned with ``clusters``).
+
+    ``left`` is each cluster's rows still kept after the candidates went; clusters give them up whole,
+    negligible before helpful, lowest per-example score first (then by cluster id), until ``excess``
+    rows are gone; the last cluster only in part.
+    """
+    take = np.zeros(len(clusters), dtype=np.int64)
+    order = np.lexsort((clusters["cluster"].to_numpy(), clusters["score"].to_numpy(), clusters["helpful"].to_numpy()))
+    for position in order:
+        if excess <= 0:
+            break
+        take[position] = min(int(left[position]), excess)
+        excess -= int(take[position])
+    return take
+
+
+REASON_ORDER = [HARMFUL, NEGLIGIBLE, BUDGET, MISMATCH, DUPLICATE, NEGLIGIBLE_THINNED, BUDGET_THINNED]
+TIER_REASONS = np.array([MISMATCH, DUPLICATE, NEGLIGIBLE_THINNED, BUDGET_THINNED], dtype=object)
+
+
+@dataclass
+class Selection:
+    """The budget cut, as per-cluster numbers (k rows): what the per-row pass needs to decide every row."""
+
+    clusters: pd.DataFrame  # classify_clusters' frame, sorted by cluster
+    cut_by_tier: np.ndarray  # (k, 4): candidates cut in each tier
+    take: np.ndarray  # fallback rows given up beyond the candidates
+    whole: np.ndarray  # the fallback took the cluster's last row
+
+    @property
+    def kept_rows(self) -> np.ndarray:
+        size = self.clusters["size"].to_numpy(dtype=np.int64)
+        kept = size - self.cut_by_tier.sum(axis=1) - self.take
+        return np.where(self.clusters["harmful"].to_numpy(), 0, kept)
+
+
+def finish_selection(clusters: pd.DataFrame, cut_by_tier: np.ndarray, excess_left: int) -> Selection:
+    """From the candidates cut (per cluster and tier) and the excess still left: the fallback, as a :class:`Selection`."""
+    size = clusters["size"].to_numpy(dtype=np.int64)
+    harmful = clusters["harmful"].to_numpy()
+    left = np.where(harmful, 0, size - cut_by_tier.sum(axis=1))
+    take = plan_fallback(clusters, left, excess_left) if excess_left > 0 else np.zeros(len(clusters), dtype=np.int64)
+    return Selection(clusters, cut_by_tier, take, (take > 0) & (take == left))
+
+
+def decide_rows(selection: Selection, position: np.ndarray, tier: np.ndarray, cut: np.ndarray,
+                fallback_rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, drop reason) per row, from its cluster's ``position`` in ``selection.clusters`` and its own evidence.
+
+    ``cut``: the row is a candidate inside the budget cut. The same function decides rows in memory
+    (:func:`select_rows`) and shard by shard (the curate stage), so both give the same manifest.
+    """
+    info = selection.clusters
+    harmful = info["harmful"].to_numpy()[position]
+    helpful = info["helpful"].to_numpy()[position]
+    fallback = (fallback_rank >= 0) & (fallback_rank < selection.take[position])
+    keep = ~harmful & ~cut & ~fallback
+    reason = np.full(len(position), "", dtype=object)
+    reason[cut] = TIER_REASONS[np.asarray(tier, dtype=np.int64)[cut]]
+    reason[fallback] = np.where(helpful[fallback], BUDGET_THINNED, NEGLIGIBLE_THINNED)
+    whole = selection.whole[position]
+    reason[whole] = np.where(helpful[whole], BUDGET, NEGLIGIBLE)  # the whole cluster went: say so on every row
+    reason[harmful] = HARMFUL
+    return keep, reason
+
+
 def select_rows(assignments: pd.DataFrame, clusters: pd.DataFrame, budget: int, seed: int,
                 row_value: np.ndarray | None = None, duplicate: np.ndarray | None = None,
                 mismatch: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(keep, reason) per row of ``assignments``: harmful clusters out, then rows out in order of evidence.
+    """(keep, reason) per row of ``assignments``, in memory: the reference the curate stage's passes reproduce.
 
-    Rows of non-harmful clusters leave, until ``budget`` rows remain, in tiers: image–text mismatches
-    (``mismatch``), near-duplicates (``duplicate``), rows of negligible clusters, rows of helpful
-    clusters; within a tier the lowest ``row_value`` first (NaN lowest; ties by a seeded random order
-    over sorted ids). No cluster goes below its ``floor`` on the way. This is the greedy "take the
-    next row unless its cluster is at its floor", computed without a loop: a cluster gives up exactly
-    its first ``size − floor`` rows in the global order, so those are the candidates, taken in order.
-    If the floors alone exceed the budget, whole clusters go, negligible before helpful, lowest score
-    first.
+    Harmful clusters out; then rows of the other clusters leave, until ``budget`` rows remain, in tiers
+    (:func:`row_tiers`); within a tier the lowest ``row_value`` first (NaN lowest), ties by a seeded
+    hash of the id (:func:`tie_hash`), then the id. No cluster goes below its ``floor`` on the way. This
+    is the greedy "take the next row unless its cluster is at its floor", computed without a loop: a
+    cluster gives up exactly its first ``size − floor`` rows in the global order
+    (:func:`order_cluster`), so those are the candidates, taken in order. If the floors alone exceed
+    the budget, whole clusters go (:func:`plan_fallback`).
     """
-    n = len(assignments)
+    selection, position, tier, cut, fallback_rank = _select_in_memory(assignments, clusters, budget, seed,
+                                                                      row_value, duplicate, mismatch)
+    return decide_rows(selection, position, tier, cut, fallback_rank)
+
+
+def cluster_positions(clusters: pd.DataFrame, cluster: np.ndarray) -> np.ndarray:
+    """Position of each row's cluster in ``clusters`` (sorted by cluster id); an unknown cluster is an error."""
+    ids = clusters["cluster"].to_numpy()
+    position = np.searchsorted(ids, cluster)
+    position = np.minimum(position, len(ids) - 1)
+    if len(cluster) and not np.array_equal(ids[position], cluster):
+        raise ValueError("rows name a cluster missing from the cluster table")
+    return position
+
+
+def _select_in_memory(assignments, clusters, budget, seed, row_value, duplicate, mismatch):
+    clusters = clusters.sort_values("cluster").reset_index(drop=True)
     ids = assignments["id"].to_numpy()
-    info = clusters.set_index("cluster")
-    cluster = assignments["cluster"].to_numpy()
-    harmful = info.loc[cluster, "harmful"].to_numpy(dtype=bool)
-    helpful = info.loc[cluster, "helpful"].to_numpy(dtype=bool)
-    keep = ~harmful
-    reason = np.where(harmful, HARMFUL, "").astype(object)
-    excess = int(keep.sum()) - budget
-    if excess <= 0:
-        return keep, reason
-
-    value = np.zeros(n) if row_value is None else np.nan_to_num(np.asarray(row_value, dtype=np.float64), nan=-np.inf)
-    flags = [np.zeros(n, dtype=bool) if f is None else np.asarray(f, dtype=bool) for f in (mismatch, duplicate)]
-    tier = np.where(flags[0], 0, np.where(flags[1], 1, np.where(helpful, 3, 2)))
-    tie_break = np.empty(n)
-    tie_break[np.argsort(ids, kind="stable")] = np.random.default_rng(seed).permutation(n)
-    order = np.lexsort((tie_break, value, tier))
-    order = order[keep[order]]
-    rank_in_cluster = pd.Series(cluster[order]).groupby(cluster[order]).cumcount().to_numpy()
-    room = (info.loc[cluster[order], "size"].to_numpy() - info.loc[cluster[order], "floor"].to_numpy())
-    out = order[rank_in_cluster < room][:excess]
-    keep[out] = False
-    tier_reason = np.array([MISMATCH, DUPLICATE, NEGLIGIBLE_THINNED, BUDGET_THINNED], dtype=object)
-    reason[out] = tier_reason[tier[out]]
-    excess -= len(out)
-
-    # Floors above the budget: drop whole clusters, negligible (lowest score first) before helpful.
-    for c in clusters.sort_values(["helpful", "score", "cluster"])["cluster"]:
-        if excess <= 0:
-            break
-        rows = np.flatnonzero((cluster == c) & keep)
-        if len(rows) == 0:
-            continue
-        rows = rows[np.lexsort((tie_break[rows], value[rows]))][:excess]
-        keep[rows] = False
-        reason[rows] = NEGLIGIBLE_THINNED if not info.loc[c, "helpful"] else BUDGET_THINNED
-        if not keep[cluster == c].any():  # the whole cluster went: say so on every row of it
-            reason[cluster == c] = NEGLIGIBLE if not info.loc[c, "helpful"] else BUDGET
-        excess -= len(rows)
-    return keep, reason
+    n = len(ids)
+    position = cluster_positions(clusters, assignments["cluster"].to_numpy())
+    harmful = clusters["harmful"].to_numpy()[position]
+    room = np.where(clusters["harmful"], 0, clusters["size"] - clusters["floor"]).astype(np.int64)
+    tier = row_tiers(clusters["helpful"].to_numpy()[position], mismatch, duplicate)
+    value = value_for_order(row_value, n)
+    hashes = tie_hash(ids, seed)
+    candidate = np.zeros(n, dtype=bool)
+    fallback_rank = np.full(n, -1, dtype=np.int64)
+    for pos, rows in pd.Series(np.arange(n)).groupby(position).indices.items():
+        if not harmful[rows[0]]:
+            candidate[rows], fallback_rank[rows] = order_cluster(ids[rows], hashes[rows], tier[rows], value[rows], room[pos])
+    excess = int((~harmful).sum()) - budget
+    cut = np.zeros(n, dtype=bool)
+    if excess > 0:
+        rows = np.flatnonzero(candidate)
+        key = candidate_key(tier[rows], value[rows], hashes[rows])
+        cut[rows[lex_order(*key.words, ids=ids[rows])[:excess]]] = True
+    cut_by_tier = np.zeros((len(clusters), 4), dtype=np.int64)
+    np.add.at(cut_by_tier, (position[cut], tier[cut].astype(np.int64)), 1)
+    selection = finish_selection(clusters, cut_by_tier, excess - int(cut.sum()))
+    return selection, position, tier, cut, fallback_rank
 
 
 def cluster_weights(clusters: pd.DataFrame, keep_rows: np.ndarray, params: PolicyParams,
@@ -182,117 +301,199 @@ def bounded_unit_mean(weight: np.ndarray, counts: np.ndarray, low: float, high: 
     return w
 
 
+def cluster_table(sizes: pd.Series, scores: pd.DataFrame, params: PolicyParams,
+                  worst_group: str | None = None) -> pd.DataFrame:
+    """The k-row table every decision is made on: sizes (cluster → rows) joined with the influence scores.
+
+    A cluster the influence stage did not score is treated as negligible (its interval is (-inf, inf)).
+    Sorted by cluster, with ``room`` = rows it may give up before its floor.
+    """
+    frame = pd.DataFrame({"cluster": sizes.index.to_numpy(dtype=np.int64), "size": sizes.to_numpy(dtype=np.int64)})
+    frame = frame.merge(scores.drop(columns=["size"], errors="ignore"), on="cluster", how="left")
+    frame = frame.fillna({"influence": 0.0, "ci_low": -np.inf, "ci_high": np.inf})
+    clusters = classify_clusters(frame, params, worst_group).sort_values("cluster").reset_index(drop=True)
+    clusters["room"] = np.where(clusters["harmful"], 0, clusters["size"] - clusters["floor"]).astype(np.int64)
+    return clusters
+
+
+def decisions_of(selection: Selection, params: PolicyParams, worst_group: str | None = None) -> pd.DataFrame:
+    """Per cluster: kept rows, weight, the reason kept rows carry and the commonest reason its dropped rows carry."""
+    clusters = selection.clusters.copy()
+    keep_rows = selection.kept_rows
+    weight, rare = cluster_weights(clusters, keep_rows, params, worst_group)
+    clusters["keep_rows"] = keep_rows
+    clusters["weight"] = weight
+    clusters["kept_reason"] = np.where(rare, UPWEIGHTED, KEPT)
+    helpful = clusters["helpful"].to_numpy()
+    size = clusters["size"].to_numpy(dtype=np.int64)
+    thinned = np.where(selection.whole, 0, selection.take)
+    counts = np.zeros((len(clusters), len(REASON_ORDER)), dtype=np.int64)  # columns follow REASON_ORDER
+    counts[:, 0] = np.where(clusters["harmful"], size, 0)
+    counts[:, 1] = np.where(selection.whole & ~helpful, size, 0)
+    counts[:, 2] = np.where(selection.whole & helpful, size, 0)
+    partial = ~selection.whole
+    counts[:, 3] = np.where(partial, selection.cut_by_tier[:, 0], 0)
+    counts[:, 4] = np.where(partial, selection.cut_by_tier[:, 1], 0)
+    counts[:, 5] = np.where(partial, selection.cut_by_tier[:, 2] + np.where(helpful, 0, thinned), 0)
+    counts[:, 6] = np.where(partial, selection.cut_by_tier[:, 3] + np.where(helpful, thinned, 0), 0)
+    clusters["dropped_reason"] = np.where(counts.max(axis=1) > 0, np.array(REASON_ORDER, dtype=object)[counts.argmax(axis=1)], "")
+    return clusters[["cluster", "size", "score", "keep_rows", "weight", "kept_reason", "dropped_reason"]]
+
+
 def influence_policy(assignments: pd.DataFrame, scores: pd.DataFrame, params: PolicyParams,
                      worst_group: str | None = None, row_value: np.ndarray | None = None,
                      duplicate_scores: np.ndarray | None = None,
                      mismatch: np.ndarray | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The InfluenceSpace policy: (per-sample manifest, per-cluster decisions).
+    """The InfluenceSpace policy in memory: (per-sample manifest, per-cluster decisions).
 
-    Cluster sizes are counted from ``assignments``; a cluster the influence stage did not score is
-    treated as negligible (its interval is (-inf, inf)). ``row_value`` (higher is better: a row's own
+    Cluster sizes are counted from ``assignments``; ``row_value`` (higher is better: a row's own
     influence, or its image–text cosine), ``duplicate_scores`` (see :func:`semdedup_scores`) and
     ``mismatch`` flags, all aligned with ``assignments``, order the rows that leave (:func:`select_rows`).
+    The curate stage computes the same manifest shard by shard; this is its reference.
     """
-    sizes = assignments.groupby("cluster").size()
-    frame = pd.DataFrame({"cluster": sizes.index, "size": sizes.to_numpy()})
-    frame = frame.merge(scores.drop(columns=["size"], errors="ignore"), on="cluster", how="left")
-    frame = frame.fillna({"influence": 0.0, "ci_low": -np.inf, "ci_high": np.inf})
-    clusters = classify_clusters(frame, params, worst_group)
+    clusters = cluster_table(assignments.groupby("cluster").size(), scores, params, worst_group)
     duplicate = None
     if duplicate_scores is not None and params.duplicate_threshold is not None:
         duplicate = np.asarray(duplicate_scores) >= params.duplicate_threshold
     budget = budget_rows(len(assignments), params.keep_fraction)
-    keep, reason = select_rows(assignments, clusters, budget, params.seed, row_value, duplicate, mismatch)
+    selection, position, tier, cut, fallback_rank = _select_in_memory(
+        assignments, clusters, budget, params.seed, row_value, duplicate, mismatch)
+    keep, reason = decide_rows(selection, position, tier, cut, fallback_rank)
+    decisions = decisions_of(selection, params, worst_group)
+    manifest = manifest_rows(assignments["id"].to_numpy(), assignments["cluster"].to_numpy(), keep, reason,
+                             decisions, position)
+    return manifest, decisions
 
-    cluster = assignments["cluster"].to_numpy()
-    kept_per_cluster = pd.Series(keep).groupby(cluster).sum().reindex(clusters["cluster"], fill_value=0).to_numpy()
-    weight, rare = cluster_weights(clusters, kept_per_cluster.astype(np.int64), params, worst_group)
-    clusters["keep_rows"] = kept_per_cluster
-    clusters["weight"] = weight
-    clusters["kept_reason"] = np.where(rare, UPWEIGHTED, KEPT)
-    dropped = pd.Series(reason[~keep]).groupby(cluster[~keep]).agg(lambda r: r.value_counts().index[0])
-    clusters["dropped_reason"] = dropped.reindex(clusters["cluster"]).fillna("").to_numpy()
-    by_cluster = clusters.set_index("cluster")
-    row_weight = by_cluster.loc[cluster, "weight"].to_numpy()
-    manifest = pd.DataFrame({
-        "id": assignments["id"].to_numpy(),
+
+def manifest_rows(ids: np.ndarray, cluster: np.ndarray, keep: np.ndarray, reason: np.ndarray,
+                  decisions: pd.DataFrame, position: np.ndarray) -> pd.DataFrame:
+    """The manifest's rows: kept rows carry their cluster's weight and kept reason, dropped rows weight 0."""
+    return pd.DataFrame({
+        "id": ids,
         "cluster": cluster,
         "keep": keep,
-        "weight": np.where(keep, row_weight, 0.0),
-        "reason": np.where(keep, by_cluster.loc[cluster, "kept_reason"].to_numpy(), reason),
-    })
-    decisions = clusters[["cluster", "size", "score", "keep_rows", "weight", "kept_reason", "dropped_reason"]]
-    return manifest[KEEP_COLUMNS], decisions
+        "weight": np.where(keep, decisions["weight"].to_numpy()[position], 0.0),
+        "reason": np.where(keep, decisions["kept_reason"].to_numpy()[position], reason),
+    })[KEEP_COLUMNS]
+
+
+def tukey_fence(order_statistic: Callable[[int], float], n_finite: int, iqr_multiple: float) -> float:
+    """Q1 − k·IQR of the pool's image–text cosines, from their order statistics (0-based ranks).
+
+    Quartiles interpolate linearly between the order statistics around rank q·(n − 1) (numpy's
+    default ``percentile`` method). The fence comes from the pool's own distribution, so no absolute
+    cosine is assumed and it adapts to the embedder. −inf when there are fewer than two values.
+    """
+    if n_finite == 0:
+        return np.inf  # nothing finite: every row is flagged (NaN cosines are mismatches)
+
+    def quartile(q: float) -> float:
+        at = q * (n_finite - 1)
+        low, high = int(np.floor(at)), int(np.ceil(at))
+        a = order_statistic(low)
+        b = order_statistic(high) if high != low else a
+        return a + (b - a) * (at - low)
+
+    q1, q3 = quartile(0.25), quartile(0.75)
+    return q1 - iqr_multiple * (q3 - q1)
 
 
 def mismatch_outliers(image_text_cosine: np.ndarray, iqr_multiple: float) -> np.ndarray:
-    """Tukey's outlier rule on the image–text cosine: cosine < Q1 − k·IQR flags an image–text mismatch.
-
-    The threshold comes from the pool's own distribution (no absolute cosine is assumed, so it
-    adapts to the embedder); NaN cosines are flagged too.
-    """
+    """Tukey's outlier rule on the image–text cosine: cosine < Q1 − k·IQR flags an image–text mismatch (NaN too)."""
     cos = np.asarray(image_text_cosine, dtype=np.float64)
-    finite = cos[np.isfinite(cos)]
-    if len(finite) == 0:
-        return np.ones(len(cos), dtype=bool)
-    q1, q3 = np.percentile(finite, [25, 75])
-    return ~(cos >= q1 - iqr_multiple * (q3 - q1))
+    finite = np.sort(cos[np.isfinite(cos)])
+    fence = tukey_fence(lambda rank: float(finite[rank]), len(finite), iqr_multiple)
+    return ~(cos >= fence)
 
 
 # --------------------------------------------------------------------------------------------------
-# Comparison policies at the same budget
+# Comparison policies at the same budget: each keeps the first ``budget`` rows in one key's order.
+
+COMPARISON_REASONS = {"random": RANDOM_DROP, "clipscore": LOW_SIMILARITY, "dedup": DUPLICATE}
 
 
-def _top_k_manifest(assignments: pd.DataFrame, rank_value: np.ndarray, budget: int, drop_reason: str) -> pd.DataFrame:
-    """Keep the ``budget`` rows with the highest ``rank_value`` (ties broken by id)."""
+def comparison_key(name: str, ids: np.ndarray, seed: int, image_text_cosine: np.ndarray | None = None,
+                   duplicate_scores: np.ndarray | None = None) -> Key:
+    """The order a comparison policy keeps rows in (first kept first), ties by the seeded hash, then the id.
+
+    ``random``: a seeded hash of the id; ``clipscore``: highest image–text cosine first (NaN last);
+    ``dedup``: lowest SemDeDup score first (the most redundant rows go).
+    """
+    hashes = tie_hash(ids, seed)
+    if name == "random":
+        return Key([id_hash(ids, seed, RANDOM_SALT), hashes], [64, 64])
+    if name == "clipscore":
+        return Key([sortable(-np.asarray(image_text_cosine, dtype=np.float64)), hashes], [64, 64])
+    if name == "dedup":
+        return Key([sortable(np.asarray(duplicate_scores, dtype=np.float64)), hashes], [64, 64])
+    raise ValueError(f"unknown comparison policy {name!r}; expected one of {sorted(COMPARISON_REASONS)}")
+
+
+def comparison_rows(name: str, ids: np.ndarray, cluster: np.ndarray, keep: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({"id": ids, "cluster": cluster, "keep": keep, "weight": keep.astype(np.float64),
+                         "reason": np.where(keep, KEPT, COMPARISON_REASONS[name])})[KEEP_COLUMNS]
+
+
+def comparison_policy(name: str, assignments: pd.DataFrame, keep_fraction: float, seed: int = 0,
+                      image_text_cosine: np.ndarray | None = None,
+                      duplicate_scores: np.ndarray | None = None) -> pd.DataFrame:
+    """A comparison policy in memory (the reference of the stage's passes): the budget's first rows kept."""
     ids = assignments["id"].to_numpy()
-    order = np.lexsort((ids, -rank_value))
+    key = comparison_key(name, ids, seed, image_text_cosine, duplicate_scores)
     keep = np.zeros(len(ids), dtype=bool)
-    keep[order[:budget]] = True
-    return pd.DataFrame({
-        "id": ids, "cluster": assignments["cluster"].to_numpy(), "keep": keep,
-        "weight": keep.astype(np.float64), "reason": np.where(keep, KEPT, drop_reason),
-    })
+    keep[lex_order(*key.words, ids=ids)[:budget_rows(len(ids), keep_fraction)]] = True
+    return comparison_rows(name, ids, assignments["cluster"].to_numpy(), keep)
 
 
 def random_policy(assignments: pd.DataFrame, keep_fraction: float, seed: int) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    # Rank by a seeded random value attached to sorted ids, so the result ignores input order.
-    ids = assignments["id"].to_numpy()
-    value = np.empty(len(ids))
-    value[np.argsort(ids, kind="stable")] = rng.random(len(ids))
-    return _top_k_manifest(assignments, value, budget_rows(len(ids), keep_fraction), RANDOM_DROP)
+    return comparison_policy("random", assignments, keep_fraction, seed)
 
 
-def clipscore_policy(assignments: pd.DataFrame, image_text_cosine: np.ndarray, keep_fraction: float) -> pd.DataFrame:
-    return _top_k_manifest(assignments, np.asarray(image_text_cosine, dtype=np.float64),
-                           budget_rows(len(assignments), keep_fraction), LOW_SIMILARITY)
+def clipscore_policy(assignments: pd.DataFrame, image_text_cosine: np.ndarray, keep_fraction: float,
+                     seed: int = 0) -> pd.DataFrame:
+    return comparison_policy("clipscore", assignments, keep_fraction, seed, image_text_cosine=image_text_cosine)
 
 
-def semdedup_scores(embeddings: np.ndarray, distances_to_centroid: np.ndarray) -> np.ndarray:
-    """SemDeDup duplicate score of each row of one cluster.
+def dedup_policy(assignments: pd.DataFrame, duplicate_scores: np.ndarray, keep_fraction: float,
+                 seed: int = 0) -> pd.DataFrame:
+    """Remove the most duplicated rows (highest SemDeDup score) until the budget is met."""
+    return comparison_policy("dedup", assignments, keep_fraction, seed, duplicate_scores=duplicate_scores)
+
+
+TILE_ELEMENTS = 1 << 23  # similarities per tile (32 MiB of float32)
+
+
+def semdedup_scores(embeddings: np.ndarray, distances_to_centroid: np.ndarray, ids: np.ndarray | None = None,
+                    tile_elements: int = TILE_ELEMENTS) -> np.ndarray:
+    """SemDeDup duplicate score of each row of one cluster, tile by tile.
 
     Rows are ordered by distance to the centroid, farthest first (SemDeDup keeps the least
-    prototypical member of a duplicate group). A row's score is its highest cosine similarity to any
-    row before it in that order: removing rows by descending score removes the most redundant first.
+    prototypical member of a duplicate group; equal distances by id, so the order never depends on
+    the order rows arrive in). A row's score is its highest cosine similarity to any row before it in
+    that order: removing rows by descending score removes the most redundant first. Rows are compared
+    ``t`` at a time against all rows before them, t = ⌊tile_elements / n⌋, so memory is
+    O(tile_elements + n·d), never O(n²).
     """
     n = len(embeddings)
     if n <= 1:
-        return np.zeros(n)
+        return np.full(n, -1.0) if n else np.zeros(0)
     x = np.asarray(embeddings, dtype=np.float32)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    order = np.argsort(-np.asarray(distances_to_centroid), kind="stable")
+    distance = np.asarray(distances_to_centroid, dtype=np.float64)
+    if ids is None:
+        order = np.argsort(-distance, kind="stable")
+    else:
+        order = lex_order(-distance, ids=ids)
     xs = x[order]
-    sims = xs @ xs.T
-    sims[np.triu_indices(n)] = -np.inf  # only earlier rows count
-    ordered_scores = sims.max(axis=1)
-    ordered_scores[0] = -1.0
+    ordered = np.empty(n)
+    ordered[0] = -1.0
+    tile = max(1, tile_elements // n)
+    for start in range(1, n, tile):
+        end = min(n, start + tile)
+        sims = xs[start:end] @ xs[:end].T  # (end − start) × end
+        block = sims[:, start:end]
+        block[np.triu_indices(end - start)] = -np.inf  # only earlier rows count
+        ordered[start:end] = sims.max(axis=1)
     scores = np.empty(n)
-    scores[order] = ordered_scores
+    scores[order] = ordered
     return scores
-
-
-def dedup_policy(assignments: pd.DataFrame, duplicate_scores: np.ndarray, keep_fraction: float) -> pd.DataFrame:
-    """Remove the most duplicated rows (highest SemDeDup score) until the budget is met."""
-    return _top_k_manifest(assignments, -np.asarray(duplicate_scores, dtype=np.float64),
-                           budget_rows(len(assignments), keep_fraction), DUPLICATE)

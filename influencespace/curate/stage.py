@@ -8,80 +8,432 @@ every manifest: rows the embed or cluster stage rejected are listed with ``keep 
 embedded pool (layout.py): part ``part-NNNNN.parquet`` lists exactly the ids of pool shard
 ``part-NNNNN.parquet``, so a reader joins one pool shard with one manifest part, never the whole pool.
 
-Memory: the stage holds the per-sample columns it needs (id, cluster, distance, image–text cosine,
-duplicate score; the fused embeddings one cluster at a time for the SemDeDup scores) — about 40 bytes per row plus one
-cluster's embeddings, so 1B rows need a ~40 GB driver. Cluster decisions themselves are k rows.
+**How it streams.** The driver holds k-row tables and histograms, never a per-row table; per-row
+work runs in tasks over shard i of each per-row input (assignments, pool signals, row scores),
+through :func:`influencespace.runtime.map_tasks` (Ray tasks, or a loop for ``runtime.runner: local``):
+
+1. *sizes*: each shard counts its rows per cluster → the k-row cluster table (policy.cluster_table);
+2. *fence*: the Tukey fence of the image–text cosine from its exact quartiles (curate.select, radix
+   selection: two or three passes over one column);
+3. *order within clusters*: rows are grouped by cluster (Ray Data ``groupby("cluster").map_groups``;
+   partitions sized to ~256 MiB); per cluster the SemDeDup scores (tile by tile) and each row's
+   place in the leaving order (policy.order_cluster); grouped back by shard and written as a scratch
+   part aligned with assignment part i (``_work/rows/``);
+4. per budget and policy: the *cut* (radix selection over the scratch's key columns), a *count* of
+   the cut per cluster (the InfluenceSpace policy's whole-cluster fallback and weights are then
+   decided on the k-row table), and a *write* pass: manifest part i from scratch part i.
+
+Ties are broken by a seeded hash of the id, then the id, so a manifest never depends on file order,
+shard count or worker count; the result equals the in-memory reference (policy.influence_policy and
+policy.comparison_policy) row for row (tests/curate/test_stage.py).
+
+Memory: the driver O(k + 65,536 × quantiles) plus at most ``select.COLLECT_LIMIT`` keys; a shard task
+one shard's columns (~50 bytes per row, plus the embeddings when SemDeDup is on); a cluster group its
+rows' embeddings plus one similarity tile (policy.TILE_ELEMENTS). ``runtime.runner: local`` groups in
+this process and so holds every row's order columns (for tests and small pools).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from influencespace import layout, storage
-from influencespace.curate import policy
+from influencespace.curate import policy, select
 from influencespace.errors import InputDataError, StageStateError
+from influencespace.runtime import domain_error, map_tasks
 from influencespace.stages import Stage, StageContext, StageResult
 
 log = logging.getLogger(__name__)
 
-ROWS_PER_SHARD = 1_000_000
+WORK_DIR = "_work"
+ROWS_DIR = f"{WORK_DIR}/rows"
+GROUP_PARTITION_BYTES = 256 << 20
+MANIFEST_SCHEMA_FIELDS = [("id", "string"), ("cluster", "int32"), ("keep", "bool"), ("weight", "float64"), ("reason", "string")]
 
 
-def _read(uri: str, columns: list[str]) -> pd.DataFrame:
-    return storage.read_table(uri, columns=columns).to_pandas()
+@dataclass(frozen=True)
+class Shard:
+    """One pool shard and the per-row inputs aligned with it (URIs only: what a task needs to find them)."""
+
+    index: int
+    name: str
+    assignments: str
+    pool: str
+    row_scores: str | None
+    cluster_rejects: str | None
+    scratch: str
 
 
-def shard_parts(assignments_uri: str) -> list[tuple[str, int]]:
-    """(file name, rows) of each assignment part, in the order the stage reads them (Parquet footers only)."""
-    return [(uri.rsplit("/", 1)[-1], storage.parquet_rows(uri)) for uri in storage.parquet_files(assignments_uri)]
+@dataclass(frozen=True)
+class Signals:
+    """Which per-row signals the run uses, and how (broadcast to every task)."""
+
+    value: str  # "influence" | "image_text" | "random"
+    fair_column: str | None  # the worst-off group's row influence column, when the row pass wrote it
+    fairness_weight: float
+    cosine: bool  # read image_text_cosine from the pool
+    duplicates: bool  # compute SemDeDup scores (needs the embeddings)
+    use_duplicates: bool  # near-duplicates form a tier of the InfluenceSpace policy
+    use_mismatch: bool  # Tukey outliers of the cosine form a tier
+    seed: int
 
 
-def write_manifest(frame: pd.DataFrame, directory: str, parts: list[tuple[str, int]],
-                   part_rejects: dict[str, pd.DataFrame], rejected: pd.DataFrame) -> None:
-    """Write a manifest shard-aligned with the pool (layout.py, "the manifest's parts").
+def _table(uri: str, columns: list[str]) -> Any:
+    return storage.read_table(uri, columns=columns)
 
-    ``frame`` is aligned with the assignments read part by part (``parts``: name, rows); manifest part
-    ``name`` holds those rows in pool order plus the rows of that pool shard the cluster stage rejected
-    (``part_rejects``), so it lists exactly the ids of pool shard ``name``. Rows the embed stage rejected
-    (never in the pool) go to ``rejected-NNNNN.parquet``. Each file is written atomically.
-    """
+
+def _strings(column: Any) -> np.ndarray:
+    return np.asarray(column.to_pylist(), dtype=object)
+
+
+def _aligned(ids: np.ndarray, uri: str, columns: list[str], what: str) -> Any:
+    """``columns`` of the Parquet file ``uri`` in the order of ``ids`` (every id must be there)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = _table(uri, ["id", *columns])
+    position = pc.index_in(pa.array(ids, type=pa.string()), value_set=table.column("id").cast(pa.string()))
+    if position.null_count:
+        missing = ids[np.flatnonzero(position.is_null().to_numpy(zero_copy_only=False))[0]]
+        raise StageStateError(f"assigned id '{missing}' has no row in {what} {uri}; rerun the stage that wrote it")
+    return table.take(position)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pass 1: cluster sizes
+
+
+def count_shard(shard: Shard) -> np.ndarray:
+    """Rows per cluster id in one assignment part."""
+    clusters = _table(shard.assignments, ["cluster"]).column("cluster").to_numpy()
+    if len(clusters) and clusters.min() < 0:
+        raise StageStateError(f"{shard.assignments} has negative cluster ids; rerun the cluster stage")
+    return np.bincount(clusters, minlength=1)
+
+
+def _add(total: np.ndarray | None, part: np.ndarray) -> np.ndarray:
+    if total is None:
+        return part.astype(np.int64)
+    if len(part) > len(total):
+        total = np.pad(total, (0, len(part) - len(total)))
+    total[:len(part)] += part
+    return total
+
+
+# --------------------------------------------------------------------------------------------------
+# Radix selection over shards (curate.select): the per-shard step and the driver's loop
+
+
+def cosine_key(shard: Shard) -> tuple[select.Key, np.ndarray]:
+    """The finite image–text cosines of the shard's assigned rows, as a key (for the quartiles)."""
+    ids = _strings(_table(shard.assignments, ["id"]).column("id"))
+    cos = _aligned(ids, shard.pool, ["image_text_cosine"], "the embedded pool").column("image_text_cosine")
+    cos = cos.to_numpy(zero_copy_only=False).astype(np.float64)
+    finite = np.isfinite(cos)
+    return select.Key([select.sortable(cos[finite])], [64]), ids[finite]
+
+
+def candidate_key(shard: Shard) -> tuple[select.Key, np.ndarray]:
+    """The InfluenceSpace policy's candidates (rows a cluster may give up) in their leaving order."""
+    rows = _table(shard.scratch, ["id", "tier", "value", "hash", "candidate"]).to_pandas()
+    rows = rows[rows["candidate"].to_numpy()]
+    return policy.candidate_key(rows["tier"].to_numpy(), rows["value"].to_numpy(), rows["hash"].to_numpy()), rows["id"].to_numpy()
+
+
+def comparison_key(name: str, seed: int, shard: Shard) -> tuple[select.Key, np.ndarray]:
+    columns = {"random": [], "clipscore": ["cosine"], "dedup": ["duplicate"]}[name]
+    rows = _table(shard.scratch, ["id", *columns]).to_pandas()
+    ids = rows["id"].to_numpy()
+    return policy.comparison_key(name, ids, seed, rows.get("cosine"), rows.get("duplicate")), ids
+
+
+def select_step(source: Callable[[Shard], tuple[select.Key, np.ndarray]], mode: str,
+                prefixes: list[list[int]], shard: Shard) -> Any:
+    key, ids = source(shard)
+    if mode == "count":
+        return select.shard_histogram(key, prefixes)
+    return select.shard_collect(key, ids, prefixes)
+
+
+class Passes:
+    """The runner chosen once (runtime.map_tasks) and the shards every pass visits."""
+
+    def __init__(self, runtime: Any, shards: list[Shard]):
+        self.runtime = runtime
+        self.shards = shards
+
+    def map(self, fn: Callable[[Shard], Any]) -> Iterable[Any]:
+        return map_tasks(self.runtime, fn, self.shards)
+
+    def select(self, source: Callable, ranks: list[int], total: int, bits: list[int]) -> list[select.Cut]:
+        def count_digits(prefixes: list[list[int]]) -> np.ndarray:
+            total_hist = np.zeros((len(prefixes), select.DIGITS), dtype=np.int64)
+            for hist in self.map(functools.partial(select_step, source, "count", prefixes)):
+                total_hist += hist
+            return total_hist
+
+        def collect(prefixes: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+            words: list[list[np.ndarray]] = [[] for _ in prefixes]
+            ids: list[list[np.ndarray]] = [[] for _ in prefixes]
+            for parts in self.map(functools.partial(select_step, source, "collect", prefixes)):
+                for i, (w, d) in enumerate(parts):
+                    words[i].append(w)
+                    ids[i].append(d)
+            return [(np.concatenate(w), np.concatenate(d)) for w, d in zip(words, ids, strict=True)]
+
+        return select.select_ranks(ranks, total, bits, count_digits, collect)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pass 3: each row's place in its cluster's leaving order (grouped by cluster, written back per shard)
+
+
+def group_rows(signals: Signals, fence: float | None, shard: Shard) -> dict[str, np.ndarray]:
+    """The columns the per-cluster step needs for the assigned rows of one shard, in assignment order."""
     import pyarrow as pa
 
-    schema = pa.schema([("id", pa.string()), ("cluster", pa.int32()), ("keep", pa.bool_()), ("weight", pa.float64()),
-                        ("reason", pa.string())])  # one schema for every part, so the directory reads as one table
-
-    def write(rows: pd.DataFrame, name: str) -> None:
-        table = pa.Table.from_pandas(rows[policy.KEEP_COLUMNS].reset_index(drop=True), schema=schema, preserve_index=False)
-        storage.write_table(table, storage.join(directory, name))
-
-    start = 0
-    for name, rows in parts:
-        part = frame.iloc[start:start + rows]
-        if name in part_rejects:
-            part = pd.concat([part, part_rejects[name]], ignore_index=True)
-        write(part, name)
-        start += rows
-    if start != len(frame):
-        raise StageStateError(f"the manifest has {len(frame)} rows but the assignment parts {start}; rerun the cluster stage")
-    for shard, begin in enumerate(range(0, len(rejected), ROWS_PER_SHARD)):
-        write(rejected.iloc[begin:begin + ROWS_PER_SHARD], layout.rejected_part(shard))
-
-
-def manifest_summary(frame: pd.DataFrame) -> dict:
-    kept = frame[frame["keep"]]
-    return {
-        "rows": int(len(frame)),
-        "kept": int(len(kept)),
-        "removed": int(len(frame) - len(kept)),
-        "keep_fraction": float(len(kept) / max(1, len(frame))),
-        "weight_sum": float(kept["weight"].sum()),
-        "mean_weight_kept": float(kept["weight"].mean()) if len(kept) else 0.0,
-        "max_weight": float(kept["weight"].max()) if len(kept) else 0.0,
-        "reasons": {str(k): int(v) for k, v in frame["reason"].value_counts().sort_index().items()},
+    assign = _table(shard.assignments, ["id", "cluster", "distance"])
+    ids = _strings(assign.column("id"))
+    if len(set(ids)) != len(ids):
+        dup = pd.Series(ids)[pd.Series(ids).duplicated()].iloc[0]
+        raise InputDataError(f"cluster assignments list id '{dup}' more than once ({shard.assignments}); rerun the cluster stage")
+    n = len(ids)
+    out: dict[str, np.ndarray] = {
+        "shard": np.full(n, shard.index, dtype=np.int64),
+        "row": np.arange(n, dtype=np.int64),
+        "id": ids,
+        "cluster": assign.column("cluster").to_numpy().astype(np.int64),
+        "distance": assign.column("distance").to_numpy().astype(np.float64),
+        "hash": policy.tie_hash(ids, signals.seed),
     }
+    pool_columns = (["image_text_cosine"] if signals.cosine else []) + (["embedding"] if signals.duplicates else [])
+    pool = _aligned(ids, shard.pool, pool_columns, "the embedded pool") if pool_columns else None
+    cos = None
+    if signals.cosine:
+        cos = pool.column("image_text_cosine").to_numpy(zero_copy_only=False).astype(np.float64)
+        out["cosine"] = cos
+    if signals.duplicates:
+        column = pool.column("embedding").combine_chunks()
+        if not pa.types.is_fixed_size_list(column.type):
+            column = column.cast(pa.list_(column.type.value_type, len(column[0]) if len(column) else 1))
+        out["embedding"] = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, column.type.list_size)
+    value = np.zeros(n)
+    if signals.value == "influence":
+        scores = _aligned(ids, shard.row_scores, ["influence", *([signals.fair_column] if signals.fair_column else [])],
+                          "the influence stage's row scores")
+        value = scores.column("influence").to_numpy(zero_copy_only=False).astype(np.float64)
+        if signals.fair_column:
+            value = value + signals.fairness_weight * scores.column(signals.fair_column).to_numpy(zero_copy_only=False)
+    elif signals.value == "image_text":
+        value = cos
+    out["value"] = policy.value_for_order(value, n)
+    out["mismatch"] = ~(cos >= fence) if (fence is not None and cos is not None) else np.zeros(n, dtype=bool)
+    return out
+
+
+def order_group(clusters: dict[str, np.ndarray], signals: Signals, duplicate_threshold: float | None,
+                rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The per-cluster step: SemDeDup scores, evidence tier, candidate flag and fallback rank of one cluster's rows."""
+    ids = np.asarray(rows["id"], dtype=object)
+    n = len(ids)
+    cluster = int(rows["cluster"][0])
+    position = int(np.searchsorted(clusters["cluster"], cluster))
+    duplicate = np.full(n, -1.0)
+    if signals.duplicates:
+        duplicate = policy.semdedup_scores(rows["embedding"], rows["distance"], ids=ids)
+    flags = duplicate >= duplicate_threshold if (signals.use_duplicates and duplicate_threshold is not None) else None
+    tier = policy.row_tiers(np.full(n, clusters["helpful"][position]), rows["mismatch"] if signals.use_mismatch else None, flags)
+    hashes = np.asarray(rows["hash"], dtype=np.uint64)
+    value = np.asarray(rows["value"], dtype=np.float64)
+    if clusters["harmful"][position]:
+        candidate, fallback_rank = np.zeros(n, dtype=bool), np.full(n, -1, dtype=np.int64)
+    else:
+        candidate, fallback_rank = policy.order_cluster(ids, hashes, tier, value, int(clusters["room"][position]))
+    out = {"shard": rows["shard"], "row": rows["row"], "id": ids, "cluster": rows["cluster"], "tier": tier,
+           "value": value, "hash": hashes, "duplicate": duplicate, "candidate": candidate, "fallback_rank": fallback_rank}
+    if "cosine" in rows:
+        out["cosine"] = rows["cosine"]
+    return out
+
+
+SCRATCH_COLUMNS = {"id": "string", "cluster": "int64", "tier": "int8", "value": "float64", "hash": "uint64",
+                   "duplicate": "float64", "candidate": "bool", "fallback_rank": "int64", "cosine": "float64"}
+
+
+def _scratch_table(columns: dict[str, np.ndarray]) -> Any:
+    import pyarrow as pa
+
+    types = {name: (pa.bool_() if kind == "bool" else getattr(pa, kind)()) for name, kind in SCRATCH_COLUMNS.items()}
+    return pa.table({c: pa.array(np.asarray(v).tolist() if c == "id" else np.asarray(v), type=types[c])
+                     for c, v in columns.items() if c in types})
+
+
+def write_rows(scratch_of: dict[int, str], rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Write one shard's ordered rows back in assignment order (the scratch part aligned with assignment part i)."""
+    order = np.argsort(rows["row"], kind="stable")
+    shard = int(rows["shard"][0])
+    storage.write_table(_scratch_table({c: np.asarray(v)[order] for c, v in rows.items()}), scratch_of[shard])
+    return {"shard": np.array([shard]), "rows": np.array([len(order)])}
+
+
+def write_empty_rows(signals: Signals, uri: str) -> None:
+    """The scratch part of a shard with no assigned rows (every later pass reads one per shard)."""
+    columns = {c: np.zeros(0) for c in SCRATCH_COLUMNS if c != "cosine" or signals.cosine}
+    storage.write_table(_scratch_table(columns), uri)
+
+
+def _groups(rows: dict[str, np.ndarray], key: str) -> Iterable[dict[str, np.ndarray]]:
+    order = np.argsort(rows[key], kind="stable")
+    values = rows[key][order]
+    bounds = np.flatnonzero(np.diff(values)) + 1
+    for chunk in np.split(order, bounds):
+        if len(chunk):
+            yield {c: np.asarray(v)[chunk] for c, v in rows.items()}
+
+
+def order_rows(runtime: Any, shards: list[Shard], read: Callable, order: Callable, write: Callable,
+               total_rows: int, row_bytes: int) -> int:
+    """Run pass 3; returns the rows written. Ray: Ray Data's hash shuffle; local: numpy groups in this process."""
+    if runtime.runner == "local":
+        parts = [read(s) for s in shards]
+        rows = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]} if parts else {}
+        ordered = [order(g) for g in _groups(rows, "cluster")] if total_rows else []
+        if not ordered:
+            return 0
+        merged = {c: np.concatenate([o[c] for o in ordered]) for c in ordered[0]}
+        return int(sum(int(write(g)["rows"][0]) for g in _groups(merged, "shard")))
+    import ray.data
+
+    from influencespace.runtime import configure_data_context, ensure_ray
+
+    ensure_ray(runtime)
+    configure_data_context()
+    partitions = max(1, min(4096, math.ceil(total_rows * row_bytes / GROUP_PARTITION_BYTES)))
+    back = max(1, min(len(shards), math.ceil(total_rows * 64 / GROUP_PARTITION_BYTES)))
+    by_index = {s.index: s for s in shards}
+
+    def read_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return read(by_index[int(batch["index"][0])])
+
+    ds = ray.data.from_items([{"index": s.index} for s in shards], override_num_blocks=max(1, len(shards)))
+    ds = ds.map_batches(read_batch, batch_size=1, batch_format="numpy")
+    ds = ds.groupby("cluster", num_partitions=partitions).map_groups(order, batch_format="numpy")
+    ds = ds.groupby("shard", num_partitions=back).map_groups(write, batch_format="numpy")
+    try:
+        return int(sum(int(r["rows"]) for r in ds.iter_rows()))
+    except Exception as exc:
+        found = domain_error(exc)  # a user error in a task (bad input) is shown as itself
+        if found is not None:
+            raise found from None
+        raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Per budget: count the cut, then write the manifests
+
+
+def count_cut(cut: select.Cut, shard: Shard) -> np.ndarray:
+    """(max cluster + 1, 4): candidates inside the cut per cluster and tier."""
+    rows = _table(shard.scratch, ["id", "cluster", "tier", "value", "hash", "candidate"]).to_pandas()
+    rows = rows[rows["candidate"].to_numpy()]
+    key = policy.candidate_key(rows["tier"].to_numpy(), rows["value"].to_numpy(), rows["hash"].to_numpy())
+    inside = cut.inside(key, rows["id"].to_numpy())
+    cluster = rows["cluster"].to_numpy()[inside].astype(np.int64)
+    tier = rows["tier"].to_numpy()[inside].astype(np.int64)
+    out = np.zeros((int(cluster.max()) + 1 if len(cluster) else 1, 4), dtype=np.int64)
+    np.add.at(out, (cluster, tier), 1)
+    return out
+
+
+def _manifest_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([(name, getattr(pa, kind if kind != "bool" else "bool_")()) for name, kind in MANIFEST_SCHEMA_FIELDS])
+
+
+def _as_rejected(ids: np.ndarray, reasons: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({"id": np.asarray(ids, dtype=object), "cluster": -1, "keep": False, "weight": 0.0,
+                         "reason": ("rejected: " + pd.Series(reasons, dtype=str)).to_numpy()})
+
+
+def part_summary(frame: pd.DataFrame) -> dict[str, Any]:
+    kept = frame["keep"].to_numpy()
+    weight = frame["weight"].to_numpy()[kept]
+    return {"rows": int(len(frame)), "kept": int(kept.sum()), "weight_sum": float(weight.sum()),
+            "max_weight": float(weight.max()) if len(weight) else 0.0,
+            "reasons": {str(k): int(v) for k, v in frame["reason"].value_counts().items()}}
+
+
+def _write_part(frame: pd.DataFrame, shard: Shard, directory: str) -> dict[str, Any]:
+    import pyarrow as pa
+
+    if shard.cluster_rejects:
+        rejects = _table(shard.cluster_rejects, ["id", "reason"]).to_pandas()
+        frame = pd.concat([frame, _as_rejected(rejects["id"].to_numpy(), rejects["reason"].to_numpy())], ignore_index=True)
+    table = pa.Table.from_pandas(frame[policy.KEEP_COLUMNS].reset_index(drop=True), schema=_manifest_schema(), preserve_index=False)
+    storage.write_table(table, storage.join(directory, shard.name))
+    return part_summary(frame)
+
+
+def write_curated(selection: policy.Selection, decisions: pd.DataFrame, cut: select.Cut, directory: str,
+                  shard: Shard) -> dict[str, Any]:
+    rows = _table(shard.scratch, ["id", "cluster", "tier", "value", "hash", "candidate", "fallback_rank"]).to_pandas()
+    ids = rows["id"].to_numpy()
+    candidate = rows["candidate"].to_numpy()
+    key = policy.candidate_key(rows["tier"].to_numpy(), rows["value"].to_numpy(), rows["hash"].to_numpy())
+    inside = candidate & cut.inside(key, ids)
+    cluster = rows["cluster"].to_numpy()
+    position = policy.cluster_positions(selection.clusters, cluster)
+    keep, reason = policy.decide_rows(selection, position, rows["tier"].to_numpy(), inside, rows["fallback_rank"].to_numpy())
+    return _write_part(policy.manifest_rows(ids, cluster, keep, reason, decisions, position), shard, directory)
+
+
+def write_comparison(name: str, seed: int, cut: select.Cut, directory: str, shard: Shard) -> dict[str, Any]:
+    key, ids = comparison_key(name, seed, shard)
+    cluster = _table(shard.scratch, ["cluster"]).column("cluster").to_numpy()
+    return _write_part(policy.comparison_rows(name, ids, cluster, cut.inside(key, ids)), shard, directory)
+
+
+def write_rejected(directory: str, item: tuple[int, str]) -> dict[str, Any]:
+    """Rows of one embed-rejects file that belong to the pool → manifest ``rejected-NNNNN.parquet``."""
+    import pyarrow as pa
+
+    index, uri = item
+    rejects = _table(uri, ["id", "split", "reason"]).to_pandas()
+    rejects = rejects[rejects["split"] == "pool"]
+    frame = _as_rejected(rejects["id"].to_numpy(), rejects["reason"].to_numpy())
+    table = pa.Table.from_pandas(frame[policy.KEEP_COLUMNS], schema=_manifest_schema(), preserve_index=False)
+    storage.write_table(table, storage.join(directory, layout.rejected_part(index)))
+    return part_summary(frame)
+
+
+def combine(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest's summary from its parts' (rows, kept, weight sum, reasons)."""
+    rows = kept = 0
+    weight_sum = max_weight = 0.0
+    reasons: dict[str, int] = {}
+    for part in parts:
+        rows += part["rows"]
+        kept += part["kept"]
+        weight_sum += part["weight_sum"]
+        max_weight = max(max_weight, part["max_weight"])
+        for reason, count in part["reasons"].items():
+            reasons[reason] = reasons.get(reason, 0) + count
+    return {"rows": rows, "kept": kept, "removed": rows - kept, "keep_fraction": kept / max(1, rows),
+            "weight_sum": weight_sum, "mean_weight_kept": weight_sum / kept if kept else 0.0,
+            "max_weight": max_weight, "reasons": dict(sorted(reasons.items()))}
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage
 
 
 def _worst_group(ctx: StageContext) -> str | None:
@@ -90,35 +442,6 @@ def _worst_group(ctx: StageContext) -> str | None:
         return configured
     losses = ctx.input_manifests["influence"].get("extra", {}).get("group_validation_loss") or {}
     return max(losses, key=losses.get) if losses else None
-
-
-def _as_rejected(ids, reasons) -> pd.DataFrame:
-    return pd.DataFrame({"id": np.asarray(ids, dtype=object), "cluster": -1, "keep": False, "weight": 0.0,
-                         "reason": ("rejected: " + pd.Series(reasons, dtype=str)).to_numpy()})
-
-
-def _rejected_rows(ctx: StageContext) -> pd.DataFrame:
-    """Pool rows the embed stage rejected (undecodable images, …): never part of the embedded pool."""
-    outputs = ctx.input_manifests["embed"].get("outputs", {})
-    if "rejects" not in outputs:
-        return _as_rejected([], [])
-    uri = ctx.input_path("embed", "rejects")
-    if not storage.list_files(uri, ".parquet", recursive=True):
-        return _as_rejected([], [])
-    rejects = _read(uri, ["id", "split", "reason"])
-    rejects = rejects[rejects["split"] == "pool"]
-    return _as_rejected(rejects["id"].to_numpy(), rejects["reason"].to_numpy())
-
-
-def _cluster_rejects(ctx: StageContext) -> dict[str, pd.DataFrame]:
-    """Embedded rows the cluster stage could not assign (non-finite or zero embeddings), per pool shard."""
-    if "rejects" not in ctx.input_manifests["cluster"].get("outputs", {}):
-        return {}
-    out = {}
-    for uri in storage.parquet_files(ctx.input_path("cluster", "rejects")):
-        rejects = _read(uri, ["id", "reason"])
-        out[uri.rsplit("/", 1)[-1]] = _as_rejected(rejects["id"].to_numpy(), rejects["reason"].to_numpy())
-    return out
 
 
 class CurateStage(Stage):
@@ -130,144 +453,209 @@ class CurateStage(Stage):
         import pyarrow as pa
 
         cfg = ctx.config.curate
-        assignments = _read(ctx.input_path("cluster", "assignments"), ["id", "cluster", "distance"])
-        scores = storage.read_table(ctx.input_path("influence", "scores")).to_pandas()
-        if assignments["id"].duplicated().any():
-            dup = assignments.loc[assignments["id"].duplicated(), "id"].iloc[0]
-            raise InputDataError(f"cluster assignments list id '{dup}' more than once; rerun the cluster stage")
+        scores = storage.read_table(ctx.input_path("influence", "scores")).to_pandas()  # k rows
         missing = {"cluster", "influence", "ci_low", "ci_high"} - set(scores.columns)
         if missing:
             raise StageStateError(f"influence scores lack column(s) {', '.join(sorted(missing))}; rerun the influence stage")
-        rejected = _rejected_rows(ctx)
-        parts = shard_parts(ctx.input_path("cluster", "assignments"))
-        part_rejects = _cluster_rejects(ctx)
-        unassigned = pd.concat([rejected, *part_rejects.values()], ignore_index=True)
         worst_group = _worst_group(ctx)
         log.info("curate: worst-off group for fairness: %s", worst_group or "none measured")
+        signals = self._signals(ctx, worst_group)
+        shards = self._shards(ctx, signals)
+        passes = Passes(ctx.config.runtime, shards)
 
-        signals = self._row_signals(ctx, assignments)
-        row_value = None
-        if cfg.row_order == "influence":
-            row_value = self._row_influence(ctx, assignments, worst_group)
-        elif cfg.row_order == "image_text":
-            row_value = signals.get("image_text_cosine")
-            if row_value is None:
-                raise InputDataError("curate.row_order=image_text needs an image_text_cosine column in the embedded pool; "
-                                     "use curate.row_order=influence or random")
+        sizes = None
+        empty = []
+        for shard, part in zip(shards, passes.map(count_shard), strict=True):
+            sizes = _add(sizes, part)
+            if not part.any():
+                empty.append(shard)
+        if sizes is None or not sizes.any():
+            raise InputDataError("the cluster stage assigned no rows (every pool row was rejected, or the pool is empty); "
+                                 "see the embed and cluster stages' rejects")
+        present = np.flatnonzero(sizes)
+        n_rows = int(sizes.sum())
+        params = self._params(cfg, cfg.keep_fraction)
+        clusters = policy.cluster_table(pd.Series(sizes[present], index=present), scores, params, worst_group)
 
-        mismatch = None
-        if cfg.mismatch_iqr is not None and cfg.row_order != "random":
-            if "image_text_cosine" in signals:
-                mismatch = policy.mismatch_outliers(signals["image_text_cosine"], cfg.mismatch_iqr)
-            else:
-                log.warning("curate: the pool has no image_text_cosine column; no image–text mismatch step")
+        fence = self._fence(passes, signals, cfg) if signals.use_mismatch else None
+        broadcast = {c: clusters[c].to_numpy() for c in ("cluster", "helpful", "harmful", "room")}
+        scratch_of = {s.index: s.scratch for s in shards}
+        row_bytes = 96 + (4 * self._dim(ctx) if signals.duplicates else 0)
+        written = order_rows(ctx.config.runtime, shards, functools.partial(group_rows, signals, fence),
+                             functools.partial(order_group, broadcast, signals, cfg.duplicate_threshold),
+                             functools.partial(write_rows, scratch_of), n_rows, row_bytes)
+        if written != n_rows:
+            raise StageStateError(f"curate ordered {written} rows but the assignments hold {n_rows}; rerun the stage")
+        for shard in empty:
+            write_empty_rows(signals, shard.scratch)
 
-        def curate_at(keep_fraction: float) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
-            params = policy.PolicyParams(
-                keep_fraction=keep_fraction, min_weight=cfg.min_weight, max_weight=cfg.max_weight,
-                fairness_weight=cfg.fairness_weight, upweight_power=cfg.upweight_power,
-                min_cluster_keep=cfg.min_cluster_keep, duplicate_threshold=cfg.duplicate_threshold, seed=cfg.seed,
-            )
-            manifest, decisions = policy.influence_policy(
-                assignments, scores, params, worst_group, row_value=row_value,
-                duplicate_scores=signals.get("duplicate_scores") if cfg.row_order != "random" else None,
-                mismatch=mismatch,
-            )
-            return {layout.CURATED: manifest, **self._comparisons(cfg, keep_fraction, assignments, signals)}, decisions
-
-        def write_all(frames: dict[str, pd.DataFrame], directory_of) -> dict[str, dict]:
-            written = {}
-            for name, frame in frames.items():
-                write_manifest(frame, directory_of(name), parts, part_rejects, rejected)
-                written[name] = manifest_summary(pd.concat([frame, unassigned], ignore_index=True))
-            return written
-
-        manifests, decisions = curate_at(cfg.keep_fraction)
-        summary: dict = {"worst_group": worst_group, "budget_rows": policy.budget_rows(len(assignments), cfg.keep_fraction)}
-        summary.update(write_all(manifests, lambda n: ctx.path(layout.manifest_dir(n))))
-        outputs = {layout.policy_output(n): layout.manifest_dir(n) for n in manifests}
-        outputs.update({"decisions": "cluster_decisions.parquet", "summary": "summary.json"})
-        # The reduction-vs-accuracy curve: the same policies at further budgets (outputs curve_<fraction>_<policy>).
+        rejected = self._write_rejected(ctx, passes)
+        summary: dict[str, Any] = {"worst_group": worst_group, "budget_rows": policy.budget_rows(n_rows, cfg.keep_fraction)}
+        outputs: dict[str, str] = {}
+        decisions = None
         summary["curve"] = {}
         curve_fractions = [f for f in cfg.curve_keep_fractions if f != cfg.keep_fraction]
-        for fraction in curve_fractions:
+        for fraction in [cfg.keep_fraction, *curve_fractions]:
             label = layout.curve_label(fraction)
-            frames, _ = curate_at(fraction)
-            summary["curve"][label] = write_all(frames, lambda n, label=label: ctx.path(layout.curve_dir(label, n)))
-            outputs.update({layout.curve_output(label, n): layout.curve_dir(label, n) for n in frames})
+            main = fraction == cfg.keep_fraction
+
+            def directory(name: str, main: bool = main, label: str = label) -> str:
+                return layout.manifest_dir(name) if main else layout.curve_dir(label, name)
+
+            entry: dict[str, Any] = {}
+            selection, fraction_decisions, cut = self._select(passes, clusters, n_rows, self._params(cfg, fraction), worst_group)
+            write = functools.partial(write_curated, selection, fraction_decisions, cut, ctx.path(directory(layout.CURATED)))
+            entry[layout.CURATED] = combine([*passes.map(write), *rejected(ctx.path(directory(layout.CURATED)))])
+            for name in self._comparisons(cfg):
+                budget = policy.budget_rows(n_rows, fraction)
+                (kept,) = passes.select(functools.partial(comparison_key, name, cfg.seed), [budget], n_rows, [64, 64])
+                write = functools.partial(write_comparison, name, cfg.seed, kept, ctx.path(directory(name)))
+                entry[name] = combine([*passes.map(write), *rejected(ctx.path(directory(name)))])
+            if main:
+                decisions = fraction_decisions
+                summary.update(entry)
+                outputs.update({layout.policy_output(n): layout.manifest_dir(n) for n in entry})
+            else:
+                summary["curve"][label] = entry
+                outputs.update({layout.curve_output(label, n): layout.curve_dir(label, n) for n in entry})
         storage.write_table(pa.Table.from_pandas(decisions, preserve_index=False), ctx.path("cluster_decisions.parquet"))
         storage.write_json(ctx.path("summary.json"), summary)
+        storage.remove_tree(ctx.path(WORK_DIR))
+        outputs.update({"decisions": "cluster_decisions.parquet", "summary": "summary.json"})
         ours = summary[layout.CURATED]
+        unassigned = ours["rows"] - n_rows
         return StageResult(
-            counts={"rows": ours["rows"], "kept": ours["kept"], "removed": ours["removed"],
-                    "rejected": int(len(unassigned)), "harmful_clusters": int((decisions["dropped_reason"] == policy.HARMFUL).sum())},
+            counts={"rows": ours["rows"], "kept": ours["kept"], "removed": ours["removed"], "rejected": int(unassigned),
+                    "harmful_clusters": int((decisions["dropped_reason"] == policy.HARMFUL).sum())},
             outputs=outputs,
-            extra={"worst_group": worst_group, "policies": sorted(manifests),
+            extra={"worst_group": worst_group, "policies": sorted(k for k in summary if k not in ("worst_group", "budget_rows", "curve")),
                    "curve_keep_fractions": curve_fractions},
         )
 
-    def _row_influence(self, ctx: StageContext, assignments: pd.DataFrame, worst_group: str | None) -> np.ndarray:
-        """Each row's own influence (+ fairness_weight × the worst-off group's), aligned with ``assignments``."""
+    # -- the pieces ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _params(cfg: Any, keep_fraction: float) -> policy.PolicyParams:
+        return policy.PolicyParams(
+            keep_fraction=keep_fraction, min_weight=cfg.min_weight, max_weight=cfg.max_weight,
+            fairness_weight=cfg.fairness_weight, upweight_power=cfg.upweight_power,
+            min_cluster_keep=cfg.min_cluster_keep, duplicate_threshold=cfg.duplicate_threshold, seed=cfg.seed,
+        )
+
+    @staticmethod
+    def _comparisons(cfg: Any) -> list[str]:
+        return [name for name in ("random", "clipscore", "dedup") if name in set(cfg.comparison_policies)]
+
+    def _signals(self, ctx: StageContext, worst_group: str | None) -> Signals:
         from influencespace.influence.scores import group_column
 
-        if "row_scores" not in ctx.input_manifests["influence"].get("outputs", {}):
-            raise StageStateError("curate.row_order=influence needs the influence stage's row pass: rerun influence with "
-                                  "influence.score_rows=true, or set curate.row_order=image_text or random")
-        uri = ctx.input_path("influence", "row_scores")
-        available = set(storage.schema(uri).names)
-        fair = group_column(worst_group) if worst_group else None
-        columns = ["id", "influence"] + ([fair] if fair in available else [])
-        rows = _read(uri, columns).set_index("id")
-        missing = ~assignments["id"].isin(rows.index)
-        if missing.any():
-            raise StageStateError(f"{int(missing.sum())} assigned id(s) have no row score under {uri} "
-                                  f"(first: {assignments['id'][missing].iloc[0]}); rerun the influence stage")
-        rows = rows.loc[assignments["id"].to_numpy()]
-        value = rows["influence"].to_numpy(dtype=np.float64)
-        if fair in rows:
-            value = value + ctx.config.curate.fairness_weight * rows[fair].to_numpy(dtype=np.float64)
-        return value
-
-    def _row_signals(self, ctx: StageContext, assignments: pd.DataFrame) -> dict[str, np.ndarray]:
-        """Per-row signals aligned with ``assignments``: ``image_text_cosine`` (from embed, when the
-        pool has it) and SemDeDup ``duplicate_scores`` (computed one cluster at a time)."""
         cfg = ctx.config.curate
         wanted = set(cfg.comparison_policies)
-        need_cosine = "clipscore" in wanted or cfg.row_order == "image_text" or cfg.mismatch_iqr is not None
-        use_duplicates = cfg.row_order != "random" and cfg.duplicate_threshold is not None
-        need_duplicates = "dedup" in wanted or use_duplicates
         available = set(storage.schema(ctx.input_path("embed", "pool")).names)
-        if "clipscore" in wanted and "image_text_cosine" not in available:
+        has_cosine = "image_text_cosine" in available
+        if "clipscore" in wanted and not has_cosine:
             raise InputDataError(
                 "curate.comparison_policies has 'clipscore' but the embedded pool has no image_text_cosine column "
                 "(embeddings brought without separate image and text vectors); remove 'clipscore' from the list"
             )
-        columns = ["id"] + (["image_text_cosine"] if need_cosine and "image_text_cosine" in available else [])
-        columns += ["embedding"] if need_duplicates else []
-        if columns == ["id"]:
-            return {}
-        pool = _read(ctx.input_path("embed", "pool"), columns).set_index("id")
-        pool = pool.loc[assignments["id"].to_numpy()]  # align with assignments' row order
-        signals: dict[str, np.ndarray] = {}
-        if "image_text_cosine" in pool:
-            signals["image_text_cosine"] = pool["image_text_cosine"].to_numpy(dtype=np.float64)
-        if need_duplicates:
-            scores = np.zeros(len(assignments))
-            embeddings = pool["embedding"].to_numpy()
-            for _, index in assignments.groupby("cluster").indices.items():
-                matrix = np.stack(embeddings[index]).astype(np.float32)
-                scores[index] = policy.semdedup_scores(matrix, assignments["distance"].to_numpy()[index])
-            signals["duplicate_scores"] = scores
-        return signals
+        if cfg.row_order == "image_text" and not has_cosine:
+            raise InputDataError("curate.row_order=image_text needs an image_text_cosine column in the embedded pool; "
+                                 "use curate.row_order=influence or random")
+        fair = None
+        if cfg.row_order == "influence":
+            if "row_scores" not in ctx.input_manifests["influence"].get("outputs", {}):
+                raise StageStateError("curate.row_order=influence needs the influence stage's row pass: rerun influence with "
+                                      "influence.score_rows=true, or set curate.row_order=image_text or random")
+            row_files = storage.parquet_files(ctx.input_path("influence", "row_scores"))
+            names = set(storage.schema(row_files[0]).names) if row_files else set()
+            fair = group_column(worst_group) if worst_group and group_column(worst_group) in names else None
+        use_mismatch = cfg.mismatch_iqr is not None and cfg.row_order != "random"
+        if use_mismatch and not has_cosine:
+            log.warning("curate: the pool has no image_text_cosine column; no image–text mismatch step")
+            use_mismatch = False
+        use_duplicates = cfg.row_order != "random" and cfg.duplicate_threshold is not None
+        return Signals(
+            value=cfg.row_order, fair_column=fair, fairness_weight=cfg.fairness_weight,
+            cosine=has_cosine and ("clipscore" in wanted or cfg.row_order == "image_text" or use_mismatch),
+            duplicates="dedup" in wanted or use_duplicates, use_duplicates=use_duplicates,
+            use_mismatch=use_mismatch, seed=cfg.seed,
+        )
 
     @staticmethod
-    def _comparisons(cfg, keep_fraction: float, assignments: pd.DataFrame, signals: dict[str, np.ndarray]) -> dict[str, pd.DataFrame]:
-        wanted = set(cfg.comparison_policies)
-        out: dict[str, pd.DataFrame] = {}
-        if "random" in wanted:
-            out["random"] = policy.random_policy(assignments, keep_fraction, cfg.seed)
-        if "clipscore" in wanted:
-            out["clipscore"] = policy.clipscore_policy(assignments, signals["image_text_cosine"], keep_fraction)
-        if "dedup" in wanted:
-            out["dedup"] = policy.dedup_policy(assignments, signals["duplicate_scores"], keep_fraction)
-        return out
+    def _shards(ctx: StageContext, signals: Signals) -> list[Shard]:
+        pool_files = storage.parquet_files(ctx.input_path("embed", "pool"))
+        assignment_files = storage.parquet_files(ctx.input_path("cluster", "assignments"))
+        by_name = {uri.rsplit("/", 1)[-1]: uri for uri in assignment_files}
+        reject_files = {}
+        if "rejects" in ctx.input_manifests["cluster"].get("outputs", {}):
+            reject_files = {u.rsplit("/", 1)[-1]: u for u in storage.parquet_files(ctx.input_path("cluster", "rejects"))}
+        row_scores = ctx.input_path("influence", "row_scores") if signals.value == "influence" else None
+        unknown = set(by_name) - {u.rsplit("/", 1)[-1] for u in pool_files}
+        if unknown:
+            raise StageStateError(f"cluster assignments {sorted(unknown)[0]} matches no embedded pool shard; rerun the cluster stage")
+        shards = []
+        for index, pool in enumerate(pool_files):
+            name = pool.rsplit("/", 1)[-1]
+            if name not in by_name:
+                raise StageStateError(f"the embedded pool shard {name} has no cluster assignments part; rerun the cluster stage")
+            shards.append(Shard(
+                index=index, name=name, assignments=by_name[name], pool=pool,
+                row_scores=storage.join(row_scores, name) if row_scores else None,
+                cluster_rejects=reject_files.get(name), scratch=ctx.path(ROWS_DIR, name),
+            ))
+        return shards
+
+    @staticmethod
+    def _dim(ctx: StageContext) -> int:
+        field = storage.schema(ctx.input_path("embed", "pool")).field("embedding")
+        return int(getattr(field.type, "list_size", 0) or 1024)
+
+    @staticmethod
+    def _fence(passes: Passes, signals: Signals, cfg: Any) -> float:
+        """The Tukey fence Q1 − k·IQR of the assigned rows' image–text cosines, from exact quartiles."""
+        n_finite = sum(passes.map(_finite_cosines))
+        at = [q * (n_finite - 1) for q in (0.25, 0.75)] if n_finite else []
+        ranks = sorted({int(r) for a in at for r in (math.floor(a), math.ceil(a))})
+        cuts = passes.select(cosine_key, [r + 1 for r in ranks], n_finite, [64]) if ranks else []
+        values = {r: select.unsortable(c.words[0]) for r, c in zip(ranks, cuts, strict=True)}
+        fence = policy.tukey_fence(lambda rank: values[rank], n_finite, cfg.mismatch_iqr)
+        log.info("curate: image–text mismatch fence %.4f (Tukey, k = %s, over %d cosines)", fence, cfg.mismatch_iqr, n_finite)
+        return fence
+
+    def _select(self, passes: Passes, clusters: pd.DataFrame, n_rows: int, params: policy.PolicyParams,
+                worst_group: str | None) -> tuple[policy.Selection, pd.DataFrame, select.Cut]:
+        """The InfluenceSpace cut at one budget: the candidates' boundary, the cut per cluster, the fallback."""
+        budget = policy.budget_rows(n_rows, params.keep_fraction)
+        harmful_rows = int(clusters.loc[clusters["harmful"], "size"].sum())
+        excess = n_rows - harmful_rows - budget
+        candidates = int(clusters["room"].sum())
+        cut = select.Cut.none()
+        if excess >= candidates:
+            cut = select.Cut.all()  # every candidate goes (and the floors too, if excess is left)
+        elif excess > 0:
+            (cut,) = passes.select(candidate_key, [excess], candidates, [16, 64, 64])
+        cut_by_tier = np.zeros((int(clusters["cluster"].max()) + 1 if len(clusters) else 1, 4), dtype=np.int64)
+        if excess > 0:
+            for part in passes.map(functools.partial(count_cut, cut)):
+                cut_by_tier[:len(part)] += part
+        cut_by_tier = cut_by_tier[clusters["cluster"].to_numpy()]
+        selection = policy.finish_selection(clusters, cut_by_tier, max(0, excess) - int(cut_by_tier.sum()))
+        return selection, policy.decisions_of(selection, params, worst_group), cut
+
+    def _write_rejected(self, ctx: StageContext, passes: Passes) -> Callable[[str], list[dict[str, Any]]]:
+        """A function that writes the embed stage's pool rejects into one manifest directory (their summaries)."""
+        outputs = ctx.input_manifests["embed"].get("outputs", {})
+        files = []
+        if "rejects" in outputs:
+            files = [u for u in storage.list_files(ctx.input_path("embed", "rejects"), ".parquet", recursive=True)]
+        items = list(enumerate(sorted(files)))
+
+        def write(directory: str) -> list[dict[str, Any]]:
+            return list(map_tasks(passes.runtime, functools.partial(write_rejected, directory), items))
+
+        return write
+
+
+def _finite_cosines(shard: Shard) -> int:
+    return len(cosine_key(shard)[1])
+

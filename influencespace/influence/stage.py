@@ -326,9 +326,9 @@ def write_row_scores(stage_dir: str, inputs: Inputs, task: Any, states: list, re
     """The row pass: per-example influence of every pool row (``influence.score_rows``).
 
     Rank r scores pool files r, r + world, …, streaming each in batches of ``ROW_BATCH`` rows, and
-    writes ``row_scores/part-<file>.parquet`` (``id``, ``influence``, ``influence_group_<g>``) per
-    file, atomically. ``influence`` is t_i / n (see :class:`~influencespace.influence.engine.RowScorer`).
-    Returns the rows scored.
+    writes ``row_scores/<pool file name>`` (``id``, ``influence``, ``influence_group_<g>``) per
+    file, atomically: shard-aligned with the pool (layout.py), so curate reads part i with pool shard i.
+    ``influence`` is t_i / n (see :class:`~influencespace.influence.engine.RowScorer`). Returns the rows scored.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -353,7 +353,7 @@ def write_row_scores(stage_dir: str, inputs: Inputs, task: Any, states: list, re
                 scored += batch.num_rows
                 progress.add(batch.num_rows)
         if parts:
-            storage.write_table(pa.concat_tables(parts), storage.join(stage_dir, ROW_SCORES_DIR, f"part-{index:05d}.parquet"))
+            storage.write_table(pa.concat_tables(parts), storage.join(stage_dir, ROW_SCORES_DIR, files[index].rsplit("/", 1)[-1]))
     return scored
 
 

@@ -100,8 +100,7 @@ def test_vectorised_selection_equals_the_row_by_row_greedy():
     ref = ~info.loc[cluster, "harmful"].to_numpy()
     left = pd.Series(cluster[ref]).value_counts().to_dict()
     tier = np.where(mismatch, 0, np.where(dup, 1, np.where(info.loc[cluster, "helpful"], 3, 2)))
-    tie = np.empty(n)
-    tie[np.argsort(assignments["id"].to_numpy(), kind="stable")] = np.random.default_rng(0).permutation(n)
+    tie = policy.tie_hash(assignments["id"].to_numpy(), 0)  # the seeded hash of the id (no equal hashes here)
     excess = ref.sum() - budget
     for i in np.lexsort((tie, value, tier)):
         if excess <= 0:
@@ -193,3 +192,19 @@ def test_semdedup_removes_near_duplicates_first():
     scores = policy.semdedup_scores(embeddings, distances)
     assert set(np.argsort(-scores)[:3]) == {6, 7, 8}
     assert scores[0] < 0.99
+
+
+def test_semdedup_tile_by_tile_equals_one_tile():
+    rng = np.random.default_rng(3)
+    embeddings = rng.normal(size=(57, 5))
+    embeddings[30:40] = embeddings[:10] + 1e-3 * rng.normal(size=(10, 5))
+    distances = np.round(rng.random(57), 1)  # ties: ordered by id
+    ids = np.array([f"r{i:03d}" for i in rng.permutation(57)], dtype=object)
+    whole = policy.semdedup_scores(embeddings, distances, ids=ids, tile_elements=57 * 57)
+    for tile_elements in (57, 57 * 4, 57 * 13):  # tiles of 1, 4 and 13 rows
+        tiled = policy.semdedup_scores(embeddings, distances, ids=ids, tile_elements=tile_elements)
+        # float32 dot products of unit vectors, summed in a different blocking: equal to a few ulps
+        np.testing.assert_allclose(tiled, whole, rtol=0, atol=1e-6)
+    shuffled = rng.permutation(57)
+    again = policy.semdedup_scores(embeddings[shuffled], distances[shuffled], ids=ids[shuffled])
+    np.testing.assert_allclose(again, whole[shuffled], rtol=0, atol=1e-6)  # independent of the order rows arrive in

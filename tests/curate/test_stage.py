@@ -1,10 +1,17 @@
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 
 from influencespace import storage
 from influencespace.curate.stage import CurateStage
 from influencespace.stages import run_stage
+
+
+@pytest.fixture
+def make_config(make_config):
+    """The test preset on the local runner: the same passes in this process (the Ray runner is tested below)."""
+    return lambda *overrides, **kw: make_config("runtime.runner=local", *overrides, **kw)
 
 
 def _upstream(root, n=60, k=4, dim=8, with_rejects=True):
@@ -131,8 +138,10 @@ def test_manifests_are_shard_aligned_with_the_pool(make_config, tmp_path):
     upstream = _upstream(tmp_path)
     pool, assignments = (pq.read_table(tmp_path / d / "part-00000.parquet")
                          for d in ("embed/pool", "cluster/assignments"))
+    row_scores = pq.read_table(tmp_path / "influence" / "row_scores" / "part-00000.parquet")
     for name, start, stop in (("part-00000.parquet", 0, 25), ("part-00003.parquet", 25, 60)):
         storage.write_table(pool.slice(start, stop - start), str(tmp_path / "embed" / "pool" / name))
+        storage.write_table(row_scores.slice(start, stop - start), str(tmp_path / "influence" / "row_scores" / name))
     # The second shard's last row had a zero embedding: the cluster stage rejected it, so no assignment.
     storage.write_table(assignments.slice(0, 25), str(tmp_path / "cluster" / "assignments" / "part-00000.parquet"))
     storage.write_table(assignments.slice(25, 34), str(tmp_path / "cluster" / "assignments" / "part-00003.parquet"))
@@ -158,3 +167,124 @@ def test_manifests_are_shard_aligned_with_the_pool(make_config, tmp_path):
         assert not zero.keep and zero.reason == "rejected: zero-norm embedding" and zero.cluster == -1
         assert entry["kept"] == int(whole["keep"].sum()) and entry["rows"] == 61
         assert entry["weight_sum"] == pytest.approx(float(whole.loc[whole["keep"], "weight"].sum()))
+
+
+def _sharded_upstream(root, shard_rows=(70, 0, 55, 95), k=7, dim=6):
+    """Shards of uneven size (one empty), clusters from 3 to 60 rows, planted near-duplicates, NaN cosines,
+    a cluster reject, harmful / negligible / helpful clusters and row scores with a group column."""
+    rng = np.random.default_rng(11)
+    n = sum(shard_rows)
+    ids = np.array([f"row-{i:05d}" for i in rng.permutation(n)], dtype=object)
+    cluster = rng.choice(k, size=n, p=np.array([1, 2, 3, 4, 5, 6, 0.4]) / 21.4)
+    centres = rng.normal(size=(k, dim))
+    emb = (centres[cluster] + 0.3 * rng.normal(size=(n, dim))).astype(np.float32)
+    twins = rng.choice(n, 20, replace=False)
+    emb[twins[10:]] = emb[twins[:10]] + 1e-4  # near-duplicates (cluster may differ: then not compared)
+    cluster[twins[10:]] = cluster[twins[:10]]
+    cosine = rng.normal(0.3, 0.05, n)
+    cosine[rng.choice(n, 6, replace=False)] = -0.4  # planted mismatches
+    cosine[rng.choice(n, 3, replace=False)] = np.nan
+    distance = np.round(rng.random(n), 2)  # ties in distance: the order must not depend on file order
+    influence = np.round(rng.normal(size=n), 1)  # ties in value: decided by the seeded hash
+    dirs = {s: root / s for s in ("embed", "cluster", "influence")}
+    start = 0
+    rejected_id = None
+    for index, rows in enumerate(shard_rows):
+        name = f"part-{index:05d}.parquet"
+        sl = slice(start, start + rows)
+        storage.write_table(pa.table({
+            "id": pa.array(ids[sl].tolist(), type=pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb[sl].ravel()), dim),
+            "image_text_cosine": cosine[sl],
+        }), str(dirs["embed"] / "pool" / name))
+        assigned = np.arange(start, start + rows)
+        if index == 3:  # its last row: a zero embedding the cluster stage rejected
+            rejected_id = ids[assigned[-1]]
+            storage.write_table(pa.table({"id": [rejected_id], "reason": ["zero-norm embedding"]}), str(dirs["cluster"] / "rejects" / name))
+            assigned = assigned[:-1]
+        storage.write_table(pa.table({"id": pa.array(ids[assigned].tolist(), type=pa.string()),
+                                      "cluster": cluster[assigned].astype(np.int32),
+                                      "distance": distance[assigned].astype(np.float32)}), str(dirs["cluster"] / "assignments" / name))
+        storage.write_table(pa.table({"id": pa.array(ids[sl].tolist(), type=pa.string()), "influence": influence[sl],
+                                      "influence_group_inverted": np.round(rng.normal(size=rows), 1)}),
+                            str(dirs["influence"] / "row_scores" / name))
+        start += rows
+    storage.write_table(pa.table({
+        "cluster": list(range(k)), "size": [0] * k, "n_sampled": [3] * k,
+        "influence": [-2.0, 0.1, 1.0, 3.0, 0.2, 2.0, 0.5], "stderr": [0.5] * k,
+        "ci_low": [-3.0, -0.9, 0.1, 2.0, -0.5, 1.0, 0.1], "ci_high": [-1.0, 1.1, 1.9, 4.0, 0.9, 3.0, 0.9],
+        "influence_group_inverted": [0.0, 0.0, 1.0, -1.0, 0.0, 0.5, 2.0], "ci_low_group_inverted": [0.0, 0.0, 0.2, -2.0, 0.0, 0.1, 1.0],
+    }), str(dirs["influence"] / "cluster_scores.parquet"))
+    storage.write_table(pa.table({"id": ["pool-bad1"], "split": ["pool"], "reason": ["undecodable image"]}),
+                        str(dirs["embed"] / "rejects" / "part-00000.parquet"))
+    manifest = lambda d, outputs, **extra: {"fingerprint": str(d)[-6:], "stage_dir": str(d), "outputs": outputs, **extra}  # noqa: E731
+    return {
+        "embed": manifest(dirs["embed"], {"pool": "pool", "rejects": "rejects"}),
+        "cluster": manifest(dirs["cluster"], {"assignments": "assignments", "rejects": "rejects"}),
+        "influence": manifest(dirs["influence"], {"scores": "cluster_scores.parquet", "row_scores": "row_scores"},
+                              extra={"group_validation_loss": {"regular": 0.4, "inverted": 0.9}}),
+    }, rejected_id
+
+
+def _reference(root, cfg, keep_fraction):
+    """Every policy in memory on the concatenated inputs (curate.policy): what the streaming stage must equal."""
+    from influencespace.curate import policy
+
+    assignments = storage.read_table(str(root / "cluster" / "assignments")).to_pandas()
+    pool = storage.read_table(str(root / "embed" / "pool")).to_pandas().set_index("id").loc[assignments["id"]]
+    rows = storage.read_table(str(root / "influence" / "row_scores")).to_pandas().set_index("id").loc[assignments["id"]]
+    scores = storage.read_table(str(root / "influence" / "cluster_scores.parquet")).to_pandas()
+    cosine = pool["image_text_cosine"].to_numpy()
+    duplicate = np.zeros(len(assignments))
+    for _, index in assignments.groupby("cluster").indices.items():
+        duplicate[index] = policy.semdedup_scores(np.stack(pool["embedding"].to_numpy()[index]),
+                                                  assignments["distance"].to_numpy()[index], ids=assignments["id"].to_numpy()[index])
+    params = policy.PolicyParams(keep_fraction=keep_fraction, min_weight=cfg.min_weight, max_weight=cfg.max_weight,
+                                 fairness_weight=cfg.fairness_weight, upweight_power=cfg.upweight_power,
+                                 min_cluster_keep=cfg.min_cluster_keep, duplicate_threshold=cfg.duplicate_threshold, seed=cfg.seed)
+    value = rows["influence"].to_numpy() + cfg.fairness_weight * rows["influence_group_inverted"].to_numpy()
+    manifest, decisions = policy.influence_policy(assignments, scores, params, "inverted", row_value=value,
+                                                  duplicate_scores=duplicate, mismatch=policy.mismatch_outliers(cosine, cfg.mismatch_iqr))
+    return {
+        "influencespace": manifest,
+        "random": policy.random_policy(assignments, keep_fraction, cfg.seed),
+        "clipscore": policy.clipscore_policy(assignments, cosine, keep_fraction, cfg.seed),
+        "dedup": policy.dedup_policy(assignments, duplicate, keep_fraction, cfg.seed),
+    }, decisions
+
+
+@pytest.mark.parametrize("runner", ["local", pytest.param("ray", marks=pytest.mark.ray)])
+def test_streaming_curate_equals_the_in_memory_reference_row_for_row(make_config, tmp_path, runner, request):
+    """Every policy, at a budget the tiers meet and at one that needs the whole-cluster fallback."""
+    if runner == "ray":
+        request.getfixturevalue("ray_cluster")
+    upstream, rejected_id = _sharded_upstream(tmp_path)
+    config = make_config(f"runtime.runner={runner}", "curate.keep_fraction=0.6", "curate.curve_keep_fractions=[0.12]",
+                         "curate.duplicate_threshold=0.99", "curate.seed=5")
+    outcome = run_stage(config, CurateStage(), upstream=upstream)
+    outputs = outcome.manifest["outputs"]
+    for fraction, key_of in ((0.6, layout_key_main), (0.12, lambda n: f"curve_keep-0.12_{n}")):
+        expected, decisions = _reference(tmp_path, config.curate, fraction)
+        if fraction == 0.6:
+            got_decisions = storage.read_table(f"{config.run_dir}/curate/cluster_decisions.parquet").to_pandas()
+            pd.testing.assert_frame_equal(got_decisions.reset_index(drop=True), decisions.reset_index(drop=True), check_dtype=False)
+        reasons = set()
+        for name, frame in expected.items():
+            got = storage.read_table(f"{config.run_dir}/curate/{outputs[key_of(name)]}").to_pandas()
+            extra = got[got["cluster"] == -1]
+            assert sorted(extra["id"]) == sorted(["pool-bad1", rejected_id]), (name, extra)
+            got = got[got["cluster"] != -1].sort_values("id").reset_index(drop=True)
+            want = frame.sort_values("id").reset_index(drop=True)
+            diff = got.compare(want.astype(got.dtypes.to_dict())) if got.shape == want.shape else None
+            assert diff is not None and diff.empty, f"{name} at keep {fraction}: rows differ\n{diff if diff is not None else (got.shape, want.shape)}"
+            reasons |= set(got["reason"])
+        if fraction == 0.12:
+            assert {"negligible", "budget-thinned"} & reasons, reasons  # the fallback was reached
+        else:
+            assert {"image-text-mismatch", "near-duplicate", "harmful"} <= reasons, reasons
+
+
+def layout_key_main(name):
+    from influencespace import layout
+
+    return layout.policy_output(name)
