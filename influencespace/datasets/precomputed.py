@@ -189,10 +189,12 @@ def to_embed_table(shard: Shard, fusion: str, image_weight: float, dtype: str, s
     for name, values in shard.passthrough.items():
         if name not in columns:
             columns[name] = [v for v, ok in zip(values, finite, strict=True) if ok]
+    # Typed explicitly: a shard with no rejects would otherwise write null-typed columns, and the rejects
+    # directory would no longer read as one table.
     rejects = pa.table({
-        "id": ids[~finite].tolist(),
-        "split": [split] * int((~finite).sum()),
-        "reason": [f"non-finite embedding value in {shard.source}"] * int((~finite).sum()),
+        "id": pa.array(ids[~finite].tolist(), type=pa.string()),
+        "split": pa.array([split] * int((~finite).sum()), type=pa.string()),
+        "reason": pa.array([f"non-finite embedding value in {shard.source}"] * int((~finite).sum()), type=pa.string()),
     })
     return pa.table(columns), rejects
 

@@ -52,12 +52,14 @@ def test_npz_and_parquet_layouts_give_the_same_embeddings(tmp_path):
 def test_write_precomputed_rejects_non_finite_rows_and_resumes(tmp_path):
     uids, img, txt = _vectors()
     img[3, 0] = np.nan
-    write_npz_shard(tmp_path / "in", "s0", uids, img, txt)
+    write_npz_shard(tmp_path / "in", "s0", uids[:8], img[:8], txt[:8])
+    write_npz_shard(tmp_path / "in", "s1", uids[8:], img[8:], txt[8:])  # no reject in this shard
     out = str(tmp_path / "embed")
     first = write_precomputed(str(tmp_path / "in"), NPZ, "sum", 0.5, "float16", out)
     assert first["counts"] == {"input": 12, "embedded": 11, "rejected": 1} and first["dim"] == 6
+    # A shard without rejects still writes string columns, so the directory reads as one table.
     rejects = storage.read_table(f"{out}/rejects").to_pylist()
-    assert rejects[0]["id"] == uids[3] and "non-finite" in rejects[0]["reason"]
+    assert len(rejects) == 1 and rejects[0]["id"] == uids[3] and "non-finite" in rejects[0]["reason"]
     assert write_precomputed(str(tmp_path / "in"), NPZ, "sum", 0.5, "float16", out) == first
 
 
