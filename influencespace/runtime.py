@@ -53,6 +53,7 @@ def ensure_ray(runtime: Any, include_dashboard: bool = False) -> None:
                 num_cpus=runtime.num_cpus,
                 include_dashboard=include_dashboard,
                 _node_ip_address=LOOPBACK,
+                _system_config={"num_workers_soft_limit": idle_worker_limit(runtime.num_cpus)},
                 **kwargs,
             )
             return
@@ -65,6 +66,19 @@ def ensure_ray(runtime: Any, include_dashboard: bool = False) -> None:
             log.warning("local Ray did not start in time (attempt %d of %d); starting it again",
                         attempt, LOCAL_START_ATTEMPTS)
             ray.shutdown()
+
+
+def idle_worker_limit(num_cpus: int | None) -> int:
+    """How many idle Ray worker processes a local Ray keeps (Ray's ``num_workers_soft_limit``).
+
+    Ray keeps as many idle workers as the node has CPUs and kills the rest within a second. While
+    Ray Train's workers hold every CPU of a small machine, the worker that ran an epoch's read task is
+    one too many, so every epoch started a fresh process for its reads (importing numpy, pyarrow and
+    this package): measured on this 2-core machine under load, 2–10 s before each epoch's first batch
+    instead of 0.3–0.6 s (docs/training.md). A few spare idle workers cost ~100 MB each.
+    """
+    cpus = num_cpus or os.cpu_count() or 1
+    return 2 * cpus + 4
 
 
 def use_venv_build_tools() -> None:
