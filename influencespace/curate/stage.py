@@ -15,10 +15,12 @@ through :func:`influencespace.runtime.map_tasks` (Ray tasks, or a loop for ``run
 1. *sizes*: each shard counts its rows per cluster → the k-row cluster table (policy.cluster_table);
 2. *fence*: the Tukey fence of the image–text cosine from its exact quartiles (curate.select, radix
    selection: two or three passes over one column);
-3. *order within clusters*: rows are grouped by cluster (Ray Data ``groupby("cluster").map_groups``;
-   partitions sized to ~256 MiB); per cluster the SemDeDup scores (tile by tile) and each row's
-   place in the leaving order (policy.order_cluster); grouped back by shard and written as a scratch
-   part aligned with assignment part i (``_work/rows/``);
+3. *order within clusters*: rows meet their cluster in a shuffle through files — each shard task
+   writes its rows to the bucket of their cluster (whole clusters packed into buckets of ~32 MiB,
+   at most 1,024 buckets), each bucket task scores its clusters (SemDeDup tile by tile; each row's
+   place in the leaving order, policy.order_cluster) and writes them back per shard, and each shard
+   task puts its rows back in assignment order as a scratch part aligned with assignment part i
+   (``_work/rows/``);
 4. per budget and policy: the *cut* (radix selection over the scratch's key columns), a *count* of
    the cut per cluster (the InfluenceSpace policy's whole-cluster fallback and weights are then
    decided on the k-row table), and a *write* pass: manifest part i from scratch part i.
@@ -28,9 +30,9 @@ shard count or worker count; the result equals the in-memory reference (policy.i
 policy.comparison_policy) row for row (tests/curate/test_stage.py).
 
 Memory: the driver O(k + 65,536 × quantiles) plus at most ``select.COLLECT_LIMIT`` keys; a shard task
-one shard's columns (~50 bytes per row, plus the embeddings when SemDeDup is on); a cluster group its
-rows' embeddings plus one similarity tile (policy.TILE_ELEMENTS). ``runtime.runner: local`` groups in
-this process and so holds every row's order columns (for tests and small pools).
+one shard's columns (~50 bytes per row, plus the embeddings when SemDeDup is on); a bucket task one
+bucket (max(32 MiB, the pool's bytes / 1,024), or one larger cluster) plus one similarity tile
+(policy.TILE_ELEMENTS). The local runner runs the same tasks one after another in this process.
 """
 
 from __future__ import annotations
@@ -48,14 +50,17 @@ import pandas as pd
 from influencespace import layout, storage
 from influencespace.curate import policy, select
 from influencespace.errors import InputDataError, StageStateError
-from influencespace.runtime import domain_error, map_tasks
+from influencespace.runtime import map_tasks
 from influencespace.stages import Stage, StageContext, StageResult
 
 log = logging.getLogger(__name__)
 
 WORK_DIR = "_work"
 ROWS_DIR = f"{WORK_DIR}/rows"
-GROUP_PARTITION_BYTES = 256 << 20
+# Rows of whole clusters are brought together in buckets of about this many bytes (more when the pool
+# would need over MAX_BUCKETS of them: the shuffle writes shards × buckets files each way).
+BUCKET_BYTES = 32 << 20
+MAX_BUCKETS = 1024
 MANIFEST_SCHEMA_FIELDS = [("id", "string"), ("cluster", "int32"), ("keep", "bool"), ("weight", "float64"), ("reason", "string")]
 
 
@@ -276,14 +281,6 @@ def _scratch_table(columns: dict[str, np.ndarray]) -> Any:
                      for c, v in columns.items() if c in types})
 
 
-def write_rows(scratch_of: dict[int, str], rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Write one shard's ordered rows back in assignment order (the scratch part aligned with assignment part i)."""
-    order = np.argsort(rows["row"], kind="stable")
-    shard = int(rows["shard"][0])
-    storage.write_table(_scratch_table({c: np.asarray(v)[order] for c, v in rows.items()}), scratch_of[shard])
-    return {"shard": np.array([shard]), "rows": np.array([len(order)])}
-
-
 def write_empty_rows(signals: Signals, uri: str) -> None:
     """The scratch part of a shard with no assigned rows (every later pass reads one per shard)."""
     columns = {c: np.zeros(0) for c in SCRATCH_COLUMNS if c != "cosine" or signals.cosine}
@@ -299,41 +296,91 @@ def _groups(rows: dict[str, np.ndarray], key: str) -> Iterable[dict[str, np.ndar
             yield {c: np.asarray(v)[chunk] for c, v in rows.items()}
 
 
-def order_rows(runtime: Any, shards: list[Shard], read: Callable, order: Callable, write: Callable,
-               total_rows: int, row_bytes: int) -> int:
-    """Run pass 3; returns the rows written. Ray: Ray Data's hash shuffle; local: numpy groups in this process."""
-    if runtime.runner == "local":
-        parts = [read(s) for s in shards]
-        rows = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]} if parts else {}
-        ordered = [order(g) for g in _groups(rows, "cluster")] if total_rows else []
-        if not ordered:
-            return 0
-        merged = {c: np.concatenate([o[c] for o in ordered]) for c in ordered[0]}
-        return int(sum(int(write(g)["rows"][0]) for g in _groups(merged, "shard")))
-    import ray.data
+def plan_buckets(sizes: np.ndarray, row_bytes: int, target_bytes: int) -> np.ndarray:
+    """Bucket of each cluster id: consecutive clusters packed until a bucket holds ``target_bytes``.
 
-    from influencespace.runtime import configure_data_context, ensure_ray
+    A cluster is never split (its rows must meet in one task); one larger than the target is a bucket
+    of its own.
+    """
+    bucket = np.zeros(len(sizes), dtype=np.int64)
+    current, filled = 0, 0
+    for cluster, size in enumerate(sizes):
+        need = int(size) * row_bytes
+        if filled and filled + need > target_bytes:
+            current, filled = current + 1, 0
+        bucket[cluster] = current
+        filled += need
+    return bucket
 
-    ensure_ray(runtime)
-    configure_data_context()
-    partitions = max(1, min(4096, math.ceil(total_rows * row_bytes / GROUP_PARTITION_BYTES)))
-    back = max(1, min(len(shards), math.ceil(total_rows * 64 / GROUP_PARTITION_BYTES)))
-    by_index = {s.index: s for s in shards}
 
-    def read_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return read(by_index[int(batch["index"][0])])
+def _rows_table(rows: dict[str, np.ndarray]) -> Any:
+    import pyarrow as pa
 
-    ds = ray.data.from_items([{"index": s.index} for s in shards], override_num_blocks=max(1, len(shards)))
-    ds = ds.map_batches(read_batch, batch_size=1, batch_format="numpy")
-    ds = ds.groupby("cluster", num_partitions=partitions).map_groups(order, batch_format="numpy")
-    ds = ds.groupby("shard", num_partitions=back).map_groups(write, batch_format="numpy")
-    try:
-        return int(sum(int(r["rows"]) for r in ds.iter_rows()))
-    except Exception as exc:
-        found = domain_error(exc)  # a user error in a task (bad input) is shown as itself
-        if found is not None:
-            raise found from None
-        raise
+    columns = {}
+    for name, values in rows.items():
+        if name == "id":
+            columns[name] = pa.array(np.asarray(values).tolist(), type=pa.string())
+        elif name == "embedding":
+            matrix = np.asarray(values, dtype=np.float32)
+            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel()), matrix.shape[1])
+        else:
+            columns[name] = np.asarray(values)
+    return pa.table(columns)
+
+
+def _read_rows(uris: list[str]) -> dict[str, np.ndarray]:
+    import pyarrow as pa
+
+    table = pa.concat_tables([storage.read_table(u) for u in uris])
+    out = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if name == "id":
+            out[name] = _strings(column)
+        elif name == "embedding":
+            array = column.combine_chunks()
+            out[name] = array.flatten().to_numpy(zero_copy_only=False).reshape(len(array), array.type.list_size)
+        else:
+            out[name] = column.to_numpy()
+    return out
+
+
+def split_shard(signals: Signals, fence: float | None, bucket_of: np.ndarray, work: str, shard: Shard) -> int:
+    """Map step: one shard's rows, written to the bucket of their cluster (``<work>/buckets/bucket-B/<shard>``)."""
+    rows = group_rows(signals, fence, shard)
+    bucket = bucket_of[rows["cluster"]]
+    for b in np.unique(bucket):
+        mask = bucket == b
+        storage.write_table(_rows_table({c: v[mask] for c, v in rows.items()}),
+                            storage.join(work, "buckets", f"bucket-{b:05d}", shard.name))
+    return len(bucket)
+
+
+def order_bucket(clusters: dict[str, np.ndarray], signals: Signals, duplicate_threshold: float | None, work: str,
+                 shard_names: list[str], bucket: int) -> int:
+    """Reduce step: every cluster of one bucket ordered (policy.order_cluster), written back per shard."""
+    uris = storage.list_files(storage.join(work, "buckets", f"bucket-{bucket:05d}"), ".parquet")
+    if not uris:
+        return 0
+    rows = _read_rows(uris)
+    ordered = [order_group(clusters, signals, duplicate_threshold, group) for group in _groups(rows, "cluster")]
+    merged = {c: np.concatenate([o[c] for o in ordered]) for c in ordered[0]}
+    for part in _groups(merged, "shard"):
+        name = shard_names[int(part["shard"][0])]
+        storage.write_table(_rows_table(part), storage.join(work, "ordered", name, f"bucket-{bucket:05d}.parquet"))
+    return len(merged["row"])
+
+
+def realign_shard(signals: Signals, work: str, shard: Shard) -> int:
+    """One shard's ordered rows, from every bucket, back in assignment order: the scratch part aligned with part i."""
+    uris = storage.list_files(storage.join(work, "ordered", shard.name), ".parquet")
+    if not uris:
+        write_empty_rows(signals, shard.scratch)
+        return 0
+    rows = _read_rows(uris)
+    order = np.argsort(rows["row"], kind="stable")
+    storage.write_table(_scratch_table({c: np.asarray(v)[order] for c, v in rows.items()}), shard.scratch)
+    return len(order)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -461,14 +508,12 @@ class CurateStage(Stage):
         log.info("curate: worst-off group for fairness: %s", worst_group or "none measured")
         signals = self._signals(ctx, worst_group)
         shards = self._shards(ctx, signals)
+        storage.remove_tree(ctx.path(WORK_DIR))  # what an interrupted attempt left: every pass below rewrites it
         passes = Passes(ctx.config.runtime, shards)
 
         sizes = None
-        empty = []
-        for shard, part in zip(shards, passes.map(count_shard), strict=True):
+        for part in passes.map(count_shard):
             sizes = _add(sizes, part)
-            if not part.any():
-                empty.append(shard)
         if sizes is None or not sizes.any():
             raise InputDataError("the cluster stage assigned no rows (every pool row was rejected, or the pool is empty); "
                                  "see the embed and cluster stages' rejects")
@@ -479,15 +524,18 @@ class CurateStage(Stage):
 
         fence = self._fence(passes, signals, cfg) if signals.use_mismatch else None
         broadcast = {c: clusters[c].to_numpy() for c in ("cluster", "helpful", "harmful", "room")}
-        scratch_of = {s.index: s.scratch for s in shards}
         row_bytes = 96 + (4 * self._dim(ctx) if signals.duplicates else 0)
-        written = order_rows(ctx.config.runtime, shards, functools.partial(group_rows, signals, fence),
-                             functools.partial(order_group, broadcast, signals, cfg.duplicate_threshold),
-                             functools.partial(write_rows, scratch_of), n_rows, row_bytes)
-        if written != n_rows:
-            raise StageStateError(f"curate ordered {written} rows but the assignments hold {n_rows}; rerun the stage")
-        for shard in empty:
-            write_empty_rows(signals, shard.scratch)
+        work = ctx.path(WORK_DIR)
+        bucket_of = plan_buckets(sizes, row_bytes, max(BUCKET_BYTES, math.ceil(n_rows * row_bytes / MAX_BUCKETS)))
+        split = functools.partial(split_shard, signals, fence, bucket_of, work)
+        if sum(passes.map(split)) != n_rows:
+            raise StageStateError("curate split a different number of rows than the assignments hold; rerun the stage")
+        order = functools.partial(order_bucket, broadcast, signals, cfg.duplicate_threshold, work, [s.name for s in shards])
+        ordered = sum(map_tasks(ctx.config.runtime, order, range(int(bucket_of.max()) + 1)))
+        written = sum(passes.map(functools.partial(realign_shard, signals, work)))
+        if not ordered == written == n_rows:
+            raise StageStateError(f"curate ordered {ordered} and wrote back {written} rows, but the assignments hold "
+                                  f"{n_rows}; rerun the stage")
 
         rejected = self._write_rejected(ctx, passes)
         summary: dict[str, Any] = {"worst_group": worst_group, "budget_rows": policy.budget_rows(n_rows, cfg.keep_fraction)}

@@ -253,11 +253,16 @@ def _reference(root, cfg, keep_fraction):
     }, decisions
 
 
-@pytest.mark.parametrize("runner", ["local", pytest.param("ray", marks=pytest.mark.ray)])
-def test_streaming_curate_equals_the_in_memory_reference_row_for_row(make_config, tmp_path, runner, request):
+@pytest.mark.parametrize("runner", ["local", "local-one-cluster-a-bucket", pytest.param("ray", marks=pytest.mark.ray)])
+def test_streaming_curate_equals_the_in_memory_reference_row_for_row(make_config, tmp_path, runner, request, monkeypatch):
     """Every policy, at a budget the tiers meet and at one that needs the whole-cluster fallback."""
     if runner == "ray":
         request.getfixturevalue("ray_cluster")
+    if runner == "local-one-cluster-a-bucket":  # the shuffle with as many buckets as clusters
+        from influencespace.curate import stage
+
+        monkeypatch.setattr(stage, "BUCKET_BYTES", 1)
+        runner = "local"
     upstream, rejected_id = _sharded_upstream(tmp_path)
     config = make_config(f"runtime.runner={runner}", "curate.keep_fraction=0.6", "curate.curve_keep_fractions=[0.12]",
                          "curate.duplicate_threshold=0.99", "curate.seed=5")
@@ -288,3 +293,10 @@ def layout_key_main(name):
     from influencespace import layout
 
     return layout.policy_output(name)
+
+
+def test_buckets_pack_whole_clusters_up_to_the_target():
+    from influencespace.curate.stage import plan_buckets
+
+    bucket = plan_buckets(np.array([3, 3, 10, 0, 2, 2, 2]), row_bytes=10, target_bytes=60)
+    assert bucket.tolist() == [0, 0, 1, 2, 2, 2, 2]  # the 10-row cluster alone (100 B > 60 B), never split
