@@ -16,7 +16,7 @@ through :func:`influencespace.runtime.map_tasks` (Ray tasks, or a loop for ``run
 2. *fence*: the Tukey fence of the image–text cosine from its exact quartiles (curate.select, radix
    selection: two or three passes over one column);
 3. *order within clusters*: rows meet their cluster in a shuffle through files — each shard task
-   writes its rows to the bucket of their cluster (whole clusters packed into buckets of ~32 MiB,
+   writes its rows to the bucket of their cluster (whole clusters packed into buckets of ~8 MiB,
    at most 1,024 buckets), each bucket task scores its clusters (SemDeDup tile by tile; each row's
    place in the leaving order, policy.order_cluster) and writes them back per shard, and each shard
    task puts its rows back in assignment order as a scratch part aligned with assignment part i
@@ -31,7 +31,7 @@ policy.comparison_policy) row for row (tests/curate/test_stage.py).
 
 Memory: the driver O(k + 65,536 × quantiles) plus at most ``select.COLLECT_LIMIT`` keys; a shard task
 one shard's columns (~50 bytes per row, plus the embeddings when SemDeDup is on); a bucket task one
-bucket (max(32 MiB, the pool's bytes / 1,024), or one larger cluster) plus one similarity tile
+bucket (max(8 MiB, the pool's bytes / 1,024), or one larger cluster) plus one similarity tile
 (policy.TILE_ELEMENTS). The local runner runs the same tasks one after another in this process.
 """
 
@@ -59,7 +59,7 @@ WORK_DIR = "_work"
 ROWS_DIR = f"{WORK_DIR}/rows"
 # Rows of whole clusters are brought together in buckets of about this many bytes (more when the pool
 # would need over MAX_BUCKETS of them: the shuffle writes shards × buckets files each way).
-BUCKET_BYTES = 32 << 20
+BUCKET_BYTES = 8 << 20
 MAX_BUCKETS = 1024
 MANIFEST_SCHEMA_FIELDS = [("id", "string"), ("cluster", "int32"), ("keep", "bool"), ("weight", "float64"), ("reason", "string")]
 
