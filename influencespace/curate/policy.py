@@ -460,7 +460,7 @@ def dedup_policy(assignments: pd.DataFrame, duplicate_scores: np.ndarray, keep_f
     return comparison_policy("dedup", assignments, keep_fraction, seed, duplicate_scores=duplicate_scores)
 
 
-TILE_ELEMENTS = 1 << 23  # similarities per tile (32 MiB of float32)
+TILE_ELEMENTS = 1 << 21  # similarities per tile (8 MiB of float32)
 
 
 def semdedup_scores(embeddings: np.ndarray, distances_to_centroid: np.ndarray, ids: np.ndarray | None = None,
@@ -491,8 +491,9 @@ def semdedup_scores(embeddings: np.ndarray, distances_to_centroid: np.ndarray, i
     for start in range(1, n, tile):
         end = min(n, start + tile)
         sims = xs[start:end] @ xs[:end].T  # (end − start) × end
-        block = sims[:, start:end]
-        block[np.triu_indices(end - start)] = -np.inf  # only earlier rows count
+        # Only earlier rows count: mask the tile's diagonal block on and above the diagonal (a boolean
+        # mask of t² bytes; index arrays from np.triu_indices would take 16·t²/2).
+        np.putmask(sims[:, start:end], np.triu(np.ones((end - start, end - start), dtype=bool)), -np.inf)
         ordered[start:end] = sims.max(axis=1)
     scores = np.empty(n)
     scores[order] = ordered
