@@ -67,6 +67,7 @@ Everything is written as JSON to ``--out`` (default ``runs/scale/scale.json``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -464,6 +465,22 @@ class StageRecord:
     top_workers: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _stop_session(proc: subprocess.Popen) -> None:
+    """Stop the stage and everything it started (its own session: the driver, its local Ray)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _terminate_as_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_stage(stage: str, config_path: str, run_dir: str, scratch: str, args: argparse.Namespace) -> StageRecord:
     os.makedirs(scratch, exist_ok=True)
     usage = os.path.join(scratch, f"{stage}.usage.json")
@@ -480,12 +497,10 @@ def run_stage(stage: str, config_path: str, run_dir: str, scratch: str, args: ar
             proc.wait(timeout=args.stage_timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
-            os.killpg(proc.pid, signal.SIGTERM)  # the session this harness started for the stage
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            _stop_session(proc)
+        except BaseException:  # interrupted (Ctrl-C, or SIGTERM via _terminate_as_interrupt): take the stage along
+            _stop_session(proc)
+            raise
         finally:
             watcher.stop()
     wall = time.perf_counter() - t0
@@ -712,6 +727,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="/tmp/influencespace-bench/scale", help="data and run directories")
     parser.add_argument("--out", default=os.path.join(REPO, "runs", "scale", "scale.json"), help="results JSON")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)  # a killed harness stops its running stage too
 
     sizes = [int(s) for s in (args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)).split(",") if s.strip()]
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
