@@ -153,9 +153,11 @@ def candidate_key(shard: Shard) -> tuple[select.Key, np.ndarray]:
     return policy.candidate_key(rows["tier"].to_numpy(), rows["value"].to_numpy(), rows["hash"].to_numpy()), rows["id"].to_numpy()
 
 
+COMPARISON_COLUMNS = {"random": [], "clipscore": ["cosine"], "dedup": ["duplicate"]}  # scratch columns each key needs
+
+
 def comparison_key(name: str, seed: int, shard: Shard) -> tuple[select.Key, np.ndarray]:
-    columns = {"random": [], "clipscore": ["cosine"], "dedup": ["duplicate"]}[name]
-    rows = _table(shard.scratch, ["id", *columns]).to_pandas()
+    rows = _table(shard.scratch, ["id", *COMPARISON_COLUMNS[name]]).to_pandas()
     ids = rows["id"].to_numpy()
     return policy.comparison_key(name, ids, seed, rows.get("cosine"), rows.get("duplicate")), ids
 
@@ -444,9 +446,10 @@ def write_curated(selection: policy.Selection, decisions: pd.DataFrame, cut: sel
 
 
 def write_comparison(name: str, seed: int, cut: select.Cut, directory: str, shard: Shard) -> dict[str, Any]:
-    key, ids = comparison_key(name, seed, shard)
-    cluster = _table(shard.scratch, ["cluster"]).column("cluster").to_numpy()
-    return _write_part(policy.comparison_rows(name, ids, cluster, cut.inside(key, ids)), shard, directory)
+    rows = _table(shard.scratch, ["id", "cluster", *COMPARISON_COLUMNS[name]]).to_pandas()
+    ids = rows["id"].to_numpy()
+    key = policy.comparison_key(name, ids, seed, rows.get("cosine"), rows.get("duplicate"))
+    return _write_part(policy.comparison_rows(name, ids, rows["cluster"].to_numpy(), cut.inside(key, ids)), shard, directory)
 
 
 def write_rejected(directory: str, item: tuple[int, str]) -> dict[str, Any]:
@@ -656,7 +659,7 @@ class CurateStage(Stage):
     @staticmethod
     def _dim(ctx: StageContext) -> int:
         field = storage.schema(ctx.input_path("embed", "pool")).field("embedding")
-        return int(getattr(field.type, "list_size", 0) or 1024)
+        return int(getattr(field.type, "list_size", 0) or 1024)  # variable-size lists: assume d = 1024 for bucket sizing
 
     @staticmethod
     def _fence(passes: Passes, signals: Signals, cfg: Any) -> float:
