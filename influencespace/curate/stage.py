@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from influencespace import layout, storage
+from influencespace import layout, progress, storage
 from influencespace.curate import policy, select
 from influencespace.errors import InputDataError, StageStateError
 from influencespace.runtime import map_tasks
@@ -177,8 +177,15 @@ class Passes:
         self.runtime = runtime
         self.shards = shards
 
-    def map(self, fn: Callable[[Shard], Any]) -> Iterable[Any]:
-        return map_tasks(self.runtime, fn, self.shards)
+    def map(self, fn: Callable[[Shard], Any], desc: str | None = None) -> Iterable[Any]:
+        """``fn(shard)`` over every shard; with ``desc``, a progress bar counts the shards done."""
+        if desc is None:
+            yield from map_tasks(self.runtime, fn, self.shards)
+            return
+        with progress.track(f"curate: {desc}", total=len(self.shards), unit="shards") as bar:
+            for result in map_tasks(self.runtime, fn, self.shards):
+                bar.add(1)
+                yield result
 
     def select(self, source: Callable, ranks: list[int], total: int, bits: list[int]) -> list[select.Cut]:
         def count_digits(prefixes: list[list[int]]) -> np.ndarray:
@@ -531,11 +538,16 @@ class CurateStage(Stage):
         work = ctx.path(WORK_DIR)
         bucket_of = plan_buckets(sizes, row_bytes, max(BUCKET_BYTES, math.ceil(n_rows * row_bytes / MAX_BUCKETS)))
         split = functools.partial(split_shard, signals, fence, bucket_of, work)
-        if sum(passes.map(split)) != n_rows:
+        if sum(passes.map(split, "grouping rows by cluster")) != n_rows:
             raise StageStateError("curate split a different number of rows than the assignments hold; rerun the stage")
         order = functools.partial(order_bucket, broadcast, signals, cfg.duplicate_threshold, work, [s.name for s in shards])
-        ordered = sum(map_tasks(ctx.config.runtime, order, range(int(bucket_of.max()) + 1)))
-        written = sum(passes.map(functools.partial(realign_shard, signals, work)))
+        buckets = int(bucket_of.max()) + 1
+        ordered = 0
+        with progress.track("curate: ordering clusters (SemDeDup)", total=buckets, unit="buckets") as bar:
+            for rows in map_tasks(ctx.config.runtime, order, range(buckets)):
+                ordered += rows
+                bar.add(1)
+        written = sum(passes.map(functools.partial(realign_shard, signals, work), "back in shard order"))
         if not ordered == written == n_rows:
             raise StageStateError(f"curate ordered {ordered} and wrote back {written} rows, but the assignments hold "
                                   f"{n_rows}; rerun the stage")
@@ -556,12 +568,13 @@ class CurateStage(Stage):
             entry: dict[str, Any] = {}
             selection, fraction_decisions, cut = self._select(passes, clusters, n_rows, self._params(cfg, fraction), worst_group)
             write = functools.partial(write_curated, selection, fraction_decisions, cut, ctx.path(directory(layout.CURATED)))
-            entry[layout.CURATED] = combine([*passes.map(write), *rejected(ctx.path(directory(layout.CURATED)))])
+            entry[layout.CURATED] = combine([*passes.map(write, f"writing {label} {layout.CURATED}"),
+                                             *rejected(ctx.path(directory(layout.CURATED)))])
             for name in self._comparisons(cfg):
                 budget = policy.budget_rows(n_rows, fraction)
                 (kept,) = passes.select(functools.partial(comparison_key, name, cfg.seed), [budget], n_rows, [64, 64])
                 write = functools.partial(write_comparison, name, cfg.seed, kept, ctx.path(directory(name)))
-                entry[name] = combine([*passes.map(write), *rejected(ctx.path(directory(name)))])
+                entry[name] = combine([*passes.map(write, f"writing {label} {name}"), *rejected(ctx.path(directory(name)))])
             if main:
                 decisions = fraction_decisions
                 summary.update(entry)
