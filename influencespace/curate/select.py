@@ -121,9 +121,6 @@ class Cut:
         ids = np.asarray(ids, dtype=object)
         return less | (equal & (ids <= self.id))
 
-    def to_json(self) -> dict:
-        return {"words": list(self.words) if self.words is not None else None, "id": self.id, "everything": self.everything}
-
 
 # --------------------------------------------------------------------------------------------------
 # The per-shard step

@@ -146,11 +146,29 @@ def cosine_key(shard: Shard) -> tuple[select.Key, np.ndarray]:
     return select.Key([select.sortable(cos[finite])], [64]), ids[finite]
 
 
+CANDIDATE_COLUMNS = ["id", "tier", "value", "hash", "candidate"]
+
+
+def _candidates(rows: pd.DataFrame) -> tuple[np.ndarray, select.Key]:
+    """Which scratch rows are candidates, and the leaving-order key of those rows (policy.candidate_key)."""
+    mask = rows["candidate"].to_numpy()
+    key = policy.candidate_key(rows["tier"].to_numpy()[mask], rows["value"].to_numpy()[mask], rows["hash"].to_numpy()[mask])
+    return mask, key
+
+
+def _inside_cut(rows: pd.DataFrame, cut: select.Cut) -> np.ndarray:
+    """Per scratch row: a candidate inside the budget cut."""
+    mask, key = _candidates(rows)
+    inside = np.zeros(len(rows), dtype=bool)
+    inside[mask] = cut.inside(key, rows["id"].to_numpy()[mask])
+    return inside
+
+
 def candidate_key(shard: Shard) -> tuple[select.Key, np.ndarray]:
     """The InfluenceSpace policy's candidates (rows a cluster may give up) in their leaving order."""
-    rows = _table(shard.scratch, ["id", "tier", "value", "hash", "candidate"]).to_pandas()
-    rows = rows[rows["candidate"].to_numpy()]
-    return policy.candidate_key(rows["tier"].to_numpy(), rows["value"].to_numpy(), rows["hash"].to_numpy()), rows["id"].to_numpy()
+    rows = _table(shard.scratch, CANDIDATE_COLUMNS).to_pandas()
+    mask, key = _candidates(rows)
+    return key, rows["id"].to_numpy()[mask]
 
 
 COMPARISON_COLUMNS = {"random": [], "clipscore": ["cosine"], "dedup": ["duplicate"]}  # scratch columns each key needs
@@ -398,10 +416,8 @@ def realign_shard(signals: Signals, work: str, shard: Shard) -> int:
 
 def count_cut(cut: select.Cut, shard: Shard) -> np.ndarray:
     """(max cluster + 1, 4): candidates inside the cut per cluster and tier."""
-    rows = _table(shard.scratch, ["id", "cluster", "tier", "value", "hash", "candidate"]).to_pandas()
-    rows = rows[rows["candidate"].to_numpy()]
-    key = policy.candidate_key(rows["tier"].to_numpy(), rows["value"].to_numpy(), rows["hash"].to_numpy())
-    inside = cut.inside(key, rows["id"].to_numpy())
+    rows = _table(shard.scratch, [*CANDIDATE_COLUMNS, "cluster"]).to_pandas()
+    inside = _inside_cut(rows, cut)
     cluster = rows["cluster"].to_numpy()[inside].astype(np.int64)
     tier = rows["tier"].to_numpy()[inside].astype(np.int64)
     out = np.zeros((int(cluster.max()) + 1 if len(cluster) else 1, 4), dtype=np.int64)
@@ -441,11 +457,9 @@ def _write_part(frame: pd.DataFrame, shard: Shard, directory: str) -> dict[str, 
 
 def write_curated(selection: policy.Selection, decisions: pd.DataFrame, cut: select.Cut, directory: str,
                   shard: Shard) -> dict[str, Any]:
-    rows = _table(shard.scratch, ["id", "cluster", "tier", "value", "hash", "candidate", "fallback_rank"]).to_pandas()
+    rows = _table(shard.scratch, [*CANDIDATE_COLUMNS, "cluster", "fallback_rank"]).to_pandas()
     ids = rows["id"].to_numpy()
-    candidate = rows["candidate"].to_numpy()
-    key = policy.candidate_key(rows["tier"].to_numpy(), rows["value"].to_numpy(), rows["hash"].to_numpy())
-    inside = candidate & cut.inside(key, ids)
+    inside = _inside_cut(rows, cut)
     cluster = rows["cluster"].to_numpy()
     position = policy.cluster_positions(selection.clusters, cluster)
     keep, reason = policy.decide_rows(selection, position, rows["tier"].to_numpy(), inside, rows["fallback_rank"].to_numpy())
