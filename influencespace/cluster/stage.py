@@ -33,7 +33,7 @@ from influencespace.cluster.shards import (
     ShardWorker,
     plan_groups,
 )
-from influencespace.errors import InfluenceSpaceError, InputDataError
+from influencespace.errors import InputDataError
 from influencespace.stages import Stage, StageContext, StageResult
 from influencespace.storage import parquet_rows
 
@@ -62,13 +62,16 @@ class RayPool:
     def _get(refs: list[Any]) -> list[Any]:
         import ray
 
+        from influencespace.runtime import domain_error
+
         try:
             return ray.get(refs)
         except ray.exceptions.RayTaskError as exc:
             # Errors a user can act on (bad input, bad config) are re-raised as themselves, without the
-            # remote traceback; anything else is a bug and keeps it.
-            if isinstance(exc.cause, InfluenceSpaceError):
-                raise exc.cause from None
+            # remote traceback (runtime.domain_error, as for every Ray task); anything else keeps it.
+            found = domain_error(exc)
+            if found is not None:
+                raise found from None
             raise
 
     def call_each(self, method: str, args: Sequence[tuple[Any, ...]]) -> list[Any]:
