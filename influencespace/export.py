@@ -23,13 +23,18 @@ tars or Parquet files holding the same ids. A run that started from precomputed 
 WebDataset sample's JSON; a sample whose JSON lacks it falls back to the JSON's ``id``, then ``uid``,
 then the tar key.
 
-Streaming through Ray Data, nothing per row on the driver: the manifest's kept rows (``id``,
-``weight``) are a Ray Data dataset read from the manifest's parts. ``uids`` sorts them with Ray Data's
-distributed sort and streams the sorted batches into ``uids.npy`` / ``uids.txt`` / ``weights.parquet``
-(the driver holds one batch; the ``.npy`` header is written first from a counting pass). ``webdataset``
-and ``parquet`` join the pool with the kept rows by id (``Dataset.join``, a hash-partitioned join, so
-each task holds one partition of each side) and write block by block. Every kept row must come out
-once: a kept id the pool lacks is an error that names how many are missing.
+Nothing per row on the driver. ``uids`` sorts the kept ids in tasks (:func:`runtime.map_tasks
+<influencespace.runtime.map_tasks>`), as TeraSort does: each manifest part counts its kept rows and
+samples their ids (1 in 10⁴); the driver turns the sample into range boundaries (about ``RANGE_ROWS``
+= 1M kept rows a range); each part splits its kept rows by range into ``OUT/_work/``; each range is
+sorted alone; the driver appends the sorted ranges, in order, ``READ_ROWS`` rows at a time, to
+``uids.npy`` (its header written first from the count) / ``uids.txt`` / ``weights.parquet``, and
+removes ``_work``. Memory: a task holds one manifest part or one range (≈ 100 bytes a row); the
+driver, one read batch and the sample (≈ N / 10⁴ ids). Scratch files: parts × ranges at most.
+``webdataset`` and ``parquet`` read the kept rows as a Ray Data dataset, join the pool with them by id
+(``Dataset.join``, a hash-partitioned join with one partition per 1M kept rows, so each task holds one
+partition of each side) and write block by block. Every kept row must come out once: a kept id the
+pool lacks is an error that names how many are missing.
 """
 
 from __future__ import annotations
@@ -39,8 +44,10 @@ import re
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from influencespace import storage
+from influencespace.config import RuntimeConfig
 from influencespace.datasets.webdataset import IMAGE_EXTENSIONS, sample_key
 from influencespace.errors import InfluenceSpaceError, InputDataError
 from influencespace.layout import CURATED, manifest_dir
@@ -120,47 +127,141 @@ _NIBBLE[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
 
 
 def hex_halves(ids: np.ndarray) -> np.ndarray:
-    """32-hex-digit uids as DataComp's ``u8,u8`` records (high and low 64 bits), vectorised."""
-    digits = _NIBBLE[np.asarray(ids, dtype="S32").view(np.uint8).reshape(len(ids), 32)].astype(np.uint64)
-    shifts = np.arange(60, -1, -4, dtype=np.uint64)
+    """32-hex-digit uids as DataComp's ``u8,u8`` records (high and low 64 bits), vectorised.
+
+    Two hex digits make one byte; 16 bytes read big-endian are the two 64-bit halves (48 bytes a row).
+    """
+    digits = _NIBBLE[np.asarray(ids, dtype="S32").view(np.uint8).reshape(len(ids), 32)]
+    halves = ((digits[:, 0::2] << 4) | digits[:, 1::2]).view(">u8").astype(np.uint64)
     out = np.empty(len(ids), dtype=np.dtype("u8,u8"))
-    out["f0"] = (digits[:, :16] << shifts).sum(axis=1, dtype=np.uint64)
-    out["f1"] = (digits[:, 16:] << shifts).sum(axis=1, dtype=np.uint64)
+    out["f0"], out["f1"] = halves[:, 0], halves[:, 1]
     return out
 
 
-def _export_uids(kept, out_uri: str, progress: Sink = NULL) -> int:
-    """Stream the kept ids, sorted, into ``uids.npy``, ``uids.txt`` and ``weights.parquet``; return the count."""
+# The uids sort, as TeraSort does it: a sample of ids fixes range boundaries, every manifest part splits
+# its kept rows by range, and each range (about RANGE_ROWS rows) is sorted alone, in a task.
+RANGE_ROWS = 1_000_000
+SAMPLES_PER_RANGE = 100  # sampled ids per range to come (boundaries only: a poor sample makes ranges uneven, never wrong)
+READ_ROWS = 16_384  # rows the driver holds while it appends a sorted range
+WORK_DIR = "_work"
+_KEPT_SCHEMA = pa.schema([("id", pa.string()), ("weight", pa.float64())])
+
+
+def _manifest_parts(directory: str) -> list[str]:
+    return sorted(storage.list_files(directory, ".parquet"))
+
+
+def _read_kept_part(uri: str):
+    import pyarrow.compute as pc
+
+    table = storage.read_table(uri, columns=["id", "keep", "weight"])
+    return table.filter(pc.field("keep")).select(["id", "weight"])
+
+
+def scan_part(sample_rate: float, uri: str) -> dict[str, Any]:
+    """One manifest part's kept rows: how many, the id statistics, and evenly spaced sorted ids.
+
+    ``sample_rate`` × rows ids (at least two); the driver asks ``SAMPLES_PER_RANGE / RANGE_ROWS``, so
+    the sample grows as N / 10⁴ in all, what keeps every range within a few percent of ``RANGE_ROWS``.
+    """
+    kept = _read_kept_part(uri)
+    stats = _id_stats(kept)
+    ids = np.sort(np.asarray(kept.column("id").to_pylist(), dtype=object))
+    samples = min(len(ids), max(2, int(np.ceil(len(ids) * sample_rate))))
+    picks = ids[np.linspace(0, len(ids) - 1, samples).astype(int)] if len(ids) else ids
+    return {"rows": kept.num_rows, "non_hex": stats["non_hex"][0], "max_len": stats["max_len"][0],
+            "sample": picks.tolist()}
+
+
+def range_boundaries(scans: list[dict[str, Any]], range_rows: int) -> list[str]:
+    """Ids that cut the kept rows into ranges of about ``range_rows``, from the parts' samples.
+
+    A part's sampled id stands for ``rows / len(sample)`` rows; range r holds ids in
+    ``[boundaries[r-1], boundaries[r])``.
+    """
+    total = sum(s["rows"] for s in scans)
+    ranges = max(1, -(-total // range_rows))
+    if ranges == 1:
+        return []
+    ids = np.asarray([i for s in scans for i in s["sample"]], dtype=object)
+    stands_for = np.concatenate([np.full(len(s["sample"]), s["rows"] / max(1, len(s["sample"]))) for s in scans])
+    order = np.argsort(ids, kind="stable")
+    ids, cumulative = ids[order], np.cumsum(stands_for[order])
+    cuts = np.searchsorted(cumulative, total * np.arange(1, ranges) / ranges, side="right")
+    return sorted(set(ids[np.minimum(cuts, len(ids) - 1)].tolist()))
+
+
+def split_part(work: str, boundaries: list[str], uri: str) -> int:
+    """Write a part's kept rows to ``<work>/range-RRRRR/<part>`` by range; return how many."""
+    kept = _read_kept_part(uri)
+    if not kept.num_rows:
+        return 0
+    ranges = np.searchsorted(np.asarray(boundaries, dtype=object), np.asarray(kept.column("id").to_pylist(),
+                                                                              dtype=object), side="right")
+    name = uri.rsplit("/", 1)[-1]
+    for r in np.unique(ranges):
+        storage.write_table(kept.take(np.flatnonzero(ranges == r)), storage.join(work, f"range-{r:05d}", name))
+    return kept.num_rows
+
+
+def sort_range(work: str, index: int) -> str | None:
+    """Sort one range's rows by id into ``<work>/sorted-RRRRR.parquet``; None when the range is empty."""
+    directory = storage.join(work, f"range-{index:05d}")
+    if not storage.exists(directory) or not storage.parquet_files(directory):
+        return None
+    table = storage.read_table(directory)
+    out = storage.join(work, f"sorted-{index:05d}.parquet")
+    storage.write_table(table.sort_by("id"), out, row_group_size=READ_ROWS)
+    storage.remove_tree(directory)
+    return out
+
+
+def _export_uids(directory: str, out_uri: str, runtime: Any, progress: Sink = NULL) -> int:
+    """Stream the kept ids, sorted, into ``uids.npy``, ``uids.txt`` and ``weights.parquet``; return the count.
+
+    Three passes of tasks (:func:`influencespace.runtime.map_tasks`): scan (counts and a sample of ids),
+    split by range, sort each range; the driver appends the sorted ranges in order, a batch at a time.
+    """
     import contextlib
+    import functools
 
     import pyarrow.parquet as pq
 
-    stats = kept.map_batches(_id_stats, batch_format="pyarrow").take_all()
-    count = int(sum(s["rows"] for s in stats))
-    hex_uids = count > 0 and sum(s["non_hex"] for s in stats) == 0
-    dtype = np.dtype("u8,u8") if hex_uids else np.dtype(f"<U{max([1] + [s['max_len'] for s in stats])}")
+    from influencespace.runtime import map_tasks
+
+    parts = _manifest_parts(directory)
+    work = storage.join(out_uri, WORK_DIR)
+    storage.remove_tree(work)
+    scans = list(map_tasks(runtime, functools.partial(scan_part, SAMPLES_PER_RANGE / RANGE_ROWS), parts))
+    count = sum(s["rows"] for s in scans)
+    hex_uids = count > 0 and sum(s["non_hex"] for s in scans) == 0
+    dtype = np.dtype("u8,u8") if hex_uids else np.dtype(f"<U{max([1] + [s['max_len'] for s in scans])}")
+    boundaries = range_boundaries(scans, RANGE_ROWS)
+    del scans
+    split = sum(map_tasks(runtime, functools.partial(split_part, work, boundaries), parts))
     written = 0
     with contextlib.ExitStack() as stack:
         npy, txt, weights = (stack.enter_context(storage.open_output(storage.join(out_uri, name)))
                              for name in ("uids.npy", "uids.txt", "weights.parquet"))
         np.lib.format.write_array_header_1_0(
             npy, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (count,)})
-        writer = None
-        for batch in kept.sort("id").iter_batches(batch_format="pyarrow", batch_size=65_536):
-            ids = np.asarray(batch.column("id").to_pylist(), dtype=object)
-            npy.write((hex_halves(ids) if hex_uids else np.asarray(ids, dtype=dtype)).tobytes())
-            txt.write(("\n".join(ids) + "\n").encode())
-            if writer is None:
-                writer = stack.enter_context(pq.ParquetWriter(weights, batch.schema))
-            writer.write_table(batch)
-            written += batch.num_rows
-            progress.add(batch.num_rows)
-        if writer is None:  # nothing kept: still a valid, empty table
-            import pyarrow as pa
-
-            pq.write_table(pa.table({"id": pa.array([], pa.string()), "weight": pa.array([], pa.float64())}), weights)
-        if written != count:
-            raise InfluenceSpaceError(f"export: {written} sorted uids but {count} kept rows; the manifest changed while exporting?")
+        writer = stack.enter_context(pq.ParquetWriter(weights, _KEPT_SCHEMA))
+        for sorted_uri in map_tasks(runtime, functools.partial(sort_range, work), range(len(boundaries) + 1)):
+            if sorted_uri is None:
+                continue
+            fs, path = storage.resolve(sorted_uri)
+            with fs.open_input_file(path) as handle:
+                for batch in pq.ParquetFile(handle).iter_batches(batch_size=READ_ROWS):
+                    ids = np.asarray(batch.column(0).to_pylist(), dtype=object)
+                    npy.write((hex_halves(ids) if hex_uids else np.asarray(ids, dtype=dtype)).tobytes())
+                    txt.write(("\n".join(ids) + "\n").encode())
+                    writer.write_batch(batch.cast(_KEPT_SCHEMA))
+                    written += batch.num_rows
+                    progress.add(batch.num_rows)
+        if not written == split == count:
+            raise InfluenceSpaceError(f"export: {count} kept rows counted, {split} split by range and {written} "
+                                      f"written sorted; did the manifest change while exporting?")
+    storage.remove_tree(work)
     return count
 
 
@@ -273,11 +374,12 @@ def _to_webdataset_rows(weights_mode: str):
 
 
 def export_run(run_dir: str, fmt: str, out_uri: str, policy: str = CURATED, weights_mode: str = "field",
-               rows_per_file: int = 10_000, pairs_uri: str | None = None) -> dict[str, int]:
+               rows_per_file: int = 10_000, pairs_uri: str | None = None, runtime: Any = None) -> dict[str, int]:
     """Write the kept subset of ``run_dir`` to ``out_uri`` in ``fmt``; return counts.
 
     ``pairs_uri``: raw pairs (WebDataset tars or Parquet) to take sample bytes from; default the run's
-    data pool. Runs on Ray Data: call it with Ray up (``runtime.ensure_ray``; the CLI does).
+    data pool. Runs on Ray: call it with Ray up (``runtime.ensure_ray``; the CLI does). ``runtime``
+    (a :class:`~influencespace.config.RuntimeConfig`, default Ray) runs the ``uids`` sort's tasks.
     """
     if fmt not in FORMATS:
         raise InfluenceSpaceError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
@@ -291,7 +393,7 @@ def export_run(run_dir: str, fmt: str, out_uri: str, policy: str = CURATED, weig
     kept = kept_dataset(directory)
     if fmt == "uids":
         with track("export", None, "rows") as bar:
-            return {"kept": _export_uids(kept, out_uri, bar)}
+            return {"kept": _export_uids(directory, out_uri, runtime or RuntimeConfig(), bar)}
 
     pool_uri, pool_format, id_column = _pool_source(run_dir)
     if pairs_uri:

@@ -273,19 +273,19 @@ def write_json(uri: str, obj: Any) -> None:
     write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def write_table(table: pa.Table, uri: str, compression: str = "zstd") -> None:
-    """Write a Parquet file atomically."""
+def write_table(table: pa.Table, uri: str, compression: str = "zstd", row_group_size: int | None = None) -> None:
+    """Write a Parquet file atomically (``row_group_size``: rows a reader decodes at a time; default pyarrow's)."""
     import pyarrow.parquet as pq
 
     fs, path = resolve(uri)
     try:
         if is_s3(uri):
-            pq.write_table(table, path, filesystem=fs, compression=compression)
+            pq.write_table(table, path, filesystem=fs, compression=compression, row_group_size=row_group_size)
             return
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
         tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-        pq.write_table(table, tmp, compression=compression)
+        pq.write_table(table, tmp, compression=compression, row_group_size=row_group_size)
         os.replace(tmp, path)
     except OSError as exc:
         raise _wrap("write", uri, exc) from exc

@@ -3,8 +3,9 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
 
-from influencespace import storage
+from influencespace import export, storage
 from influencespace.cli import main
+from influencespace.config import RuntimeConfig
 from influencespace.datasets import webdataset
 from influencespace.export import export_run, hex_halves, repeats, uid_array
 from influencespace.stages import run_pipeline
@@ -40,9 +41,14 @@ def test_uid_array_formats():
 
 
 @pytest.mark.ray
+@pytest.mark.parametrize("runner", ["local", "ray"])
+@pytest.mark.parametrize("range_rows", [40, 1_000_000])
 @pytest.mark.parametrize("hex_ids", [False, True])
-def test_streamed_uids_equal_the_in_memory_reference(tmp_path, ray_cluster, hex_ids):
-    """Three manifest parts and a rejects part, streamed through Ray Data's sort: uid_array of the kept ids, exactly."""
+def test_streamed_uids_equal_the_in_memory_reference(tmp_path, ray_cluster, monkeypatch, hex_ids, range_rows, runner):
+    """Three manifest parts and a rejects part, sorted by ranges in tasks (one range, or ranges of ~40 rows from
+    a sample of 5%): uid_array of the kept ids, exactly, and no scratch left behind."""
+    monkeypatch.setattr(export, "RANGE_ROWS", range_rows)
+    monkeypatch.setattr(export, "SAMPLES_PER_RANGE", 2)
     rng = np.random.default_rng(1)
     ids = [f"{int(a):016x}{int(b):016x}" for a, b in rng.integers(0, 2**63, (300, 2), dtype=np.int64)] if hex_ids \
         else [f"sample-{i}" * (1 + i % 3) for i in range(300)]
@@ -54,10 +60,21 @@ def test_streamed_uids_equal_the_in_memory_reference(tmp_path, ray_cluster, hex_
                                       "reason": ["x"] * len(ids[rows])}), str(curate / "manifest" / f"{part}.parquet"))
     storage.write_json(str(curate / "_SUCCESS.json"), {"stage": "curate"})
     kept = [i for i, k in zip(ids[:290], keep[:290], strict=True) if k]
-    assert export_run(str(tmp_path / "run"), "uids", str(tmp_path / "out"))["kept"] == len(kept)
+    runtime = RuntimeConfig(runner=runner)
+    assert export_run(str(tmp_path / "run"), "uids", str(tmp_path / "out"), runtime=runtime)["kept"] == len(kept)
     streamed, reference = np.load(tmp_path / "out" / "uids.npy", allow_pickle=False), uid_array(kept)
     assert streamed.dtype == reference.dtype and np.array_equal(streamed, reference), (streamed[:3], reference[:3])
     assert (tmp_path / "out" / "uids.txt").read_text().split() == sorted(kept)
+    weights = storage.read_table(str(tmp_path / "out" / "weights.parquet"))
+    assert weights.column("id").to_pylist() == sorted(kept)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["uids.npy", "uids.txt", "weights.parquet"]
+
+
+def test_range_boundaries_split_the_sampled_ids_evenly():
+    scans = [{"rows": 1000, "sample": [f"{i:04d}" for i in range(0, 1000, 10)]},
+             {"rows": 3000, "sample": [f"{i:04d}" for i in range(1000, 4000, 30)]}, {"rows": 0, "sample": []}]
+    assert export.range_boundaries(scans, 1000) == ["1000", "1990", "2980"]
+    assert export.range_boundaries(scans, 4000) == []
 
 
 def test_repeats_rounding_never_drops_a_kept_sample():
