@@ -1,23 +1,43 @@
 """The ``evaluate`` stage: score every trained variant and seed on the test split, check the curation
 against the ground truth, and write ``evaluate/summary.json`` (schema in docs/evaluation.md).
 
-Evaluation runs in this process with numpy/torch: the test split is small (thousands of rows) and each
-model is two projection heads, so Ray would only add start-up time.
+Scoring runs in this process with numpy/torch: the test split is small (thousands of rows) and each
+model is two projection heads. Nothing per pool row comes to the driver: the kept counts are the
+curate summary's, and the ground-truth check (the built-in benchmark's planted defects) is one
+distributed aggregate over every variant's manifest (:func:`curation_by_ray`: a Ray Data union of
+the manifests, a hash join with the ground truth, partial sums per batch); ``runtime.runner: local``
+computes it in memory instead (:func:`~influencespace.evaluate.curation.curation_quality`, the
+reference it is tested against).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
+from typing import Any
 
 import numpy as np
 
 from influencespace import storage
 from influencespace.errors import StageStateError
-from influencespace.evaluate.curation import curation_quality
+from influencespace.evaluate.curation import (
+    COUNT_FIELDS,
+    TRUTH_COLUMNS,
+    batch_counts,
+    curation_quality,
+    quality_from_counts,
+)
 from influencespace.evaluate.summary import summarize
 from influencespace.evaluate.zero_shot import read_test, score_features, score_model
-from influencespace.layout import BASELINE, CURATED, parse_curve_variant, summary_entry, variant_manifests
+from influencespace.layout import (
+    BASELINE,
+    CURATED,
+    REJECTED_PART_PREFIX,
+    parse_curve_variant,
+    summary_entry,
+    variant_manifests,
+)
 from influencespace.stages import Stage, StageContext, StageResult
 
 log = logging.getLogger(__name__)
@@ -54,20 +74,19 @@ class EvaluateStage(Stage):
         test = read_test(ctx.input_path("embed", "test"))
         pool_rows = sum(storage.parquet_rows(f) for f in storage.parquet_files(ctx.input_path("embed", "pool")))
         curate_summary = storage.read_json(ctx.input_path("curate", "summary"))
-        ground_truth = pool_ids = None
-        if "ground_truth" in data_outputs:
-            # The built-in benchmark's planted defects (thousands of rows; user data has none).
-            ground_truth = storage.read_table(ctx.input_path("data", "ground_truth")).to_pandas()
-            pool_ids = np.asarray(storage.read_table(ctx.input_path("embed", "pool"), columns=["id"]).column("id")
-                                  .to_pylist(), dtype=object)
         manifest_keys = variant_manifests(ctx.input_manifests["curate"])
-
         variants = [v for v in train.get("extra", {}).get("variants", []) if v in train.get("outputs", {})]
         if BASELINE not in variants:
             raise StageStateError("the train stage recorded no baseline run; rerun train")
+        curation: dict[str, dict | None] = dict.fromkeys(variants)
+        if "ground_truth" in data_outputs:  # the built-in benchmark's planted defects (user data has none)
+            manifests = {v: None if manifest_keys.get(v) is None else ctx.input_path("curate", manifest_keys[v])
+                         for v in variants}
+            check = curation_by_ray if ctx.config.runtime.runner == "ray" else curation_in_memory
+            curation.update(check(ctx.config.runtime, ctx.input_path("embed", "pool"),
+                                  ctx.input_path("data", "ground_truth"), manifests, minority))
         runs: dict[str, dict[int, dict]] = {}
         volume: dict[str, dict] = {}
-        curation: dict[str, dict | None] = {}
         for variant in variants:
             metrics = storage.read_json(ctx.input_path("train", variant))
             train_dir = train["stage_dir"]
@@ -84,11 +103,6 @@ class EvaluateStage(Stage):
             # Counted by the curate stage (rows the embed stage rejected are never kept, so every kept row is a pool row).
             kept = pool_rows if key is None else int(summary_entry(curate_summary, key)["kept"])
             volume[variant] = {"pool_rows": pool_rows, "kept_rows": kept}
-            curation[variant] = None
-            if ground_truth is not None:
-                manifest = None if key is None else storage.read_table(
-                    ctx.input_path("curate", key), columns=["id", "keep", "weight"]).to_pandas()
-                curation[variant] = curation_quality(pool_ids, manifest, ground_truth, minority)
             log.info("evaluate %s: zero-shot accuracy %s", variant,
                      ", ".join(f"{runs[variant][s]['zero_shot_acc']:.3f}" for s in cfg.seeds))
 
@@ -115,6 +129,87 @@ class EvaluateStage(Stage):
                 "variants": variants,
             },
         )
+
+
+def _pool_parts(manifest_uri: str) -> list[str]:
+    """A manifest's parts that list pool rows (not the embed stage's rejects, which have no pool row)."""
+    return [u for u in storage.list_files(manifest_uri, ".parquet")
+            if not u.rsplit("/", 1)[-1].startswith(REJECTED_PART_PREFIX)]
+
+
+def curation_in_memory(runtime: Any, pool_uri: str, truth_uri: str, manifests: dict[str, str | None],
+                       minority: str | None) -> dict[str, dict]:
+    """:func:`curation_quality` of every variant, reading the pool's ids and each manifest here (small runs)."""
+    truth = storage.read_table(truth_uri).to_pandas()
+    pool_ids = np.asarray(storage.read_table(pool_uri, columns=["id"]).column("id").to_pylist(), dtype=object)
+    out = {}
+    for variant, uri in manifests.items():
+        manifest = None if uri is None else storage.read_table(uri, columns=["id", "keep", "weight"]).to_pandas()
+        out[variant] = curation_quality(pool_ids, manifest, truth, minority)
+    return out
+
+
+def _tagged(variant: int, baseline: bool, batch):
+    """A batch of pool rows of one variant: ``id`` (string), ``keep``, ``weight`` and the variant's index."""
+    import pyarrow as pa
+
+    n = batch.num_rows
+    keep = pa.array([True] * n) if baseline else batch.column("keep")
+    weight = pa.array([1.0] * n, pa.float64()) if baseline else batch.column("weight").cast(pa.float64())
+    return pa.table({"id": batch.column("id").cast(pa.string()), "keep": keep, "weight": weight,
+                     "variant": pa.array([variant] * n, pa.int32())})
+
+
+def _variant_counts(minority: str | None, batch):
+    """Partial :data:`COUNT_FIELDS` per variant of one joined batch (a row per variant present)."""
+    import pandas as pd
+
+    rows = [{"variant": int(v), **batch_counts(group, minority)} for v, group in batch.groupby("variant")]
+    return pd.DataFrame(rows, columns=["variant", *COUNT_FIELDS])
+
+
+def curation_by_ray(runtime: Any, pool_uri: str, truth_uri: str, manifests: dict[str, str | None],
+                    minority: str | None) -> dict[str, dict]:
+    """:func:`curation_quality` of every variant as one distributed aggregate (Ray Data).
+
+    The variants' pool rows (each manifest's pool parts; the baseline: the pool's ids, all kept with
+    weight 1) are tagged and unioned, joined with the ground truth by id (``left_outer``, a hash join of
+    one partition per 1M rows), and each batch sums :data:`COUNT_FIELDS` per variant; the driver adds
+    the partial sums (one row per batch and variant). Memory: one join partition per task.
+    """
+    import ray.data
+
+    from influencespace.runtime import ensure_ray
+
+    ensure_ray(runtime)
+    truth_columns = [c for c in TRUTH_COLUMNS if c in storage.schema(truth_uri).names]
+    with_minority = minority is not None and "group" in truth_columns
+
+    def read(uris: list[str], columns: list[str]):
+        fs, _ = storage.resolve(uris[0])
+        return ray.data.read_parquet([storage.resolve(u)[1] for u in uris], filesystem=fs).select_columns(columns)
+
+    tagged, rows = [], 0
+    for index, uri in enumerate(manifests.values()):
+        parts = storage.parquet_files(pool_uri) if uri is None else _pool_parts(uri)
+        if parts:
+            rows += sum(storage.parquet_rows(p) for p in parts)
+            tagged.append(read(parts, ["id"] if uri is None else ["id", "keep", "weight"]).map_batches(
+                functools.partial(_tagged, index, uri is None), batch_format="pyarrow"))
+    sums = {variant: dict.fromkeys(COUNT_FIELDS, 0) for variant in manifests}
+    if tagged:
+        truth = read(storage.parquet_files(truth_uri), truth_columns).map_batches(
+            lambda b: b.set_column(0, "id", b.column("id").cast("string")), batch_format="pyarrow")
+        joined = tagged[0].union(*tagged[1:]).join(truth, join_type="left_outer", on=("id",),
+                                                   num_partitions=max(1, -(-rows // 1_000_000)))
+        names = list(manifests)
+        counted = joined.map_batches(functools.partial(_variant_counts, minority if with_minority else None),
+                                     batch_format="pandas")
+        for row in counted.iter_rows():
+            total = sums[names[int(row["variant"])]]
+            for field in COUNT_FIELDS:
+                total[field] += row[field]
+    return {variant: quality_from_counts(counts, with_minority) for variant, counts in sums.items()}
 
 
 CURVE_FIELDS = ("volume_reduction_pct", "accuracy_ratio_pct", "worst_group_acc", "eo_diff", "dp_diff", "time_ratio")

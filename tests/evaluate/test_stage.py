@@ -20,7 +20,8 @@ def _upstream(root, seeds=(0,)):
     return run, upstream
 
 
-def test_evaluate_writes_the_benchmark_summary(tmp_path, make_config):
+@pytest.mark.ray
+def test_evaluate_writes_the_benchmark_summary(tmp_path, make_config, ray_cluster):
     run, upstream = _upstream(str(tmp_path / "inputs"))
     outcome = run_stage(make_config(), EvaluateStage(), upstream=upstream)
     summary = storage.read_json(storage.join(outcome.manifest["stage_dir"], "summary.json"))
@@ -56,3 +57,43 @@ def test_evaluate_refuses_seeds_that_were_not_trained(tmp_path, make_config):
     _, upstream = _upstream(str(tmp_path / "inputs"), seeds=(0,))
     with pytest.raises(StageStateError, match="train.seeds"):
         run_stage(make_config("evaluate.seeds=[0, 1]"), EvaluateStage(), upstream=upstream)
+
+
+def _split_parts(directory: str, pieces: int) -> None:
+    """Rewrite ``part-00000.parquet`` of ``directory`` as ``pieces`` parts (uneven, one of them empty)."""
+    import pyarrow.parquet as pq
+
+    path = f"{directory}/part-00000.parquet"
+    table = pq.read_table(path)
+    cuts = [0, table.num_rows // 5, table.num_rows // 5, table.num_rows]
+    for index in range(pieces):
+        pq.write_table(table.slice(cuts[index], cuts[index + 1] - cuts[index]), f"{directory}/part-{index:05d}.parquet")
+
+
+@pytest.mark.ray
+def test_ground_truth_check_by_ray_equals_the_in_memory_reference(tmp_path, ray_cluster):
+    """Every variant's curation quality, as one distributed aggregate (Ray Data union, join, partial sums),
+    equals the in-memory reference: pool and manifests in three parts, rejects in their own part, pool
+    rows the ground truth lacks, the baseline."""
+    import pyarrow.parquet as pq
+
+    from influencespace.config import RuntimeConfig
+    from influencespace.evaluate.stage import curation_by_ray, curation_in_memory
+
+    run = build_run(str(tmp_path), pool=300, policies=("random", "dedup"))
+    root = str(tmp_path)
+    for directory in ("embed/pool", "curate/manifest", "curate/policies/random", "curate/policies/dedup"):
+        _split_parts(f"{root}/{directory}", 3)
+    truth_uri = f"{root}/data/ground_truth/ground_truth.parquet"
+    truth = pq.read_table(truth_uri)
+    pq.write_table(truth.slice(7), truth_uri)  # 7 pool rows without ground truth: clean, not of the minority
+    manifests = {"baseline": None, "influencespace": f"{root}/curate/manifest",
+                 "random": f"{root}/curate/policies/random", "dedup": f"{root}/curate/policies/dedup"}
+    args = (f"{root}/embed/pool", truth_uri, manifests, "inverted")
+    by_ray, reference = curation_by_ray(RuntimeConfig(), *args), curation_in_memory(RuntimeConfig(), *args)
+    assert reference["influencespace"]["noise_removed_pct"] == 100.0 and reference["baseline"]["minority_kept_pct"] == 100.0
+    assert reference["random"]["minority_rows"] == int(run["minority"][7:].sum())
+    for variant in manifests:
+        assert by_ray[variant].keys() == reference[variant].keys()
+        for key, value in reference[variant].items():
+            assert by_ray[variant][key] == pytest.approx(value), (variant, key)

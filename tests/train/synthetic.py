@@ -50,17 +50,21 @@ def write_split(directory: str, prefix: str, image, text, labels, groups) -> lis
     return ids
 
 
-def write_manifest(directory: str, ids, keep, weight, cluster=None) -> None:
+def write_manifest(directory: str, ids, keep, weight, cluster=None, rejected: int = 0) -> None:
+    """One manifest part; its last ``rejected`` rows (the embed stage's rejects) in ``rejected-00000``, as curate writes them."""
     keep = np.asarray(keep, bool)
     weight = np.where(keep, np.asarray(weight, float), 0.0)
     os.makedirs(directory, exist_ok=True)
-    pq.write_table(pa.table({
+    table = pa.table({
         "id": list(ids),
         "cluster": pa.array(np.zeros(len(ids), int) if cluster is None else cluster, pa.int32()),
         "keep": keep,
         "weight": weight,
         "reason": ["kept" if k else "pruned" for k in keep],
-    }), os.path.join(directory, "part-00000.parquet"))
+    })
+    pq.write_table(table.slice(0, len(ids) - rejected), os.path.join(directory, "part-00000.parquet"))
+    if rejected:
+        pq.write_table(table.slice(len(ids) - rejected), os.path.join(directory, "rejected-00000.parquet"))
 
 
 def build_run(root: str, pool: int = 64, test: int = 60, dim: int = 16, seed: int = 0,
@@ -110,14 +114,14 @@ def build_run(root: str, pool: int = 64, test: int = 60, dim: int = 16, seed: in
     weight = np.where(minority, 2.0, 1.0)
     weight = weight / weight[keep].mean()
     ids = pool_ids + ["pool-undecodable"]
-    write_manifest(os.path.join(curate_dir, "manifest"), ids, list(keep) + [False], list(weight) + [0.0])
+    write_manifest(os.path.join(curate_dir, "manifest"), ids, list(keep) + [False], list(weight) + [0.0], rejected=1)
     outputs = {"manifest": "manifest", "summary": "summary.json"}
     summary = {"influencespace": {"rows": pool + 1, "kept": int(keep.sum()), "weight_sum": float(weight[keep].sum())}}
     for name in policies:
         random_keep = np.zeros(pool, bool)
         random_keep[rng.permutation(pool)[: int(keep.sum())]] = True
         write_manifest(os.path.join(curate_dir, "policies", name), ids, list(random_keep) + [False],
-                       [1.0] * pool + [0.0])
+                       [1.0] * pool + [0.0], rejected=1)
         outputs[f"policy_{name}"] = f"policies/{name}"
         summary[name] = {"rows": pool + 1, "kept": int(keep.sum()), "weight_sum": float(keep.sum())}
     with open(os.path.join(curate_dir, "summary.json"), "w") as f:
