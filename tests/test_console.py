@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -217,6 +218,16 @@ def test_a_person_at_a_terminal_sees_bars_and_one_summary_line_per_stage(tmp_pat
     assert {f"{stage}.log" for stage in PIPELINE} <= {p.name for p in logs.iterdir()}
     assert "Started a local Ray instance" in (logs / "embed.log").read_text()
     assert "RayTrainWorker" in (logs / "train.log").read_text()
+
+    # A stage run alone in a fresh process (a resume whose earlier stages are all done): Ray is not up
+    # when it starts, and its progress sinks must still travel to the Ray Train workers (the console's
+    # bar once went there itself: "Cannot pickle files that are not opened for reading").
+    for stage in ("influence", "train"):
+        shutil.rmtree(run_dir / stage)
+        alone = subprocess.run([*argv[:3], stage, *argv[4:]], capture_output=True, text=True, timeout=900, cwd=REPO,
+                               env=env)
+        assert alone.returncode == 0, alone.stdout[-3000:] + alone.stderr[-3000:]
+        assert f"[{stage}] ran " in alone.stdout, alone.stdout[-3000:]
 
 
 def test_every_command_an_error_message_suggests_parses():

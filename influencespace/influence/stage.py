@@ -31,7 +31,7 @@ import numpy as np
 from influencespace import storage
 from influencespace.errors import InputDataError
 from influencespace.influence.errors import InfluenceError
-from influencespace.progress import NULL, Sink, track
+from influencespace.progress import NULL, Sink, Tracker, track
 from influencespace.stages import Stage, StageContext, StageResult
 
 log = logging.getLogger(__name__)
@@ -421,12 +421,15 @@ def _train_loop(config: dict) -> None:
 
 
 def _run_on_ray(ctx: StageContext, inputs: Inputs, task: Any, model: Any, states: list,
-                progress: dict[str, Sink]) -> None:
+                trackers: dict[str, Tracker]) -> None:
     import ray.train
 
-    from influencespace.runtime import run_torch_workers
+    from influencespace.runtime import ensure_ray, run_torch_workers
 
     cfg, runtime = ctx.config.influence, ctx.config.runtime
+    # Sinks made with Ray up: before it, a console bar's sink is the bar itself, which cannot travel.
+    ensure_ray(runtime)
+    progress = {name: tracker.sink() for name, tracker in trackers.items()}
     # A worker lost with its node restarts the whole group (the loop is deterministic; rank 0 writes last).
     failures = ray.train.FailureConfig(max_failures=runtime.worker_restarts)
     name = f"influence-{ctx.config.name}"
@@ -478,7 +481,7 @@ class InfluenceStage(Stage):
                     write_row_scores(ctx.stage_dir, inputs, task, states, result, progress=rows)
                 summary = write_outputs(ctx.stage_dir, result, inputs, cfg, task, model)
             else:
-                _run_on_ray(ctx, inputs, task, model, states, {"samples": samples.sink(), "rows": rows.sink()})
+                _run_on_ray(ctx, inputs, task, model, states, {"samples": samples, "rows": rows})
                 summary = storage.read_json(ctx.path(SUMMARY_FILE))
         counts = {
             "clusters": summary["clusters"],

@@ -27,7 +27,7 @@ from influencespace import storage
 from influencespace.errors import ConfigError, InfluenceSpaceError, InputDataError, StageStateError
 from influencespace.faults import fault_point
 from influencespace.layout import BASELINE, variant_manifests
-from influencespace.progress import NULL, Sink, track
+from influencespace.progress import NULL, Sink, Tracker, track
 from influencespace.stages import Stage, StageContext, StageResult
 from influencespace.train.data import (
     CHUNK_ROWS,
@@ -132,7 +132,7 @@ class TrainStage(Stage):
                 if runtime.runner == "local":
                     _run_local(pending, hp, data, runtime.use_gpu, bar)
                 else:
-                    _run_on_ray(ctx, pending, hp, data, bar.sink())
+                    _run_on_ray(ctx, pending, hp, data, bar)
             fit_seconds = time.perf_counter() - t0
 
         outputs: dict[str, str] = {}
@@ -318,7 +318,7 @@ def _ray_worker(config: dict) -> list[dict]:
 
 
 def _run_on_ray(ctx: StageContext, specs: list[RunSpec], hp: Hyperparameters, data: dict[str, VariantData],
-                progress: Sink = NULL) -> list[dict]:
+                progress: Tracker = NULL) -> list[dict]:
     import ray.data
     import ray.train
 
@@ -348,7 +348,9 @@ def _run_on_ray(ctx: StageContext, specs: list[RunSpec], hp: Hyperparameters, da
     variants = sorted({s.variant for s in specs})
     datasets = {v: variant_dataset(data[v]) for v in variants}
     options = ray.data.ExecutionOptions(preserve_order=True)
-    config = {"specs": specs, "hp": hp, "data": {v: data[v] for v in variants}, "progress": progress}
+    # The sink after ensure_ray: made before Ray is up (every earlier stage skipped, as on a resume) it
+    # would be the console's bar itself, which cannot travel to the workers.
+    config = {"specs": specs, "hp": hp, "data": {v: data[v] for v in variants}, "progress": progress.sink()}
     result = run_torch_workers(_ray_worker, config, runtime=runtime, num_workers=cfg.num_workers,
                                run_config=run_config, datasets=datasets,
                                dataset_config=ray.train.DataConfig(execution_options=options))
