@@ -1,8 +1,11 @@
 """k-means around one seam, the shape of faiss's ``contrib/clustering.py``.
 
-The algorithm only ever asks a :class:`Dataset` three things: how many rows it has, a uniform sample
-of rows (for seeding), and :meth:`Dataset.assign_to` — assign every row to its nearest centroid and
-return the per-centroid sums, counts and the objective (a :class:`~influencespace.cluster.assign.Partial`).
+The algorithm only ever asks a :class:`Dataset` how many rows it has, a uniform sample of rows (for
+seeding), :meth:`Dataset.assign_to` — assign every row to its nearest centroid and return the
+per-centroid sums, counts and the objective (a :class:`~influencespace.cluster.assign.Partial`) — and
+:meth:`Dataset.step`: the same pass followed by the centroid update, returning only the new
+centroids, counts and objective (an :class:`Update`), so a sharded dataset can sum the k·d partials
+where its workers are and hand the driver k·d float32 once per iteration.
 :class:`InMemoryDataset` answers from one array; the sharded dataset in ``shards.py`` answers from
 Parquet shards held by workers (Ray actors or in-process), so no single process holds all rows.
 
@@ -10,7 +13,7 @@ Lloyd's algorithm, with ``d`` the distance of ``assign.py`` (``||x − c||²``, 
 unit sphere)::
 
     a(i)  = argmin_j d(x_i, c_j)                          (assignment: each worker, its shards)
-    c_j  ← Σ_{a(i)=j} x_i / |{i: a(i)=j}|                  (update: driver, from reduced partial sums)
+    c_j  ← Σ_{a(i)=j} x_i / |{i: a(i)=j}|                  (update: where the partial sums are reduced)
     c_j  ← c_j / ||c_j||                                  (spherical only)
     J_t   = Σ_i d(x_i, c_{a(i)})                           (objective at iteration t, faiss's convention)
 
@@ -113,6 +116,40 @@ class Dataset(Protocol):
         """Assign every row to its nearest centroid; return per-centroid sums, counts and the objective."""
         ...
 
+    def step(self, centroids: np.ndarray, coarse: CoarseLevel | None, spherical: bool) -> Update:
+        """One Lloyd step: :meth:`assign_to`, then :func:`lloyd_update` of the summed partials, wherever
+        they are summed (the sharded dataset: off the driver, which receives only the :class:`Update`)."""
+        ...
+
+
+@dataclass
+class Update:
+    """What the driver needs of a Lloyd step: the updated centroids (empty clusters not yet repaired),
+    the count per centroid and the objective — k·d float32, never the k·d float64 partial sums."""
+
+    centroids: np.ndarray
+    counts: np.ndarray
+    objective: float
+
+
+def lloyd_update(part: Partial, previous: np.ndarray, spherical: bool) -> Update:
+    """The update half of a Lloyd step from the summed partials (:func:`update_centroids`)."""
+    return Update(update_centroids(part, previous, spherical), part.counts, part.objective)
+
+
+def tree_sum(values: list[Any]) -> Any:
+    """``values`` added pairwise, level by level, in a fixed order: ``((v0+v1)+(v2+v3))+v4`` …
+
+    The order the Ray reduction (``cluster.stage.RayPool.reduce``) adds in too, so the float sums
+    depend on the number of workers only, not on the runner or on which worker answers first.
+    """
+    if not values:
+        raise ValueError("nothing to add")
+    while len(values) > 1:
+        pairs = [values[i] + values[i + 1] for i in range(0, len(values) - 1, 2)]
+        values = pairs + ([values[-1]] if len(values) % 2 else [])
+    return values[0]
+
 
 class Checkpoint(Protocol):
     """Where a run keeps its state between iterations (one state per phase: flat, coarse, fine)."""
@@ -196,6 +233,9 @@ class InMemoryDataset:
     def assign_to(self, centroids: np.ndarray, coarse: CoarseLevel | None = None) -> Partial:
         labels, distances = self.assign(centroids, coarse)
         return partial_sums(self.x, labels, distances, len(centroids))
+
+    def step(self, centroids: np.ndarray, coarse: CoarseLevel | None, spherical: bool) -> Update:
+        return lloyd_update(self.assign_to(centroids, coarse), centroids, spherical)
 
 
 def sample_indices(count: int, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -367,9 +407,9 @@ def lloyd(
     with track(f"k-means {phase}", max_iter - start, "iterations") as bar:
         for iteration in range(start + 1, max_iter + 1):
             t0 = time.perf_counter()
-            part = dataset.assign_to(centroids, coarse)
-            new = update_centroids(part, centroids, spherical)
-            new, n_split = split_empty(new, part.counts, spherical, coarse.offsets if coarse is not None else None)
+            part = dataset.step(centroids, coarse, spherical)
+            new, n_split = split_empty(part.centroids, part.counts, spherical,
+                                       coarse.offsets if coarse is not None else None)
             previous = history[-1]["objective"] if history else None
             history.append(
                 {

@@ -18,14 +18,13 @@ import logging
 import resource
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import reduce
 from typing import Any, Protocol
 
 import numpy as np
 
 from influencespace import storage
 from influencespace.cluster.assign import CoarseLevel, FlatSearcher, Partial, assign, partial_sums, prepare_rows
-from influencespace.cluster.kmeans import sample_indices
+from influencespace.cluster.kmeans import Update, lloyd_update, sample_indices, tree_sum
 from influencespace.errors import InputDataError
 from influencespace.faults import fault_point
 
@@ -295,6 +294,10 @@ class WorkerPool(Protocol):
 
     def broadcast(self, method: str, *args: Any) -> list[Any]: ...
 
+    def reduce(self, method: str, args: tuple[Any, ...], finish: Any = None, finish_args: tuple[Any, ...] = ()) -> Any:
+        """``finish(tree_sum(answers), *finish_args)`` of every worker's ``method(*args)`` (no finish: the sum)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -309,6 +312,10 @@ class LocalPool:
 
     def broadcast(self, method: str, *args: Any) -> list[Any]:
         return [getattr(worker, method)(*args) for worker in self.workers]
+
+    def reduce(self, method: str, args: tuple[Any, ...], finish: Any = None, finish_args: tuple[Any, ...] = ()) -> Any:
+        total = tree_sum(self.broadcast(method, *args))
+        return total if finish is None else finish(total, *finish_args)
 
     def close(self) -> None:
         self.workers = []
@@ -328,7 +335,7 @@ def plan_groups(files: Sequence[str], rows: Sequence[int], num_workers: int) -> 
 
 
 class ShardedDataset:
-    """The :class:`~influencespace.cluster.kmeans.Dataset` over workers' shards; partial sums reduced here."""
+    """The :class:`~influencespace.cluster.kmeans.Dataset` over workers' shards; partial sums reduced by the pool."""
 
     def __init__(self, pool: WorkerPool, infos: Sequence[Sequence[ShardInfo]]):
         self.pool = pool
@@ -353,4 +360,8 @@ class ShardedDataset:
         return np.concatenate(parts)
 
     def assign_to(self, centroids: np.ndarray, coarse: CoarseLevel | None = None) -> Partial:
-        return reduce(lambda a, b: a + b, self.pool.broadcast("assign_to", centroids, coarse))
+        return self.pool.reduce("assign_to", (centroids, coarse))
+
+    def step(self, centroids: np.ndarray, coarse: CoarseLevel | None, spherical: bool) -> Update:
+        """Partials summed where the workers are (a fixed-order tree); the driver gets the :class:`Update`."""
+        return self.pool.reduce("assign_to", (centroids, coarse), lloyd_update, (centroids, spherical))

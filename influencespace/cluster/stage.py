@@ -83,12 +83,37 @@ class RayPool:
         refs = [ray.put(a) for a in args]
         return self._get([getattr(actor, method).remote(*refs) for actor in self.actors])
 
+    def reduce(self, method: str, args: tuple[Any, ...], finish: Any = None, finish_args: tuple[Any, ...] = ()) -> Any:
+        """Every actor's answer summed off the driver, then ``finish``-ed there too; one result comes back.
+
+        The answers stay in the object store; remote adds combine them pairwise in the fixed order of
+        :func:`~influencespace.cluster.kmeans.tree_sum` (so the sums depend on the worker count only),
+        each add where Ray finds its inputs. The adds and ``finish`` take no CPU reservation: the actors
+        hold the CPUs for the whole fit, and a task waiting for one would wait forever.
+        """
+        import ray
+
+        put = {id(a): ray.put(a) for a in args}
+        answers = [getattr(actor, method).remote(*put.values()) for actor in self.actors]
+        add = ray.remote(_add).options(num_cpus=0)
+        while len(answers) > 1:
+            pairs = [add.remote(answers[i], answers[i + 1]) for i in range(0, len(answers) - 1, 2)]
+            answers = pairs + ([answers[-1]] if len(answers) % 2 else [])
+        if finish is not None:
+            shared = [put.get(id(v), v) for v in finish_args]  # the centroids: the copy the actors read
+            answers = [ray.remote(finish).options(num_cpus=0).remote(answers[0], *shared)]
+        return self._get(answers)[0]
+
     def close(self) -> None:
         import ray
 
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+
+
+def _add(a: Any, b: Any) -> Any:
+    return a + b
 
 
 def start_workers(config: Any, groups: Sequence[Sequence[tuple[int, str]]]) -> LocalPool | RayPool:

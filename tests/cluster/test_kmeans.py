@@ -16,7 +16,9 @@ from influencespace.cluster.kmeans import (
     fit,
     kmeans_parallel,
     lloyd,
+    lloyd_update,
     split_empty,
+    tree_sum,
 )
 from influencespace.errors import ConfigError, InputDataError
 from tests.cluster.synthetic import gaussian_blobs
@@ -117,6 +119,9 @@ class DiesAfter:
         self.calls -= 1
         return self.data.assign_to(centroids, coarse)
 
+    def step(self, centroids, coarse, spherical):
+        return lloyd_update(self.assign_to(centroids, coarse), centroids, spherical)
+
 
 @pytest.mark.parametrize("hierarchical", [False, True])
 def test_resume_after_interruption_gives_the_same_centroids(hierarchical):
@@ -209,3 +214,14 @@ def test_partials_add_up():
     a = Partial(np.ones((2, 3)), np.array([1, 2]), 1.5)
     total = a + a
     assert total.counts.tolist() == [2, 4] and total.objective == 3.0 and total.sums.sum() == 12
+
+
+def test_tree_sum_adds_pairwise_in_a_fixed_order():
+    class Term(str):
+        def __add__(self, other):
+            return Term(f"({self}+{other})")
+
+    assert tree_sum([Term(c) for c in "abcde"]) == "(((a+b)+(c+d))+e)"
+    assert tree_sum([Term("a")]) == "a"
+    with pytest.raises(ValueError):
+        tree_sum([])

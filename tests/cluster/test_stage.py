@@ -68,19 +68,19 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, make_config, blobs, mon
     run_stage(whole, ClusterStage(), upstream=upstream)
 
     config = make_config(*LOCAL, run_dir=str(tmp_path / "killed"))
-    original = ShardedDataset.assign_to
+    original = ShardedDataset.step
     passes = {"n": 0}
 
-    def dies_on_the_fifth_pass(self, centroids, coarse=None):
+    def dies_on_the_fifth_pass(self, centroids, coarse, spherical):
         passes["n"] += 1
         if passes["n"] == 5:
             raise KeyboardInterrupt("killed")
-        return original(self, centroids, coarse)
+        return original(self, centroids, coarse, spherical)
 
-    monkeypatch.setattr(ShardedDataset, "assign_to", dies_on_the_fifth_pass)
+    monkeypatch.setattr(ShardedDataset, "step", dies_on_the_fifth_pass)
     with pytest.raises(KeyboardInterrupt):
         run_stage(config, ClusterStage(), upstream=upstream)
-    monkeypatch.setattr(ShardedDataset, "assign_to", original)
+    monkeypatch.setattr(ShardedDataset, "step", original)
 
     outcome = run_stage(config, ClusterStage(), upstream=upstream)
     assert outcome.status == "resumed"
@@ -196,3 +196,19 @@ def test_a_restarted_worker_answers_without_being_loaded_again(tmp_path, blobs, 
     np.testing.assert_array_equal(first.sums, second.sums)
     picks = np.array([0, 7, 600, 1199])
     np.testing.assert_array_equal(ShardWorker(shards, spherical=True, cache=cache).sample(picks), loaded.sample(picks))
+
+
+@pytest.mark.ray
+def test_ray_reduces_the_partials_off_the_driver_in_the_local_order_bit_for_bit(ray_cluster, tmp_path, make_config,
+                                                                                 blobs):
+    """Three Ray actors, partial sums added by remote tasks in tree_sum's fixed order and the centroids
+    updated remotely: exactly the local runner's three workers (the same float sums, not just close)."""
+    upstream = {"embed": write_embed_output(str(tmp_path / "embed"), blobs, shard_rows=150)}
+    configs = {runner: make_config(*LOCAL[1:], f"runtime.runner={runner}", "cluster.num_workers=3",
+                                   run_dir=str(tmp_path / runner)) for runner in ("ray", "local")}
+    for config in configs.values():
+        run_stage(config, ClusterStage(), upstream=upstream)
+    np.testing.assert_array_equal(centroids_of(configs["ray"].run_dir), centroids_of(configs["local"].run_dir))
+    logs = [storage.read_json(storage.join(c.run_dir, "cluster", "kmeans_log.json")) for c in configs.values()]
+    assert logs[0]["workers"] == logs[1]["workers"] == 3
+    assert [i["objective"] for i in logs[0]["iterations"]] == [i["objective"] for i in logs[1]["iterations"]]
