@@ -4,10 +4,10 @@ against the ground truth, and write ``evaluate/summary.json`` (schema in docs/ev
 Scoring runs in this process with numpy/torch: the test split is small (thousands of rows) and each
 model is two projection heads. Nothing per pool row comes to the driver: the kept counts are the
 curate summary's, and the ground-truth check (the built-in benchmark's planted defects) is one
-distributed aggregate over every variant's manifest (:func:`curation_by_ray`: a Ray Data union of
-the manifests, a hash join with the ground truth, partial sums per batch); ``runtime.runner: local``
-computes it in memory instead (:func:`~influencespace.evaluate.curation.curation_quality`, the
-reference it is tested against).
+distributed aggregate over every variant's manifest (:func:`curation_by_ray`: one Ray Data read of
+the manifests, a hash join with the ground truth, partial sums per batch). Up to ``IN_MEMORY_ROWS``
+manifest rows in all, and on ``runtime.runner: local``, it runs in memory instead
+(:func:`~influencespace.evaluate.curation.curation_quality`, the reference it is tested against).
 """
 
 from __future__ import annotations
@@ -43,6 +43,10 @@ from influencespace.stages import Stage, StageContext, StageResult
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
+# Up to this many manifest rows in all (pool rows × variants) the ground-truth check runs in memory
+# here (≈ 100 bytes a row: ≤ 200 MB): a Ray Data join costs minutes of start-up on a small machine
+# (the demo's 13 variants × 6,000 rows: 165 s vs 1.6 s on 2 loaded cores). Above it, curation_by_ray.
+IN_MEMORY_ROWS = 2_000_000
 
 
 def load_state(uri: str) -> dict:
@@ -82,7 +86,8 @@ class EvaluateStage(Stage):
         if "ground_truth" in data_outputs:  # the built-in benchmark's planted defects (user data has none)
             manifests = {v: None if manifest_keys.get(v) is None else ctx.input_path("curate", manifest_keys[v])
                          for v in variants}
-            check = curation_by_ray if ctx.config.runtime.runner == "ray" else curation_in_memory
+            distributed = ctx.config.runtime.runner == "ray" and pool_rows * len(variants) > IN_MEMORY_ROWS
+            check = curation_by_ray if distributed else curation_in_memory
             curation.update(check(ctx.config.runtime, ctx.input_path("embed", "pool"),
                                   ctx.input_path("data", "ground_truth"), manifests, minority))
         runs: dict[str, dict[int, dict]] = {}
@@ -149,15 +154,24 @@ def curation_in_memory(runtime: Any, pool_uri: str, truth_uri: str, manifests: d
     return out
 
 
-def _tagged(variant: int, baseline: bool, batch):
-    """A batch of pool rows of one variant: ``id`` (string), ``keep``, ``weight`` and the variant's index."""
+def _tagged(variant_of_dir: dict[str, int], baseline: int | None, batch):
+    """Pool rows of a batch of manifest rows: ``id`` (string), ``keep``, ``weight`` and the variant's
+    index (from the file's directory); rows of the first manifest once more as the baseline's (``baseline``:
+    its index; every row kept at weight 1)."""
+    import numpy as np
     import pyarrow as pa
 
-    n = batch.num_rows
-    keep = pa.array([True] * n) if baseline else batch.column("keep")
-    weight = pa.array([1.0] * n, pa.float64()) if baseline else batch.column("weight").cast(pa.float64())
-    return pa.table({"id": batch.column("id").cast(pa.string()), "keep": keep, "weight": weight,
-                     "variant": pa.array([variant] * n, pa.int32())})
+    directories = [p.rsplit("/", 1)[0] for p in batch.column("path").to_pylist()]
+    variant = np.array([variant_of_dir[d] for d in directories], np.int32)
+    out = pa.table({"id": batch.column("id").cast(pa.string()), "keep": batch.column("keep"),
+                    "weight": batch.column("weight").cast(pa.float64()), "variant": variant})
+    if baseline is not None:
+        first = out.filter(pa.array(variant == min(variant_of_dir.values())))
+        n = first.num_rows
+        out = pa.concat_tables([out, pa.table({"id": first.column("id"), "keep": pa.array([True] * n),
+                                               "weight": pa.array([1.0] * n, pa.float64()),
+                                               "variant": pa.array([baseline] * n, pa.int32())})])
+    return out
 
 
 def _variant_counts(minority: str | None, batch):
@@ -172,10 +186,13 @@ def curation_by_ray(runtime: Any, pool_uri: str, truth_uri: str, manifests: dict
                     minority: str | None) -> dict[str, dict]:
     """:func:`curation_quality` of every variant as one distributed aggregate (Ray Data).
 
-    The variants' pool rows (each manifest's pool parts; the baseline: the pool's ids, all kept with
-    weight 1) are tagged and unioned, joined with the ground truth by id (``left_outer``, a hash join of
-    one partition per 1M rows), and each batch sums :data:`COUNT_FIELDS` per variant; the driver adds
-    the partial sums (one row per batch and variant). Memory: one join partition per task.
+    One read of every manifest's pool parts (``include_paths``: a row's variant is its file's
+    directory); the rows of the first manifest come out once more as the baseline's, kept at weight 1
+    (a manifest lists every pool row); joined with the ground truth by id (``left_outer``, a hash join
+    of one partition per 1M rows); each batch sums :data:`COUNT_FIELDS` per variant, and the driver adds
+    the partial sums (one row per batch and variant). Memory: one join partition per task. One read
+    operator, not one per variant: Ray Data splits its resource budget between operators, and thirteen
+    variants as thirteen reads took minutes on two CPUs.
     """
     import ray.data
 
@@ -184,25 +201,38 @@ def curation_by_ray(runtime: Any, pool_uri: str, truth_uri: str, manifests: dict
     ensure_ray(runtime)
     truth_columns = [c for c in TRUTH_COLUMNS if c in storage.schema(truth_uri).names]
     with_minority = minority is not None and "group" in truth_columns
-
-    def read(uris: list[str], columns: list[str]):
-        fs, _ = storage.resolve(uris[0])
-        return ray.data.read_parquet([storage.resolve(u)[1] for u in uris], filesystem=fs).select_columns(columns)
-
-    tagged, rows = [], 0
+    names = list(manifests)
+    parts: list[str] = []
+    variant_of_dir: dict[str, int] = {}
     for index, uri in enumerate(manifests.values()):
-        parts = storage.parquet_files(pool_uri) if uri is None else _pool_parts(uri)
-        if parts:
-            rows += sum(storage.parquet_rows(p) for p in parts)
-            tagged.append(read(parts, ["id"] if uri is None else ["id", "keep", "weight"]).map_batches(
-                functools.partial(_tagged, index, uri is None), batch_format="pyarrow"))
+        if uri is not None and _pool_parts(uri):
+            parts += _pool_parts(uri)
+            variant_of_dir[storage.resolve(uri)[1].rstrip("/")] = index
+    baseline = next((i for i, uri in enumerate(manifests.values()) if uri is None), None)
+    if not parts:  # only the baseline: its rows are the pool's
+        parts, baseline_only = storage.parquet_files(pool_uri), True
+    else:
+        baseline_only = False
     sums = {variant: dict.fromkeys(COUNT_FIELDS, 0) for variant in manifests}
-    if tagged:
-        truth = read(storage.parquet_files(truth_uri), truth_columns).map_batches(
+    if parts:
+        fs, _ = storage.resolve(parts[0])
+        rows = sum(storage.parquet_rows(p) for p in parts)
+        if baseline is not None and not baseline_only:  # the baseline's copy of one manifest's rows
+            rows += rows // len(variant_of_dir)
+        paths = [storage.resolve(u)[1] for u in parts]
+        if baseline_only:
+            variant_of_dir = {p.rsplit("/", 1)[0]: baseline for p in paths}
+            tagged = ray.data.read_parquet(paths, filesystem=fs, include_paths=True).select_columns(["id", "path"]) \
+                .map_batches(functools.partial(_as_baseline, variant_of_dir), batch_format="pyarrow")
+        else:
+            tagged = ray.data.read_parquet(paths, filesystem=fs, include_paths=True) \
+                .select_columns(["id", "keep", "weight", "path"]) \
+                .map_batches(functools.partial(_tagged, variant_of_dir, baseline), batch_format="pyarrow")
+        truth_fs, _ = storage.resolve(truth_uri)
+        truth = ray.data.read_parquet([storage.resolve(u)[1] for u in storage.parquet_files(truth_uri)],
+                                      filesystem=truth_fs).select_columns(truth_columns).map_batches(
             lambda b: b.set_column(0, "id", b.column("id").cast("string")), batch_format="pyarrow")
-        joined = tagged[0].union(*tagged[1:]).join(truth, join_type="left_outer", on=("id",),
-                                                   num_partitions=max(1, -(-rows // 1_000_000)))
-        names = list(manifests)
+        joined = tagged.join(truth, join_type="left_outer", on=("id",), num_partitions=max(1, -(-rows // 1_000_000)))
         counted = joined.map_batches(functools.partial(_variant_counts, minority if with_minority else None),
                                      batch_format="pandas")
         for row in counted.iter_rows():
@@ -210,6 +240,16 @@ def curation_by_ray(runtime: Any, pool_uri: str, truth_uri: str, manifests: dict
             for field in COUNT_FIELDS:
                 total[field] += row[field]
     return {variant: quality_from_counts(counts, with_minority) for variant, counts in sums.items()}
+
+
+def _as_baseline(variant_of_dir: dict[str, int], batch):
+    import pyarrow as pa
+
+    n = batch.num_rows
+    return pa.table({"id": batch.column("id").cast(pa.string()), "keep": pa.array([True] * n),
+                     "weight": pa.array([1.0] * n, pa.float64()),
+                     "variant": pa.array([variant_of_dir[p.rsplit("/", 1)[0]] for p in batch.column("path").to_pylist()],
+                                         pa.int32())})
 
 
 CURVE_FIELDS = ("volume_reduction_pct", "accuracy_ratio_pct", "worst_group_acc", "eo_diff", "dp_diff", "time_ratio")

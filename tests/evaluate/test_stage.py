@@ -20,8 +20,7 @@ def _upstream(root, seeds=(0,)):
     return run, upstream
 
 
-@pytest.mark.ray
-def test_evaluate_writes_the_benchmark_summary(tmp_path, make_config, ray_cluster):
+def test_evaluate_writes_the_benchmark_summary(tmp_path, make_config):
     run, upstream = _upstream(str(tmp_path / "inputs"))
     outcome = run_stage(make_config(), EvaluateStage(), upstream=upstream)
     summary = storage.read_json(storage.join(outcome.manifest["stage_dir"], "summary.json"))
