@@ -13,7 +13,9 @@ Each input shard becomes one output shard in the embed stage's format (docs/arch
 embeddings are normalised and fused with the configured f(v, t), the image–text cosine is kept, and
 rows with a non-finite value go to ``rejects`` with the reason. Checked, with errors naming the file:
 ids present, unique within a shard and aligned with the arrays (same row count); the image and text
-dimensions equal; the dimension the same in every shard; a floating-point dtype.
+dimensions equal; the dimension the same in every shard; a floating-point dtype. Across shards the
+embed stage checks the converted ids in tasks (``influencespace.ids.find_repeated_ids``), so no
+process holds every id.
 
 Memory: one input shard at a time (``.npz`` members are read whole, as numpy loads them).
 """

@@ -6,7 +6,12 @@ and saved in the stage directory (``_PLAN.json``), so a resumed run cuts exactly
 
 - Parquet: the files (sorted) are one row sequence, read from the footers only; shard k is rows
   [k·R, (k+1)·R) of it, where R = ``rows_per_shard``. A shard may span files; a file many shards.
-- WebDataset: one shard per ``.tar`` (samples are counted once while planning).
+- WebDataset: one shard per ``.tar`` (samples are counted once while planning, in a task per tar).
+
+**Ids are unique in a split**, checked while planning at any size without holding them: every file's
+(tar's) ids are hashed into ⌈N / 4M⌉ bucket files under ``_work/ids/`` by a task per file, and a task
+per bucket finds repeats (:func:`influencespace.ids.find_repeated_ids`, on the stage's runner); the
+error names the file, the column and the id.
 
 Shard k of split s is written as ``<s>/part-<k>.parquet`` plus ``rejects/<s>-part-<k>.parquet``
 (rejects first: the embeddings file is the completion marker). Both writes are atomic, so a shard
@@ -33,31 +38,35 @@ from influencespace import storage
 from influencespace.embed.fusion import fuse, image_text_cosine
 from influencespace.embed.preprocess import ImageDecodeError, ImagePreprocess, TextPreprocess, check_caption
 from influencespace.errors import InfluenceSpaceError, InputDataError, StageStateError
+from influencespace.ids import find_repeated_ids
 
 log = logging.getLogger(__name__)
 
 PASSTHROUGH = ("group", "label")
 REQUIRED = ("id", "text")
 IMAGE_COLUMNS = ("image", "image_path")
-# Up to this many rows per split the planner checks that ids are unique (it holds every id once); above it
-# the check is left to the influence stage, which refuses repeated ids in the cluster assignments.
-MAX_ID_CHECK_ROWS = 20_000_000
+TAR_SAMPLES_GUESS = 10_000  # samples per tar before they are counted (DataComp's shards): sizes the id buckets
 
 
-def check_unique_ids(split: str, files: list[str], ids_per_file: list[list[Any]]) -> None:
-    """Raise :class:`InputDataError` naming the file, the column and the id when an id repeats in a split."""
-    seen: dict[Any, int] = {}  # id -> position of the file it was first seen in
-    for position, ids in enumerate(ids_per_file):
-        for value in ids:
-            if value is None:
-                continue  # a missing id is rejected row by row ('missing id')
-            first = seen.get(value)
-            if first is not None:
-                where = "" if first == position else f" of '{files[first]}'"
-                raise InputDataError(
-                    f"'{files[position]}': column 'id' repeats id {value!r}{where} (split '{split}'); every input id must be unique"
-                )
-            seen[value] = position
+def check_unique_ids(split: str, files: list[str], repeats: list[tuple[Any, list[int]]], column: str = "id",
+                     advice: str = "") -> None:
+    """Raise :class:`InputDataError` naming the file, the column and the id for the first repeated id.
+
+    ``repeats``: ``(id, [positions of the files it is in, …])`` from :func:`influencespace.ids.find_repeated_ids`.
+    """
+    if not repeats:
+        return
+    value, positions = min(repeats, key=lambda r: (sorted(r[1])[1], r[0]))  # the one met first in file order
+    first, again = sorted(positions)[:2]
+    where = "" if first == again else f" of '{files[first]}'"
+    more = f" ({len(repeats) - 1} more repeated id(s) shown in the log)" if len(repeats) > 1 else ""
+    if len(repeats) > 1:
+        log.error("embed: repeated ids in split '%s': %s", split,
+                  "; ".join(f"{v!r} in {', '.join(files[i] for i in sorted(set(p)))}" for v, p in repeats))
+    raise InputDataError(
+        f"'{files[again]}': column '{column}' repeats id {value!r}{where} (split '{split}'); every input id must be "
+        f"unique{more}{advice}"
+    )
 
 
 PLAN_FILE = "_PLAN.json"
@@ -161,23 +170,59 @@ def _parquet_footers(files: list[str]) -> list[tuple[int, Any]]:
         return list(pool.map(read, files))
 
 
-def _parquet_ids(files: list[str]) -> list[list[Any]]:
-    """The ``id`` column of every file (only that column is read)."""
+def parquet_ids(uri: str) -> tuple[list[Any], None]:
+    """The ``id`` column of one file (only that column is read), for :func:`~influencespace.ids.find_repeated_ids`."""
     import pyarrow.parquet as pq
 
-    def read(uri: str) -> list[Any]:
-        fs, path = storage.resolve(uri)
-        try:
-            return pq.read_table(path, columns=["id"], filesystem=fs).column("id").to_pylist()
-        except Exception as exc:  # a footer that reads but data pages that do not
-            raise InputDataError(f"'{uri}': column 'id' is not readable: {exc}") from None
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(read, files))
+    fs, path = storage.resolve(uri)
+    try:
+        return pq.read_table(path, columns=["id"], filesystem=fs).column("id").to_pylist(), None
+    except Exception as exc:  # a footer that reads but data pages that do not
+        raise InputDataError(f"'{uri}': column 'id' is not readable: {exc}") from None
 
 
-def plan_split(split: str, uri: str, fmt: str, rows_per_shard: int) -> list[Shard]:
-    """Cut one split into shards (see the module docstring); checks every file's schema on the way."""
+def _counted_tar_ids(uri: str) -> tuple[list[Any], tuple[int, list[str]]]:
+    ids, keys = tar_ids(uri)
+    return ids, (len(ids), keys)
+
+
+def tar_ids(uri: str) -> tuple[list[Any], list[str]]:
+    """The ids of one WebDataset tar, and which passthrough keys its samples carry (one read of the tar)."""
+    from influencespace.datasets.webdataset import iter_samples
+
+    keys: set[str] = set()
+    ids = []
+    for sample in iter_samples(uri):
+        ids.append(sample.get("id"))
+        keys.update(k for k in PASSTHROUGH if sample.get(k) is not None)
+    return ids, sorted(keys)
+
+
+def plan_split(split: str, uri: str, fmt: str, rows_per_shard: int, runtime: Any = None,
+               work: str | None = None) -> list[Shard]:
+    """Cut one split into shards (see the module docstring); checks every file's schema on the way.
+
+    Ids are checked for repeats across the whole split in tasks on ``runtime`` (default: this
+    process), with scratch files under ``work`` (default: a temporary directory); a WebDataset tar is
+    read once, in its task, for its ids, sample count and keys.
+    """
+    from influencespace.config import RuntimeConfig
+
+    runtime = runtime or RuntimeConfig(runner="local")
+    scratch = None
+    if work is None:
+        import tempfile
+
+        scratch = tempfile.TemporaryDirectory(prefix="influencespace-ids-")
+        work = scratch.name
+    try:
+        return _plan_split(split, uri, fmt, rows_per_shard, runtime, storage.join(work, split))
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+
+
+def _plan_split(split: str, uri: str, fmt: str, rows_per_shard: int, runtime: Any, work: str) -> list[Shard]:
     if fmt == "parquet":
         files = [uri] if uri.endswith(".parquet") else storage.list_files(uri, ".parquet", recursive=True)
         if not files:
@@ -187,8 +232,8 @@ def plan_split(split: str, uri: str, fmt: str, rows_per_shard: int) -> list[Shar
         for file_uri, (_, schema) in zip(files[1:], footers[1:], strict=True):
             if _check_schema(file_uri, schema) != (image_column, passthrough):
                 raise InputDataError(f"'{file_uri}' has different columns from '{files[0]}'; every file of a split must share one schema")
-        if sum(n for n, _ in footers) <= MAX_ID_CHECK_ROWS:
-            check_unique_ids(split, files, _parquet_ids(files))
+        _, repeats = find_repeated_ids(runtime, files, parquet_ids, work, sum(n for n, _ in footers))
+        check_unique_ids(split, files, repeats)
         shards: list[Shard] = []
         pieces: list[Piece] = []
         filled = 0
@@ -206,25 +251,13 @@ def plan_split(split: str, uri: str, fmt: str, rows_per_shard: int) -> list[Shar
             shards.append(Shard(split, len(shards), fmt, tuple(pieces), filled, image_column, passthrough))
         return shards
     if fmt == "webdataset":
-        from influencespace.datasets.webdataset import iter_samples
-
         tars = [uri] if uri.endswith(".tar") else storage.list_files(uri, ".tar")
         if not tars:
             raise InputDataError(f"no WebDataset .tar shards at '{uri}' (split '{split}')")
-
-        def count(tar: str) -> tuple[int, set[str], list[str]]:
-            keys: set[str] = set()
-            ids = []
-            for sample in iter_samples(tar):
-                ids.append(sample.get("id"))
-                keys.update(k for k in PASSTHROUGH if sample.get(k) is not None)
-            return len(ids), keys, ids
-
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            counted = list(pool.map(count, tars))
-        if sum(n for n, _, _ in counted) <= MAX_ID_CHECK_ROWS:
-            check_unique_ids(split, tars, [ids for _, _, ids in counted])
-        counts = [(n, keys) for n, keys, _ in counted]
+        # One read of each tar, in a task: its ids (for the repeat check), sample count and keys.
+        extras, repeats = find_repeated_ids(runtime, tars, _counted_tar_ids, work, len(tars) * TAR_SAMPLES_GUESS)
+        check_unique_ids(split, tars, repeats)
+        counts = [(n, set(keys)) for n, keys in extras]
         present = set().union(*(keys for _, keys in counts))
         types = {"group": "string", "label": "int64"}
         passthrough = tuple((c, types[c]) for c in PASSTHROUGH if c in present)
@@ -233,7 +266,8 @@ def plan_split(split: str, uri: str, fmt: str, rows_per_shard: int) -> list[Shar
     raise InputDataError(f"unknown input format '{fmt}' for split '{split}'; use parquet or webdataset")
 
 
-def load_or_make_plan(stage_dir: str, inputs: dict[str, tuple[str, str]], rows_per_shard: int) -> list[Shard]:
+def load_or_make_plan(stage_dir: str, inputs: dict[str, tuple[str, str]], rows_per_shard: int,
+                      runtime: Any = None) -> list[Shard]:
     """The saved plan of an interrupted run, or a new one (saved before any shard is written).
 
     ``inputs`` maps split → (uri, format).
@@ -251,7 +285,8 @@ def load_or_make_plan(stage_dir: str, inputs: dict[str, tuple[str, str]], rows_p
                 saved["rows_per_shard"], rows_per_shard,
             )
         return [Shard.from_json(s) for s in saved["shards"]]
-    shards = [s for split, (uri, fmt) in inputs.items() for s in plan_split(split, uri, fmt, rows_per_shard)]
+    shards = [s for split, (uri, fmt) in inputs.items()
+              for s in plan_split(split, uri, fmt, rows_per_shard, runtime, storage.join(stage_dir, "_work", "ids"))]
     storage.write_json(
         plan_uri,
         {

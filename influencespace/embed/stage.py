@@ -66,7 +66,7 @@ class EmbedStage(Stage):
 
         t0 = time.perf_counter()
         spec = spec_from_config(cfg)  # before planning: a bad model setting fails before any work
-        shards = pairs.load_or_make_plan(ctx.stage_dir, inputs, cfg.rows_per_shard)
+        shards = pairs.load_or_make_plan(ctx.stage_dir, inputs, cfg.rows_per_shard, ctx.config.runtime)
         done = {s: pairs.shard_counts(ctx.stage_dir, s) for s in shards}
         pending = [s for s in shards if done[s] is None]
         log.info("embed: %d shards, %d already done, %d to embed with %s", len(shards), len(shards) - len(pending), len(pending), spec.describe())
@@ -273,9 +273,31 @@ def _run_ray(ctx: StageContext, spec: EncoderSpec, pending: list[pairs.Shard]) -
     return results
 
 
+def _converted_ids(stage_dir: str, split: str, index: int) -> tuple[list, None]:
+    """The ids of converted shard ``index`` of ``split``: its rows and its rejects."""
+    ids = []
+    for uri in (storage.join(stage_dir, split, f"part-{index:05d}.parquet"),
+                storage.join(stage_dir, "rejects", f"{split}-{index:05d}.parquet")):
+        ids += pairs.parquet_ids(uri)[0]
+    return ids, None
+
+
+def _check_converted_ids(ctx: StageContext, split: str, inputs: list[str], column: str, rows: int) -> None:
+    """Ids unique across every shard of a split (each shard checked itself while converting), in tasks."""
+    import functools
+
+    from influencespace.ids import find_repeated_ids
+
+    read = functools.partial(_converted_ids, ctx.stage_dir, split)
+    _, repeats = find_repeated_ids(ctx.config.runtime, list(range(len(inputs))), read,
+                                   storage.join(ctx.stage_dir, "_work", "ids", split), rows)
+    pairs.check_unique_ids(split, inputs, repeats, column,
+                           "; fix the input and rerun with --overwrite (converted shards are kept otherwise)")
+
+
 def _convert_precomputed(ctx: StageContext) -> StageResult:
     """data.source = embeddings: the user's vectors become this stage's output; nothing is encoded."""
-    from influencespace.datasets.precomputed import PrecomputedSpec, write_precomputed
+    from influencespace.datasets.precomputed import PrecomputedSpec, list_shards, write_precomputed
 
     data, cfg = ctx.config.data, ctx.config.embed
     spec = PrecomputedSpec.from_config(data)
@@ -286,6 +308,7 @@ def _convert_precomputed(ctx: StageContext) -> StageResult:
         if not uri:
             continue
         facts = write_precomputed(uri, spec, cfg.fusion, cfg.image_weight, cfg.dtype, ctx.stage_dir, split)
+        _check_converted_ids(ctx, split, list_shards(uri, spec), spec.id_column, facts["counts"]["input"])
         counts.update({split: facts["counts"]["embedded"], f"{split}_rejected": facts["counts"]["rejected"],
                        f"{split}_input": facts["counts"]["input"]})
         outputs[split] = split

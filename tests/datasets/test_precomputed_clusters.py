@@ -16,6 +16,7 @@ import io
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from influencespace import storage
 from influencespace.stages import run_pipeline
@@ -78,3 +79,22 @@ def test_npz_shards_and_parquet_give_the_same_clusters(make_config, tmp_path):
     # Same points, same seed, different shard sums: equal to float32 rounding (see the module docstring).
     np.testing.assert_allclose(centroids_npz, centroids_parquet, rtol=0, atol=1e-6)
     np.testing.assert_allclose([d for _, d in from_npz.values()], [from_parquet[u][1] for u in from_npz], rtol=0, atol=1e-6)
+
+
+def test_an_id_repeated_across_shards_is_a_clear_error_naming_both_files(make_config, tmp_path):
+    """Each shard checks its own ids while converting; across shards the embed stage checks them in
+    tasks (influencespace.ids.find_repeated_ids): the later shard, the column and the earlier shard named."""
+    from influencespace.errors import InputDataError
+    from influencespace.stages import read_manifest
+
+    uids, image, text = _blobs()
+    uids = list(uids)
+    uids[150] = uids[20]  # row 150 is in shard 1 (rows 70–159), row 20 in shard 0
+    _write_npz_pool(tmp_path / "npz", uids, image, text, [(0, 70), (70, 160), (160, 240)])
+    config = make_config(
+        "runtime.runner=local", "data.source=embeddings", "data.embeddings_format=npz", f"data.uri={tmp_path / 'npz'}",
+        "data.id_column=uid", "data.image_key=b32_img", "data.text_key=b32_txt", run_dir=str(tmp_path / "run"),
+    )
+    with pytest.raises(InputDataError, match=rf"00000001.npz': column 'uid' repeats id '{uids[20]}' of '.*00000000.npz'"):
+        run_pipeline(config, ["data", "embed"], report=lambda _: None)
+    assert read_manifest(config, "embed") is None
