@@ -17,7 +17,9 @@ dimensions equal; the dimension the same in every shard; a floating-point dtype.
 embed stage checks the converted ids in tasks (``influencespace.ids.find_repeated_ids``), so no
 process holds every id.
 
-Memory: one input shard at a time (``.npz`` members are read whole, as numpy loads them).
+Conversion runs as a task per shard (:func:`write_precomputed`, on the stage's runner); a shard whose
+outputs exist is not read again. Memory: one input shard per task (``.npz`` members are read whole, as
+numpy loads them); the driver holds a few numbers per shard.
 """
 
 from __future__ import annotations
@@ -140,22 +142,28 @@ def _read_parquet_ids(uri: str, spec: PrecomputedSpec) -> dict[str, list]:
     return out
 
 
+def read_shard(file_uri: str, spec: PrecomputedSpec) -> Shard:
+    """One input shard, read and checked on its own (ids present, unique and aligned; towers agree)."""
+    shard = _read_npz_shard(file_uri, spec) if spec.format == "npz" else _read_parquet_shard(file_uri, spec)
+    rows = len(shard.ids)
+    for name, matrix in (("image", shard.image), ("text", shard.text), ("fused", shard.fused)):
+        if matrix is not None and len(matrix) != rows:
+            raise InputDataError(f"'{file_uri}': {rows} ids but {len(matrix)} {name} embeddings; ids and arrays must align")
+    if shard.image is not None and shard.text is not None and shard.image.shape[1] != shard.text.shape[1]:
+        raise InputDataError(
+            f"'{file_uri}': image embeddings have dimension {shard.image.shape[1]} but text embeddings {shard.text.shape[1]}; "
+            "fusion needs both in one space"
+        )
+    if len(set(shard.ids)) != rows:
+        raise InputDataError(f"'{file_uri}': ids are not unique")
+    return shard
+
+
 def read_shards(uri: str, spec: PrecomputedSpec) -> Iterator[Shard]:
-    """Yield validated shards one at a time."""
+    """Yield validated shards one at a time (the dimension the same in every one)."""
     dim: int | None = None
     for file_uri in list_shards(uri, spec):
-        shard = _read_npz_shard(file_uri, spec) if spec.format == "npz" else _read_parquet_shard(file_uri, spec)
-        rows = len(shard.ids)
-        for name, matrix in (("image", shard.image), ("text", shard.text), ("fused", shard.fused)):
-            if matrix is not None and len(matrix) != rows:
-                raise InputDataError(f"'{file_uri}': {rows} ids but {len(matrix)} {name} embeddings; ids and arrays must align")
-        if shard.image is not None and shard.text is not None and shard.image.shape[1] != shard.text.shape[1]:
-            raise InputDataError(
-                f"'{file_uri}': image embeddings have dimension {shard.image.shape[1]} but text embeddings {shard.text.shape[1]}; "
-                "fusion needs both in one space"
-            )
-        if len(set(shard.ids)) != rows:
-            raise InputDataError(f"'{file_uri}': ids are not unique")
+        shard = read_shard(file_uri, spec)
         shard_dim = (shard.fused if shard.fused is not None else shard.image).shape[1]
         if dim is not None and shard_dim != dim:
             raise InputDataError(f"'{file_uri}': embedding dimension {shard_dim} differs from {dim} in earlier shards")
@@ -201,28 +209,56 @@ def to_embed_table(shard: Shard, fusion: str, image_weight: float, dtype: str, s
     return pa.table(columns), rejects
 
 
-def write_precomputed(uri: str, spec: PrecomputedSpec, fusion: str, image_weight: float, dtype: str,
-                      out_dir: str, split: str = "pool") -> dict[str, Any]:
-    """Convert every shard into ``out_dir/<split>/part-NNNNN.parquet`` (+ ``rejects/``); resumable shard by shard."""
+def _list_size(schema: Any, name: str) -> int | None:
+    return schema.field(name).type.list_size if name in schema.names else None
+
+
+def convert_shard(spec: PrecomputedSpec, fusion: str, image_weight: float, dtype: str, out_dir: str, split: str,
+                  item: tuple[int, str]) -> dict[str, Any]:
+    """Convert input shard ``item = (index, uri)`` into ``out_dir/<split>/part-<index>.parquet`` (+ rejects),
+    unless both are there already (then only their footers are read); return its counts and dimensions."""
     import pyarrow.parquet as pq
 
-    counts = {"input": 0, "embedded": 0, "rejected": 0}
-    dim = 0
-    for index, shard in enumerate(read_shards(uri, spec)):
-        out_uri = storage.join(out_dir, split, f"part-{index:05d}.parquet")
-        rejects_uri = storage.join(out_dir, "rejects", f"{split}-{index:05d}.parquet")
-        if storage.is_file(out_uri) and storage.is_file(rejects_uri):
-            fs, path = storage.resolve(out_uri)
-            embedded = pq.read_metadata(path, filesystem=fs).num_rows
-        else:
-            table, rejects = to_embed_table(shard, fusion, image_weight, dtype, split)
-            storage.write_table(rejects, rejects_uri)
-            storage.write_table(table, out_uri)  # written last: its presence marks the shard done
-            embedded = table.num_rows
-        counts["input"] += len(shard.ids)
-        counts["embedded"] += embedded
-        counts["rejected"] += len(shard.ids) - embedded
-        dim = (shard.fused if shard.fused is not None else shard.image).shape[1]
-    tower_dim = shard.image.shape[1] if shard.image is not None else None
-    fused_dim = dim if spec.fused_key else (2 * dim if fusion == "concat" else dim)
-    return {"counts": counts, "dim": fused_dim, "tower_dim": tower_dim}
+    index, file_uri = item
+    out_uri = storage.join(out_dir, split, f"part-{index:05d}.parquet")
+    rejects_uri = storage.join(out_dir, "rejects", f"{split}-{index:05d}.parquet")
+    if storage.is_file(out_uri) and storage.is_file(rejects_uri):
+        metas = [pq.read_metadata(path, filesystem=fs) for fs, path in map(storage.resolve, (out_uri, rejects_uri))]
+        embedded, rejected = metas[0].num_rows, metas[1].num_rows
+        schema = metas[0].schema.to_arrow_schema()
+    else:
+        table, rejects = to_embed_table(read_shard(file_uri, spec), fusion, image_weight, dtype, split)
+        storage.write_table(rejects, rejects_uri)
+        storage.write_table(table, out_uri)  # written last: its presence marks the shard done
+        embedded, rejected, schema = table.num_rows, rejects.num_rows, table.schema
+    return {"source": file_uri, "outputs": (out_uri, rejects_uri), "input": embedded + rejected,
+            "embedded": embedded, "rejected": rejected,
+            "dim": _list_size(schema, "embedding"), "tower_dim": _list_size(schema, "image_embedding")}
+
+
+def write_precomputed(uri: str, spec: PrecomputedSpec, fusion: str, image_weight: float, dtype: str,
+                      out_dir: str, split: str = "pool", runtime: Any = None) -> dict[str, Any]:
+    """Convert every shard into ``out_dir/<split>/part-NNNNN.parquet`` (+ ``rejects/``), a task per shard on
+    ``runtime`` (default: this process); resumable shard by shard: a finished shard is not read again.
+
+    Every shard must give the same dimensions: a shard that differs from the first has its outputs
+    removed and is named in the error.
+    """
+    import functools
+
+    from influencespace.config import RuntimeConfig
+    from influencespace.runtime import map_tasks
+
+    convert = functools.partial(convert_shard, spec, fusion, image_weight, dtype, out_dir, split)
+    done = list(map_tasks(runtime or RuntimeConfig(runner="local"), convert, list(enumerate(list_shards(uri, spec)))))
+    first = done[0]
+    for shard in done[1:]:
+        if (shard["dim"], shard["tower_dim"]) != (first["dim"], first["tower_dim"]):
+            for output in shard["outputs"]:
+                storage.remove_tree(output)
+            raise InputDataError(
+                f"'{shard['source']}': embedding dimension {shard['tower_dim'] or shard['dim']} differs from "
+                f"{first['tower_dim'] or first['dim']} in '{first['source']}'; every shard must come from one model"
+            )
+    counts = {key: sum(shard[key] for shard in done) for key in ("input", "embedded", "rejected")}
+    return {"counts": counts, "dim": first["dim"], "tower_dim": first["tower_dim"]}

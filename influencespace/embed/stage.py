@@ -307,7 +307,8 @@ def _convert_precomputed(ctx: StageContext) -> StageResult:
     for split, uri in (("pool", data.uri), ("validation", data.validation_uri), ("test", data.test_uri)):
         if not uri:
             continue
-        facts = write_precomputed(uri, spec, cfg.fusion, cfg.image_weight, cfg.dtype, ctx.stage_dir, split)
+        facts = write_precomputed(uri, spec, cfg.fusion, cfg.image_weight, cfg.dtype, ctx.stage_dir, split,
+                                  ctx.config.runtime)
         _check_converted_ids(ctx, split, list_shards(uri, spec), spec.id_column, facts["counts"]["input"])
         counts.update({split: facts["counts"]["embedded"], f"{split}_rejected": facts["counts"]["rejected"],
                        f"{split}_input": facts["counts"]["input"]})

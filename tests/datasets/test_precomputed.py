@@ -63,6 +63,38 @@ def test_write_precomputed_rejects_non_finite_rows_and_resumes(tmp_path):
     assert write_precomputed(str(tmp_path / "in"), NPZ, "sum", 0.5, "float16", out) == first
 
 
+@pytest.mark.ray
+@pytest.mark.parametrize("runner", ["local", "ray"])
+def test_conversion_runs_a_task_per_shard_and_never_rereads_a_finished_one(tmp_path, runner, request):
+    from influencespace.config import RuntimeConfig
+
+    if runner == "ray":
+        request.getfixturevalue("ray_cluster")
+    runtime = RuntimeConfig(runner=runner)
+    uids, img, txt = _vectors(n=30)
+    for i in range(3):
+        write_npz_shard(tmp_path / "in", f"s{i}", uids[10 * i:10 * i + 10], img[10 * i:10 * i + 10], txt[10 * i:10 * i + 10])
+    out = str(tmp_path / "embed")
+    first = write_precomputed(str(tmp_path / "in"), NPZ, "concat", 0.5, "float32", out, runtime=runtime)
+    assert first == {"counts": {"input": 30, "embedded": 30, "rejected": 0}, "dim": 12, "tower_dim": 6}
+    ids = storage.read_table(f"{out}/pool").column("id").to_pylist()
+    assert sorted(ids) == sorted(uids)
+    storage.write_bytes(str(tmp_path / "in" / "s1.npz"), b"not an npz any more")  # finished: never read again
+    assert write_precomputed(str(tmp_path / "in"), NPZ, "concat", 0.5, "float32", out, runtime=runtime) == first
+
+
+def test_a_shard_of_another_dimension_is_named_and_its_outputs_removed(tmp_path):
+    uids, img, txt = _vectors()
+    write_npz_shard(tmp_path / "in", "a", uids[:6], img[:6], txt[:6])
+    u2, i2, t2 = _vectors(6, 8, seed=1)
+    write_npz_shard(tmp_path / "in", "b", u2, i2, t2)
+    out = tmp_path / "embed"
+    with pytest.raises(InputDataError, match=r"b.npz': embedding dimension 8 differs from 6 in '.*a.npz'"):
+        write_precomputed(str(tmp_path / "in"), NPZ, "sum", 0.5, "float16", str(out))
+    assert sorted(p.name for p in (out / "pool").iterdir()) == ["part-00000.parquet"]
+    assert sorted(p.name for p in (out / "rejects").iterdir()) == ["pool-00000.parquet"]
+
+
 @pytest.mark.parametrize("break_it, message", [
     (lambda u, i, t: (u[:-1], i, t), "11 ids but 12 image embeddings"),
     (lambda u, i, t: (u, i, t[:, :4]), "image embeddings have dimension 6 but text embeddings 4"),
