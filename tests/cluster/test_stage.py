@@ -204,8 +204,10 @@ def test_ray_reduces_the_partials_off_the_driver_in_the_local_order_bit_for_bit(
     """Three Ray actors, partial sums added by remote tasks in tree_sum's fixed order and the centroids
     updated remotely: exactly the local runner's three workers (the same float sums, not just close)."""
     upstream = {"embed": write_embed_output(str(tmp_path / "embed"), blobs, shard_rows=150)}
+    # Three actors of 0.5 CPU: the test Ray has 2 CPUs, and an actor that does not fit waits forever.
     configs = {runner: make_config(*LOCAL[1:], f"runtime.runner={runner}", "cluster.num_workers=3",
-                                   run_dir=str(tmp_path / runner)) for runner in ("ray", "local")}
+                                   "cluster.worker_cpus=0.5", run_dir=str(tmp_path / runner))
+               for runner in ("ray", "local")}
     for config in configs.values():
         run_stage(config, ClusterStage(), upstream=upstream)
     np.testing.assert_array_equal(centroids_of(configs["ray"].run_dir), centroids_of(configs["local"].run_dir))
