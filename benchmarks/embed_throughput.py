@@ -72,7 +72,7 @@ def main() -> None:
     from influencespace.config import load_config
     from influencespace.datasets.stage import DataStage
     from influencespace.embed import pairs as embed_pairs
-    from influencespace.embed.encoders import load_encoder, spec_from_config
+    from influencespace.embed.registry import load_encoder, spec_from_config
     from influencespace.embed.stage import EmbedStage
     from influencespace.runtime import ensure_ray
     from influencespace.stages import read_manifest, run_stage

@@ -31,8 +31,8 @@ def main() -> None:
     from influencespace.config import benchmark_config
     from influencespace.datasets import captions as caps
     from influencespace.datasets.benchmark import build_fashion_captions
-    from influencespace.embed.encoders import load_encoder
     from influencespace.embed.offline_default import ensure_default_checkpoint, spec_from_checkpoint
+    from influencespace.embed.registry import load_encoder
 
     cfg = benchmark_config({"pool_size": 100, "validation_size": 20, "test_size": args.test_size, "seed": args.seed})
     test = build_fashion_captions(cfg).test

@@ -123,8 +123,8 @@ def write_datacomp(splits: Any, out_uri: str, shard_rows: int, checkpoint: str |
     """
     import pyarrow as pa
 
-    from influencespace.embed.encoders import load_encoder
     from influencespace.embed.offline_default import ensure_default_checkpoint, spec_from_checkpoint
+    from influencespace.embed.registry import load_encoder
 
     uri = checkpoint or ensure_default_checkpoint()
     encoder = load_encoder(spec_from_checkpoint(storage.read_bytes(uri), source=uri))

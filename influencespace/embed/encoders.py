@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from influencespace import storage
+from influencespace.embed.open_clip_config import register_open_clip_config
 from influencespace.embed.preprocess import ImagePreprocess, TextPreprocess
 from influencespace.errors import ConfigError
 
@@ -109,18 +110,6 @@ def pixels_to_tensor(pixels: np.ndarray, pre: ImagePreprocess, device: str = "cp
 
 # --------------------------------------------------------------------------------------------------
 # open_clip
-
-
-def register_open_clip_config(name: str, config_json: str) -> None:
-    """Make a custom architecture known to open_clip in this process, under ``name``."""
-    import open_clip
-
-    if name in open_clip.list_models():
-        return
-    directory = tempfile.mkdtemp(prefix="influencespace-openclip-")
-    with open(os.path.join(directory, f"{name}.json"), "w") as f:
-        f.write(config_json)
-    open_clip.add_model_config(directory)
 
 
 def is_checkpoint_reference(pretrained: str) -> bool:
@@ -259,29 +248,3 @@ def load_weights_only(data: bytes | str) -> Any:
     except Exception as exc:  # UnpicklingError for anything that is not plain weights
         where = "inline checkpoint" if isinstance(data, bytes) else f"'{data}'"
         raise ConfigError(f"{where} is not a weights-only torch checkpoint ({type(exc).__name__}: {exc})") from None
-
-
-def spec_from_config(embed: Any) -> EncoderSpec:
-    """Resolve ``embed.*`` settings to an :class:`EncoderSpec` (may build the offline default once)."""
-    if embed.model == "open_clip":
-        return open_clip_spec(embed.open_clip_model, embed.pretrained, getattr(embed, "open_clip_config", None))
-    from influencespace.embed import offline_default
-
-    uri = embed.pretrained or offline_default.ensure_default_checkpoint()
-    return offline_default.spec_from_checkpoint(storage.read_bytes(uri), source=uri)
-
-
-def load_encoder(spec: EncoderSpec, device: str = "cpu") -> Encoder:
-    """Build the encoder ``spec`` describes on ``device`` ('cpu' or 'cuda')."""
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("runtime.use_gpu is true but this worker sees no CUDA GPU; set runtime.use_gpu=false")
-    if spec.kind == "open_clip":
-        return OpenClipEncoder(spec, device)
-    if spec.kind == "offline-default":
-        from influencespace.embed.offline_default import OfflineDefaultEncoder
-
-        return OfflineDefaultEncoder(spec, device)
-    raise ConfigError(f"unknown encoder kind '{spec.kind}'")

@@ -118,7 +118,7 @@ def _tokenizer(spec: TextPreprocess):
     if spec.kind == "open_clip":
         import open_clip
 
-        from influencespace.embed.encoders import register_open_clip_config
+        from influencespace.embed.open_clip_config import register_open_clip_config
 
         if spec.model_config:
             register_open_clip_config(spec.name, spec.model_config)

@@ -30,8 +30,9 @@ from typing import Any
 
 from influencespace import storage
 from influencespace.embed import pairs
-from influencespace.embed.encoders import EncoderSpec, load_encoder, spec_from_config
+from influencespace.embed.encoders import EncoderSpec
 from influencespace.embed.fusion import fused_dim
+from influencespace.embed.registry import load_encoder, spec_from_config
 from influencespace.errors import StageStateError
 from influencespace.faults import fault_point
 from influencespace.progress import track
@@ -297,7 +298,8 @@ def _check_converted_ids(ctx: StageContext, split: str, inputs: list[str], colum
 
 def _convert_precomputed(ctx: StageContext) -> StageResult:
     """data.source = embeddings: the user's vectors become this stage's output; nothing is encoded."""
-    from influencespace.datasets.precomputed import PrecomputedSpec, list_shards, write_precomputed
+    from influencespace.datasets.precomputed import PrecomputedSpec, list_shards
+    from influencespace.embed.precomputed import write_precomputed
 
     data, cfg = ctx.config.data, ctx.config.embed
     spec = PrecomputedSpec.from_config(data)

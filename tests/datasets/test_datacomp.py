@@ -9,8 +9,8 @@ from influencespace import storage
 from influencespace.datasets import webdataset
 from influencespace.datasets.datacomp import write_split
 from influencespace.datasets.precomputed import PrecomputedSpec, read_shards
-from influencespace.embed.encoders import load_encoder
 from influencespace.embed.offline_default import spec_from_checkpoint
+from influencespace.embed.registry import load_encoder
 
 
 def test_write_split_is_datacomp_shaped_and_reads_back(tiny_benchmark, offline_checkpoint, tmp_path):

@@ -5,7 +5,8 @@ import pyarrow as pa
 import pytest
 
 from influencespace import storage
-from influencespace.datasets.precomputed import PrecomputedSpec, read_shards, to_embed_table, write_precomputed
+from influencespace.datasets.precomputed import PrecomputedSpec, read_shards
+from influencespace.embed.precomputed import to_embed_table, write_precomputed
 from influencespace.errors import InputDataError
 
 NPZ = PrecomputedSpec("npz", id_column="uid", image_key="b32_img", text_key="b32_txt")

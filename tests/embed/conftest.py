@@ -21,7 +21,7 @@ def tiny_clip(tmp_path_factory):
     """(config JSON path, weights-only checkpoint path) of a seeded, randomly initialised tiny CLIP."""
     import torch
 
-    from influencespace.embed.encoders import register_open_clip_config
+    from influencespace.embed.open_clip_config import register_open_clip_config
 
     directory = tmp_path_factory.mktemp("tiny-clip")
     config_path = directory / f"{TINY_CLIP}.json"

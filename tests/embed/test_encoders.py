@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from influencespace.embed import fusion, pairs
-from influencespace.embed.encoders import load_encoder, load_weights_only, open_clip_spec
+from influencespace.embed.encoders import load_weights_only, open_clip_spec
 from influencespace.embed.preprocess import ImageDecodeError, ImagePreprocess
+from influencespace.embed.registry import load_encoder
 from influencespace.errors import ConfigError
 from tests.embed.conftest import TINY_CLIP, png
 

@@ -84,7 +84,7 @@ def test_open_clip_checkpoint_and_webdataset_on_s3(ray_cluster, make_config, tin
 def test_embed_actor_arguments_are_small_enough_to_travel_inline(make_config, offline_checkpoint, tmp_path):
     import pickle
 
-    from influencespace.embed.encoders import spec_from_config
+    from influencespace.embed.registry import spec_from_config
     from influencespace.embed.stage import _by_reference
     from influencespace.stages import StageContext
 
