@@ -89,10 +89,7 @@ def read_kept(run_dir: str, policy: str = CURATED) -> Any:
 
     For inspection and small runs; export itself streams (:func:`kept_dataset`).
     """
-    import pyarrow.compute as pc
-
-    table = storage.read_table(manifest_directory(run_dir, policy), columns=["id", "keep", "weight"])
-    return table.filter(pc.field("keep")).select(["id", "weight"])
+    return _kept_rows(storage.read_table(manifest_directory(run_dir, policy), columns=["id", "keep", "weight"]))
 
 
 def _kept_rows(batch):
@@ -152,10 +149,7 @@ def _manifest_parts(directory: str) -> list[str]:
 
 
 def _read_kept_part(uri: str):
-    import pyarrow.compute as pc
-
-    table = storage.read_table(uri, columns=["id", "keep", "weight"])
-    return table.filter(pc.field("keep")).select(["id", "weight"])
+    return _kept_rows(storage.read_table(uri, columns=["id", "keep", "weight"]))
 
 
 def scan_part(sample_rate: float, uri: str) -> dict[str, Any]:
@@ -390,10 +384,10 @@ def export_run(run_dir: str, fmt: str, out_uri: str, policy: str = CURATED, weig
     from influencespace.progress import RayCount
 
     directory = manifest_directory(run_dir, policy)
-    kept = kept_dataset(directory)
     if fmt == "uids":
         with track("export", None, "rows") as bar:
             return {"kept": _export_uids(directory, out_uri, runtime or RuntimeConfig(), bar)}
+    kept = kept_dataset(directory)  # the joins' side; the uids sort reads the parts in its own tasks
 
     pool_uri, pool_format, id_column = _pool_source(run_dir)
     if pairs_uri:
