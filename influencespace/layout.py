@@ -48,6 +48,26 @@ def manifest_part(manifest_directory: str, pool_shard_uri: str) -> str:
     return manifest_directory.rstrip("/") + "/" + pool_shard_uri.rsplit("/", 1)[-1]
 
 
+def aligned_parts(pool_files: list[str], assignment_files: list[str]) -> list[tuple[str, str, str]]:
+    """(name, pool shard, assignment part) for every embedded pool shard, in pool order.
+
+    The cluster stage writes one assignment part per pool shard under the same name; a missing or an
+    extra part means the two stages' outputs do not belong together."""
+    from influencespace.errors import StageStateError
+
+    by_name = {uri.rsplit("/", 1)[-1]: uri for uri in assignment_files}
+    unknown = set(by_name) - {uri.rsplit("/", 1)[-1] for uri in pool_files}
+    if unknown:
+        raise StageStateError(f"cluster assignments {sorted(unknown)[0]} matches no embedded pool shard; rerun the cluster stage")
+    parts = []
+    for pool in pool_files:
+        name = pool.rsplit("/", 1)[-1]
+        if name not in by_name:
+            raise StageStateError(f"the embedded pool shard {name} has no cluster assignments part; rerun the cluster stage")
+        parts.append((name, pool, by_name[name]))
+    return parts
+
+
 def rejected_part(index: int) -> str:
     return f"{REJECTED_PART_PREFIX}{index:05d}.parquet"
 

@@ -239,16 +239,32 @@ def _task_entry(settings: Any, fn: Any, item: Any) -> Any:
     return fn(item)
 
 
-def map_tasks(runtime: Any, fn: Any, items: Iterable[Any], *, num_cpus: float = 1.0,
-              window: int | None = None) -> Iterator[Any]:
+def map_tasks(runtime: Any, fn: Any, items: Iterable[Any], *, num_cpus: float = 1.0, window: int | None = None,
+              desc: str | None = None, unit: str = "shards", kind: str = "cpu") -> Iterator[Any]:
     """``fn(item)`` for every item, results yielded in the items' order as they finish.
 
     ``runtime.runner == "local"`` runs them one after another in this process; ``"ray"`` as Ray tasks
     (``num_cpus`` each, the driver's storage settings shipped with them), at most ``window`` in flight
     (default: twice the cluster's CPUs), so the driver holds a bounded number of results however many
     items there are. A user error raised in a task is re-raised as itself. ``fn`` must be picklable
-    (a module-level function or a ``functools.partial`` of one).
+    (a module-level function or a ``functools.partial`` of one). With ``desc`` (and a sized ``items``)
+    a progress bar counts the items done. ``kind``: where the tasks go (:func:`placement`; ``"gpu"``
+    gives each task a GPU when ``runtime.use_gpu``).
     """
+    if desc is None:
+        yield from _map_tasks(runtime, fn, items, num_cpus, window, kind)
+        return
+    from influencespace import progress
+
+    items = list(items)
+    with progress.track(desc, total=len(items), unit=unit) as bar:
+        for result in _map_tasks(runtime, fn, items, num_cpus, window, kind):
+            bar.add(1)
+            yield result
+
+
+def _map_tasks(runtime: Any, fn: Any, items: Iterable[Any], num_cpus: float, window: int | None,
+               kind: str) -> Iterator[Any]:
     if runtime.runner == "local":
         for item in items:
             yield fn(item)
@@ -262,7 +278,7 @@ def map_tasks(runtime: Any, fn: Any, items: Iterable[Any], *, num_cpus: float = 
     ensure_ray(runtime)
     if window is None:
         window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    remote = ray.remote(_task_entry).options(num_cpus=num_cpus, **placement(runtime, "cpu"))
+    remote = ray.remote(_task_entry).options(num_cpus=num_cpus, **placement(runtime, kind))
     settings = ray.put(storage.current_settings())
     fn_ref = ray.put(fn)
     pending: collections.deque = collections.deque()

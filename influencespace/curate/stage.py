@@ -197,13 +197,7 @@ class Passes:
 
     def map(self, fn: Callable[[Shard], Any], desc: str | None = None) -> Iterable[Any]:
         """``fn(shard)`` over every shard; with ``desc``, a progress bar counts the shards done."""
-        if desc is None:
-            yield from map_tasks(self.runtime, fn, self.shards)
-            return
-        with progress.track(f"curate: {desc}", total=len(self.shards), unit="shards") as bar:
-            for result in map_tasks(self.runtime, fn, self.shards):
-                bar.add(1)
-                yield result
+        yield from map_tasks(self.runtime, fn, self.shards, desc=None if desc is None else f"curate: {desc}")
 
     def select(self, source: Callable, ranks: list[int], total: int, bits: list[int]) -> list[select.Cut]:
         def count_digits(prefixes: list[list[int]]) -> np.ndarray:
@@ -661,27 +655,18 @@ class CurateStage(Stage):
 
     @staticmethod
     def _shards(ctx: StageContext, signals: Signals) -> list[Shard]:
-        pool_files = storage.parquet_files(ctx.input_path("embed", "pool"))
-        assignment_files = storage.parquet_files(ctx.input_path("cluster", "assignments"))
-        by_name = {uri.rsplit("/", 1)[-1]: uri for uri in assignment_files}
+        parts = layout.aligned_parts(storage.parquet_files(ctx.input_path("embed", "pool")),
+                                     storage.parquet_files(ctx.input_path("cluster", "assignments")))
         reject_files = {}
         if "rejects" in ctx.input_manifests["cluster"].get("outputs", {}):
             reject_files = {u.rsplit("/", 1)[-1]: u for u in storage.parquet_files(ctx.input_path("cluster", "rejects"))}
         row_scores = ctx.input_path("influence", "row_scores") if signals.value == "influence" else None
-        unknown = set(by_name) - {u.rsplit("/", 1)[-1] for u in pool_files}
-        if unknown:
-            raise StageStateError(f"cluster assignments {sorted(unknown)[0]} matches no embedded pool shard; rerun the cluster stage")
-        shards = []
-        for index, pool in enumerate(pool_files):
-            name = pool.rsplit("/", 1)[-1]
-            if name not in by_name:
-                raise StageStateError(f"the embedded pool shard {name} has no cluster assignments part; rerun the cluster stage")
-            shards.append(Shard(
-                index=index, name=name, assignments=by_name[name], pool=pool,
-                row_scores=storage.join(row_scores, name) if row_scores else None,
-                cluster_rejects=reject_files.get(name), scratch=ctx.path(ROWS_DIR, name),
-            ))
-        return shards
+        return [
+            Shard(index=index, name=name, assignments=assignments, pool=pool,
+                  row_scores=storage.join(row_scores, name) if row_scores else None,
+                  cluster_rejects=reject_files.get(name), scratch=ctx.path(ROWS_DIR, name))
+            for index, (name, pool, assignments) in enumerate(parts)
+        ]
 
     @staticmethod
     def _dim(ctx: StageContext) -> int:
