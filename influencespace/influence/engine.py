@@ -106,7 +106,7 @@ class InfluenceResult:
     curvatures: list[Curvature] = field(default_factory=list)  # rank 0 only, one per checkpoint
     validation_sketches: list[np.ndarray] = field(default_factory=list)  # rank 0: (1+G) × k mean φ_val
     directions: list[np.ndarray] = field(default_factory=list)  # every rank: u = (H + λI)⁻¹ φ_val per checkpoint
-    sketcher: GradientSketcher | None = None  # every rank: the one projector and sketcher, for the row pass
+    sketcher: GradientSketcher | None = None  # every rank: the one projector and sketcher (rows.parameter_directions)
     summary: dict[str, Any] = field(default_factory=dict)
 
 
@@ -242,41 +242,3 @@ def compute_influence(
             examples_per_second=sampled * len(states) / max(max(p[2] for p in parts), 1e-9),
         )
     return result
-
-
-class RowScorer:
-    """Per-example influence of arbitrary pool rows, after :func:`compute_influence` found u.
-
-    For row i, t_i = mean_j u_jᵀ φ_i^{(j)} over the proxy checkpoints j, the same term the cluster
-    estimate averages; the first-order change in validation loss from removing row i alone is
-    −t_i / n (so ``t_i / n`` is reported, in the units of the cluster influence). Columns: overall,
-    then one per group. Rows whose gradient is not finite get NaN.
-
-    It reuses the sketcher (projector blocks already drawn) of compute_influence.
-
-    Cost: one projected per-example gradient per row and checkpoint — a forward and backward pass of
-    the proxy (which reads embeddings, not images), so scoring the whole pool costs about what the
-    proxy's warm start costs per row; memory is one chunk of rows.
-    """
-
-    def __init__(self, sketcher: GradientSketcher, states: list[State], directions: list[np.ndarray]):
-        # The sketcher of compute_influence: same model, dtype, device and projector blocks (already
-        # drawn and cached), so the row pass does not build P a second time.
-        self.sketcher, self.states = sketcher, states
-        self.directions = [torch.as_tensor(u, dtype=torch.float64) for u in directions]
-        if len(self.directions) != len(states):
-            raise InfluenceError(f"{len(states)} proxy checkpoint(s) but {len(directions)} influence direction(s)")
-
-    def __call__(self, features: dict[str, np.ndarray]) -> np.ndarray:
-        n = len(next(iter(features.values())))
-        terms = np.zeros((n, self.directions[0].shape[0]))
-        finite = np.ones(n, dtype=bool)
-        feats = to_tensors(features, self.sketcher.dtype, self.sketcher.device)
-        for state, u in zip(self.states, self.directions, strict=True):
-            set_state(self.sketcher.model, state)
-            phi, ok = self.sketcher.gradient_sketches(feats)
-            terms += (phi.to(torch.float64).cpu() @ u.T).numpy()
-            finite &= ok.cpu().numpy()
-        terms /= len(self.states)
-        terms[~finite] = np.nan
-        return terms

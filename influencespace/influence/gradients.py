@@ -50,6 +50,20 @@ def flat_tracked(model: torch.nn.Module, names: list[str]) -> int:
     return sum(params[n].numel() for n in names)
 
 
+def per_example_gradients(model: torch.nn.Module, names: list[str], tracked: dict[str, torch.Tensor],
+                          fixed: dict[str, torch.Tensor], chunk: dict[str, torch.Tensor], loss) -> tuple[torch.Tensor, torch.Tensor]:
+    """∇_θ loss_i of each example of ``chunk`` flattened over the tracked parameters ``names`` (b × p,
+    zeros where not finite), and which are finite."""
+
+    def example_loss(params, example):
+        return loss(functional_call(model, {**fixed, **params}, (example,)), example)
+
+    grads = vmap(grad(example_loss), in_dims=(None, 0))(tracked, chunk)
+    flat = torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in names], dim=-1)
+    ok = torch.isfinite(flat).all(dim=1)
+    return torch.where(ok[:, None], flat, torch.zeros_like(flat)), ok
+
+
 class GradientSketcher:
     """Sketches per-example gradients and curvature of a task's model under a given parameter state."""
 
@@ -140,15 +154,7 @@ class GradientSketcher:
         return TrainSketches(phi, curvature, finite)
 
     def _gradient_chunk(self, tracked, chunk, loss):
-        logits_fn = self._logits_fn()
-
-        def example_loss(params, example):
-            return loss(logits_fn(params, example), example)
-
-        grads = vmap(grad(example_loss), in_dims=(None, 0))(tracked, chunk)
-        flat = self._flatten(grads, lead=1)
-        ok = torch.isfinite(flat).all(dim=1)
-        flat = torch.where(ok[:, None], flat, torch.zeros_like(flat))
+        flat, ok = per_example_gradients(self.model, self.names, tracked, self._fixed(), chunk, loss)
         return self.projector.project(flat), ok
 
     def _ggn_chunk(self, tracked, chunk):

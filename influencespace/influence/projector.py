@@ -50,6 +50,7 @@ class RandomProjector:
         self.num_blocks = -(-num_params // block_size)
         itemsize = torch.empty((), dtype=dtype).element_size()
         self._cache: dict[int, torch.Tensor] | None = {} if dim * num_params * itemsize <= max_cache_bytes else None
+        self.blocks_drawn = 0  # how many blocks were generated (cached ones count once): the cost of using P
 
     def _block_seed(self, index: int) -> int:
         # SeedSequence mixes (seed, block) into a well-spread 63-bit seed; stable across numpy versions.
@@ -69,6 +70,7 @@ class RandomProjector:
             signs = (draw == 0).to(torch.float64) - (draw == 1).to(torch.float64)
             values = signs * (3.0 / self.dim) ** 0.5
         out = values.to(dtype=self.dtype, device=self.device)
+        self.blocks_drawn += 1
         if self._cache is not None:
             self._cache[index] = out
         return out
@@ -82,6 +84,16 @@ class RandomProjector:
         for b in range(self.num_blocks):
             start = b * self.block_size
             out += grads[:, start : start + self.block_size] @ self.block(b).T
+        return out
+
+    def transpose_apply(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Sketch-space vectors back in parameter space: (m × k) rows u → (m × p) rows ``u P`` (= (Pᵀuᵀ)ᵀ),
+        float64, one block of P at a time (a single pass over P however many vectors)."""
+        vectors = vectors.to(dtype=torch.float64, device=self.device)
+        out = torch.zeros(vectors.shape[0], self.num_params, dtype=torch.float64, device=self.device)
+        for b in range(self.num_blocks):
+            start = b * self.block_size
+            out[:, start : start + self.block_size] = vectors @ self.block(b).to(torch.float64)
         return out
 
     def gram(self) -> torch.Tensor:

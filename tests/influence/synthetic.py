@@ -94,16 +94,18 @@ def write_upstream(root: str, data: SyntheticData, num_clusters: int | None = No
     # float64 keeps the stored embeddings exact for the float64 comparisons of the tests.
     for i in range(shards):
         part = {k: v[bounds[i] : bounds[i + 1]] for k, v in data.pool.items()}
-        storage.write_table(_table(part, np.float64), storage.join(embed_dir, "pool", f"part-{i:05d}.parquet"))
+        name = f"part-{i:05d}.parquet"
+        storage.write_table(_table(part, np.float64), storage.join(embed_dir, "pool", name))
+        # The cluster stage's contract: one assignment part per pool shard, under the same name.
+        assignments = pa.table(
+            {
+                "id": pa.array(part["id"]),
+                "cluster": pa.array(data.cluster[bounds[i] : bounds[i + 1]].astype(np.int32)),
+                "distance": pa.array(np.zeros(len(part["id"]), dtype=np.float32)),
+            }
+        )
+        storage.write_table(assignments, storage.join(cluster_dir, "assignments", name))
     storage.write_table(_table(data.validation, np.float64), storage.join(embed_dir, "validation", "part-00000.parquet"))
-    assignments = pa.table(
-        {
-            "id": pa.array(data.pool["id"]),
-            "cluster": pa.array(data.cluster.astype(np.int32)),
-            "distance": pa.array(np.zeros(n, dtype=np.float32)),
-        }
-    )
-    storage.write_table(assignments, storage.join(cluster_dir, "assignments", "part-00000.parquet"))
     k = num_clusters or int(data.cluster.max()) + 1
     import io
 
