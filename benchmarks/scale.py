@@ -56,7 +56,11 @@ shard by shard into 64-bit hashes (8 bytes a row) and every manifest directory u
 
 **Output.** A table per size, then per stage the ratios largest / smallest size, and the last line::
 
-    scale_driver_rss_ratio=R1 scale_worker_rss_ratio=R2 scale_cpu_slope=S
+    scale_driver_rss_ratio=R1 scale_worker_rss_ratio=R2 scale_cpu_slope=S influence_bytes_read_ratio=B loop_config_bytes=L
+
+(``B``: the largest, over the sizes, of the bytes the influence stage's processes read from the embedded
+pool, counted through the filesystem (``$INFLUENCESPACE_READ_LOG``, influencespace.read_log), over the
+pool's size on disk; ``L``: the largest pickled size of its Ray Train loop config, from its manifest.)
 
 R1 (R2): the largest over the stages of driver (worker) peak RSS at the largest size / at the
 smallest size (stages that ran at both; the goal is flat, ≈ 1); S: the least-squares slope of
@@ -91,6 +95,9 @@ MIB = 2**20
 
 # What each stage needs to have finished; a stage whose need failed is skipped.
 STAGES = ("data", "embed", "cluster", "influence", "curate", "train", "evaluate", "report", "export")
+# Stages whose reads of an input (relative to the run directory) are counted through the filesystem
+# (influencespace.read_log): bytes read / the input's size on disk.
+COUNTED_READS = {"influence": "embed/pool"}
 NEEDS = {"embed": "data", "cluster": "embed", "influence": "cluster", "curate": "influence", "train": "curate",
          "evaluate": "train", "report": "evaluate", "export": "curate"}
 
@@ -463,6 +470,8 @@ class StageRecord:
     error: str = ""
     log: str = ""
     top_workers: list[dict[str, Any]] = field(default_factory=list)
+    input_bytes: int = 0  # COUNTED_READS: the input's size on disk
+    input_bytes_read: int = 0  # … and what the stage's processes read of it
 
 
 def _stop_session(proc: subprocess.Popen) -> None:
@@ -486,6 +495,10 @@ def run_stage(stage: str, config_path: str, run_dir: str, scratch: str, args: ar
     usage = os.path.join(scratch, f"{stage}.usage.json")
     stdout_path, stderr_path = os.path.join(scratch, f"{stage}.stdout"), os.path.join(scratch, f"{stage}.stderr")
     env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0")
+    read_log = os.path.join(scratch, f"{stage}.reads")
+    if stage in COUNTED_READS:
+        shutil.rmtree(read_log, ignore_errors=True)
+        env["INFLUENCESPACE_READ_LOG"] = read_log
     command = [sys.executable, "-c", WRAPPER, usage, *stage_command(stage, config_path, run_dir)]
     t0 = time.perf_counter()
     with open(stdout_path, "w") as out, open(stderr_path, "w") as err:
@@ -530,6 +543,12 @@ def run_stage(stage: str, config_path: str, run_dir: str, scratch: str, args: ar
                      for s in sorted(workers, key=lambda s: -s.peak_bytes)[:5]],
     )
     record.cpu_seconds = round(record.driver_cpu_seconds + sum(s.cpu_seconds for s in watcher.seen.values()), 2)
+    if stage in COUNTED_READS:
+        from influencespace.read_log import read_bytes_under
+
+        counted = os.path.join(run_dir, COUNTED_READS[stage])
+        record.input_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(counted) for f in fs)
+        record.input_bytes_read = read_bytes_under(read_log, counted)
     if record.status != "ok":
         with open(stderr_path, errors="replace") as f:
             lines = [line.rstrip() for line in f if line.strip()]
@@ -635,8 +654,19 @@ def run_size(args: argparse.Namespace, n: int, planted: int, world: World, valid
         print(f"  manifests: {len(manifests['directories'])} directories, {manifests['input_rows']:,} input ids: "
               + ("every id exactly once in each" if manifests["ok"] else f"MISMATCH {json.dumps(bad)}")
               + f" ({manifests['seconds']} s)", flush=True)
+    loop_config = None
+    success = os.path.join(run_dir, "influence", "_SUCCESS.json")
+    if status.get("influence") == "ok" and os.path.exists(success):
+        with open(success) as f:
+            loop_config = json.load(f).get("extra", {}).get("loop_config_bytes")
+    for r in records:
+        if r.input_bytes:
+            print(f"  {r.stage} read {r.input_bytes_read / MIB:,.1f} MiB of its input ({r.input_bytes / MIB:,.1f} MiB): "
+                  f"x{r.input_bytes_read / r.input_bytes:.2f}", flush=True)
+    if loop_config is not None:
+        print(f"  influence's Ray Train loop config: {loop_config:,} bytes pickled", flush=True)
     return {"n": n, "planted": planted, "pool": pool, "pool_facts": facts, "run_dir": run_dir,
-            "stages": [asdict(r) for r in records], "manifests": manifests}
+            "stages": [asdict(r) for r in records], "manifests": manifests, "loop_config_bytes": loop_config}
 
 
 HEADER = (f"{'stage':10s} {'status':22s} {'wall s':>8s} {'CPU s':>8s} {'driver MiB':>10s} {'worker MiB':>10s} "
@@ -689,6 +719,11 @@ def figures(results: list[dict[str, Any]]) -> dict[str, Any]:
         "worker_rss_ratio": worst_worker[1].get("worker_ratio"),
         "worker_rss_ratio_stage": worst_worker[0],
         "cpu_slope": slope(ns, totals) if len(ns) > 1 and all(t > 0 for t in totals) else None,
+        # The largest over the sizes: what the influence stage read of the embedded pool / its size.
+        "influence_bytes_read_ratio": max((s["input_bytes_read"] / s["input_bytes"] for r in results for s in r["stages"]
+                                           if s["stage"] == "influence" and s.get("input_bytes")), default=None),
+        "loop_config_bytes": max((r["loop_config_bytes"] for r in results if r.get("loop_config_bytes") is not None),
+                                 default=None),
         "all_ok": all(s["status"] == "ok" for r in results for s in r["stages"]),
     }
 
@@ -806,7 +841,9 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(report, f, indent=1, default=str)
     print(f"results: {args.out}")
     print(f"scale_driver_rss_ratio={_fmt(fig.get('driver_rss_ratio'))} scale_worker_rss_ratio={_fmt(fig.get('worker_rss_ratio'))} "
-          f"scale_cpu_slope={_fmt(fig.get('cpu_slope'))}")
+          f"scale_cpu_slope={_fmt(fig.get('cpu_slope'))} "
+          f"influence_bytes_read_ratio={_fmt(fig.get('influence_bytes_read_ratio'))} "
+          f"loop_config_bytes={fig.get('loop_config_bytes') if fig.get('loop_config_bytes') is not None else 'nan'}")
     return 0 if not failures and not bad_manifests else 1
 
 

@@ -94,10 +94,24 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         parsed = urlparse(uri)
         if not parsed.netloc:
             raise StorageError(f"'{uri}' names no bucket: use s3://bucket/prefix")
-        return _s3_pyarrow(current_settings()), f"{parsed.netloc}{parsed.path}".rstrip("/")
-    import pyarrow.fs as pafs
+        fs, path = _s3_pyarrow(current_settings()), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    else:
+        import pyarrow.fs as pafs
 
-    return pafs.LocalFileSystem(), os.path.abspath(_local_path(uri))
+        fs, path = pafs.LocalFileSystem(), os.path.abspath(_local_path(uri))
+    log_dir = os.environ.get(READ_LOG_ENV)
+    return (_counting(fs, log_dir), path) if log_dir else (fs, path)
+
+
+# Read accounting (influencespace.read_log): with $INFLUENCESPACE_READ_LOG set to a directory, every
+# file read through this module is counted; benchmarks/scale.py sums a stage's reads from its inputs.
+READ_LOG_ENV = "INFLUENCESPACE_READ_LOG"
+
+
+def _counting(fs: pafs.FileSystem, log_dir: str) -> pafs.FileSystem:
+    from influencespace.read_log import counting_filesystem
+
+    return counting_filesystem(fs, log_dir)
 
 
 def fsspec_filesystem(uri: str) -> tuple[Any, str]:
