@@ -69,10 +69,16 @@ def bucket_repeats(work: str, limit: int, bucket: int) -> list[tuple[str, list[i
     if not storage.exists(directory) or not storage.parquet_files(directory):
         return []
     table = storage.read_table(directory)
-    grouped = table.group_by("id").aggregate([("source", "list"), ("source", "count")])
-    repeated = grouped.filter(pc.greater(grouped["source_count"], 1)).slice(0, limit)
-    return sorted((i, sorted(s)) for i, s in zip(repeated["id"].to_pylist(), repeated["source_list"].to_pylist(),
-                                                 strict=True))
+    # Counting first and grouping only the repeated ids: a hash of counts, not a list per id (a bucket
+    # holds up to ID_BUCKET_ROWS ids; almost none repeat).
+    counts = pc.value_counts(table.column("id"))
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
+    if not len(repeated):
+        return []
+    rows = table.filter(pc.is_in(table.column("id"), value_set=repeated))
+    grouped = rows.group_by("id").aggregate([("source", "list")])
+    return sorted((i, sorted(s)) for i, s in zip(grouped["id"].to_pylist(), grouped["source_list"].to_pylist(),
+                                                 strict=True))[:limit]
 
 
 def find_repeated_ids(runtime, sources: list[str], read, work: str, rows: int) -> tuple[list[object], list]:
