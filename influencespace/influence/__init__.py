@@ -9,13 +9,27 @@ by group), :mod:`.curvature` (float64 eigendecomposition, damped low-rank invers
 docs/influence.md. Positive influence = the cluster lowers the validation loss (helpful).
 """
 
-from influencespace.influence.curvature import Curvature, fit_curvature
-from influencespace.influence.engine import LocalComm, Shard, TorchComm, compute_influence
-from influencespace.influence.errors import InfluenceError
-from influencespace.influence.projector import RandomProjector
-from influencespace.influence.sampling import SamplePlan, sample_clusters, shard_clusters
-from influencespace.influence.scores import cluster_statistics, group_column
-from influencespace.influence.tasks import DataSpec, Task, get_task, register_task, task_names
+import importlib
+from typing import Any
+
+# Names re-exported here, imported on first use (PEP 562): the sample plan's tasks import
+# influencespace.influence.inputs without paying for torch.
+_EXPORTS = {
+    "Curvature": "curvature", "fit_curvature": "curvature",
+    "LocalComm": "engine", "Shard": "engine", "TorchComm": "engine", "compute_influence": "engine",
+    "InfluenceError": "errors",
+    "RandomProjector": "projector",
+    "SamplePlan": "sampling", "sample_clusters": "sampling", "shard_clusters": "sampling",
+    "cluster_statistics": "scores", "group_column": "scores",
+    "DataSpec": "tasks", "Task": "tasks", "get_task": "tasks", "register_task": "tasks", "task_names": "tasks",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
 
 __all__ = [
     "Curvature",

@@ -28,7 +28,7 @@ import functools
 import io
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -48,6 +48,9 @@ from influencespace.influence.sampling import (
     smallest_keys,
 )
 from influencespace.runtime import map_tasks
+
+if TYPE_CHECKING:
+    from influencespace.influence.tasks import DataSpec  # imports torch, which the plan's tasks do not need
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +145,7 @@ class Inputs:
     group_names: tuple[str, ...]
     strata_names: tuple[str, ...]
     label_values: tuple[str, ...] | None
-    spec: Any  # tasks.DataSpec
+    spec: DataSpec
     sizes: np.ndarray  # (C,) |c| of every cluster id, empty ones included
     sampled: int  # rows in the plan
     world_size: int

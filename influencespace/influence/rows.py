@@ -34,7 +34,9 @@ from torch.func import functional_call, jvp, vmap
 
 from influencespace import storage
 from influencespace.influence.errors import InfluenceError
+from influencespace.influence.inputs import Inputs
 from influencespace.influence.proxy import State, set_state
+from influencespace.influence.tasks import Task
 from influencespace.runtime import map_tasks
 
 ROW_SCORES_DIR = "row_scores"
@@ -115,10 +117,10 @@ class RowScorer:
 class RowJob:
     """What every row task needs (pickled once): the inputs' URIs, the proxy and where v is."""
 
-    inputs: Any  # inputs.Inputs
-    task: Any
-    model: Any
-    states: list
+    inputs: Inputs
+    task: Task
+    model: torch.nn.Module
+    states: list[State]
     dtype: str
     chunk_size: int
     directions_uri: str

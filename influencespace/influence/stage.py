@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -47,6 +47,13 @@ from influencespace.influence.rows import (
 from influencespace.progress import NULL, Sink, Tracker, track
 from influencespace.stages import Stage, StageContext, StageResult
 
+if TYPE_CHECKING:
+    import torch
+
+    from influencespace.config import InfluenceConfig
+    from influencespace.influence.proxy import State
+    from influencespace.influence.tasks import Task
+
 log = logging.getLogger(__name__)
 
 
@@ -55,10 +62,10 @@ class Job:
     """Everything one rank needs, pickled once into the Ray Train loop config (no per-row data)."""
 
     inputs: Inputs
-    task: Any  # tasks.Task
-    settings: Any  # config.InfluenceConfig
-    model: Any  # torch.nn.Module: the warm-started proxy
-    states: list  # its checkpoints (proxy.State)
+    task: Task
+    settings: InfluenceConfig
+    model: torch.nn.Module  # the warm-started proxy
+    states: list[State]  # its checkpoints
     stage_dir: str
 
 
