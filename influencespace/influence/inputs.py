@@ -60,6 +60,7 @@ SAMPLE_DIR = "sample"
 CANDIDATES_DIR = "_candidates"
 PROXY_DIR, BANK_DIR = "proxy", "bank"
 PLAN_COLUMNS = ("cluster", "stratum", "weight", "stratum_size")
+COUNTS_MERGED_EVERY = 32  # shards' strata counts the driver holds before adding them up
 MAX_ROUNDS = 8  # thresholds grow 4× a round: a stratum still short after 8 rounds means the keys are not uniform
 
 
@@ -354,8 +355,22 @@ def split_shard(chosen: Chosen, shard: PoolShard) -> int:
 # The driver's side
 
 
-def _load_npy(uri: str) -> np.ndarray:
-    return np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
+def npy_shape(uri: str) -> tuple[int, ...]:
+    """The shape of a ``.npy`` file from its header (the first bytes), not the array."""
+    fs, path = storage.resolve(uri)
+    with fs.open_input_stream(path) as stream:
+        head = io.BytesIO(stream.read(1 << 16))
+    version = np.lib.format.read_magic(head)
+    header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return tuple(header(head)[0])
+
+
+def _sum_counts(tables: list[Any]) -> Any:
+    """Strata counts of several shards as one table (one row per (cluster, group): O(k · groups))."""
+    import pyarrow as pa
+
+    merged = pa.concat_tables(tables).group_by(["cluster", "group"]).aggregate([("count_all", "sum")])
+    return merged.rename_columns({"count_all_sum": "count_all"})
 
 
 def pool_shards(pool_uri: str, assign_uri: str) -> list[PoolShard]:
@@ -393,17 +408,19 @@ def plan_inputs(runtime: Any, cfg: Any, task: Any, *, pool_uri: str, validation_
                                           desc="influence: counting strata"):
         tables.append(counts)
         labels.update(shard_labels)
-    counts = pa.concat_tables(tables).group_by(["cluster", "group"]).aggregate([("count_all", "sum")])
+        if len(tables) >= COUNTS_MERGED_EVERY:  # added up as they come: O(k · groups) rows, not a table a shard
+            tables = [_sum_counts(tables)]
+    counts = _sum_counts(tables)
     pool_groups = [g for g in counts.column("group").to_pylist()]
     codes = {g: i for i, g in enumerate(group_names)}
     for g in sorted({g for g in pool_groups if g is not None} - set(codes)):
         codes[g] = len(codes)  # pool-only groups still stratify the sample
     strata = Strata.allocate(counts.column("cluster").to_numpy(), group_codes(np.array(pool_groups, dtype=object), codes),
-                             counts.column("count_all_sum").to_numpy(), cfg.samples_per_cluster)
+                             counts.column("count_all").to_numpy(), cfg.samples_per_cluster)
     num_clusters = None
     if centroids_uri is not None:
         try:
-            num_clusters = _load_npy(centroids_uri).shape[0]
+            num_clusters = npy_shape(centroids_uri)[0]
         except Exception:  # centroids are optional here: without them empty trailing clusters are unknown
             log.info("influence: no readable cluster centroids; clusters are counted from the assignments")
     sizes = cluster_sizes(strata, num_clusters)

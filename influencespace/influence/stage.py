@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from influencespace import storage
+from influencespace.errors import StageStateError
 from influencespace.influence.artifacts import CURVATURE_DIR, SCORES_FILE, SUMMARY_FILE, npy_bytes, write_outputs
 from influencespace.influence.inputs import (
     BANK_DIR,
@@ -108,6 +109,9 @@ def make_shard(inputs: Inputs, rank: int, world_size: int) -> Any:
     """Rank ``rank``'s sampled rows (its clusters) and its share of the validation rows."""
     from influencespace.influence.engine import Shard
 
+    if world_size != inputs.world_size:
+        raise StageStateError(f"the sample was split for {inputs.world_size} rank(s) but {world_size} are running; "
+                              "rerun the stage")
     features, plan = read_rank_sample(inputs, rank)
     val_features, val_group = read_validation(inputs)
     return Shard(

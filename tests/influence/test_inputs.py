@@ -52,6 +52,7 @@ def test_the_plan_drawn_in_passes_equals_the_in_memory_reference(request, make_c
         tight = plan_module.key_threshold
         monkeypatch.setattr(plan_module, "key_threshold", lambda take, size: np.where(
             np.isfinite(tight(take, size)), tight(take, size) * 0.05, tight(take, size)))
+    monkeypatch.setattr(plan_module, "COUNTS_MERGED_EVERY", 2)  # the running sum of the strata counts, too
     data, upstream = upstream_with_every_case(str(tmp_path / "up"))
     config = make_config(f"runtime.runner={runner}", f"influence.num_workers={workers}", "influence.samples_per_cluster=9",
                          "influence.proxy_rows=50", "influence.negatives=8", "influence.seed=5")
