@@ -126,6 +126,7 @@ class RowJob:
     directions_uri: str
     stamp: str  # digest of the directions
     out: str  # the row_scores directory
+    use_gpu: bool = False  # runtime.use_gpu: score on the task's GPU
 
 
 _SCORER: dict[tuple[str, str, str], RowScorer] = {}  # this process's scorer, kept for the job's next shard
@@ -151,7 +152,7 @@ def score_shard(job: RowJob, pool_file: str) -> int:
     out = storage.join(job.out, pool_file.rsplit("/", 1)[-1])
     if storage.exists(out):
         return storage.parquet_rows(out)
-    scorer = _scorer(job, "cuda" if torch.cuda.is_available() and torch.cuda.device_count() else "cpu")
+    scorer = _scorer(job, "cuda" if job.use_gpu else "cpu")
     inputs, n_total = job.inputs, float(job.inputs.num_examples)
     fs, path = storage.resolve(pool_file)
     parts = []

@@ -252,7 +252,8 @@ class InfluenceStage(Stage):
         if cfg.score_rows:
             score_rows(ctx.config.runtime, RowJob(inputs, task, model, states, cfg.dtype, cfg.batch_size,
                                                   ctx.path(CURVATURE_DIR, ROW_DIRECTIONS_FILE),
-                                                  summary["row_directions_digest"], ctx.path(ROW_SCORES_DIR)))
+                                                  summary["row_directions_digest"], ctx.path(ROW_SCORES_DIR),
+                                                  use_gpu=ctx.config.runtime.use_gpu))
         counts = {
             "clusters": summary["clusters"],
             "pool": inputs.num_examples,
