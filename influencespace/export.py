@@ -192,9 +192,7 @@ def split_part(work: str, boundaries: list[str], uri: str) -> int:
         return 0
     ranges = np.searchsorted(np.asarray(boundaries, dtype=object), np.asarray(kept.column("id").to_pylist(),
                                                                               dtype=object), side="right")
-    name = uri.rsplit("/", 1)[-1]
-    for r in np.unique(ranges):
-        storage.write_table(kept.take(np.flatnonzero(ranges == r)), storage.join(work, f"range-{r:05d}", name))
+    storage.write_partitions(kept, ranges, work, "range", uri.rsplit("/", 1)[-1])
     return kept.num_rows
 
 

@@ -69,6 +69,16 @@ def test_table_round_trip_local(tmp_path):
 
 
 @pytest.mark.s3
+def test_write_partitions_puts_each_row_in_its_partition_in_order(tmp_path):
+    table = pa.table({"x": [10, 11, 12, 13, 14, 15]})
+    storage.write_partitions(table, [2, 0, 2, 5, 0, 2], str(tmp_path), "bucket", "part-00003.parquet")
+    written = {d: storage.read_table(str(tmp_path / d)).column("x").to_pylist() for d in sorted(os.listdir(tmp_path))}
+    assert written == {"bucket-00000": [11, 14], "bucket-00002": [10, 12, 15], "bucket-00005": [13]}
+    assert os.listdir(tmp_path / "bucket-00002") == ["part-00003.parquet"]
+    storage.write_partitions(table.slice(0, 0), [], str(tmp_path / "none"), "bucket", "p.parquet")
+    assert not (tmp_path / "none").exists()  # no rows: no files
+
+
 def test_s3_round_trip_against_real_server(s3_prefix):
     table = pa.table({"id": ["a", "b"], "x": [1, 2]})
     storage.write_table(table, f"{s3_prefix}/t/part-00000.parquet")

@@ -370,10 +370,7 @@ def split_shard(signals: Signals, fence: float | None, bucket_of: np.ndarray, wo
     """Map step: one shard's rows, written to the bucket of their cluster (``<work>/buckets/bucket-B/<shard>``)."""
     rows = group_rows(signals, fence, shard)
     bucket = bucket_of[rows["cluster"]]
-    for b in np.unique(bucket):
-        mask = bucket == b
-        storage.write_table(_rows_table({c: v[mask] for c, v in rows.items()}),
-                            storage.join(work, "buckets", f"bucket-{b:05d}", shard.name))
+    storage.write_partitions(_rows_table(rows), bucket, storage.join(work, "buckets"), "bucket", shard.name)
     return len(bucket)
 
 

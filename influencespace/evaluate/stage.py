@@ -167,11 +167,17 @@ def _tagged(variant_of_dir: dict[str, int], baseline: int | None, batch):
                     "weight": batch.column("weight").cast(pa.float64()), "variant": variant})
     if baseline is not None:
         first = out.filter(pa.array(variant == min(variant_of_dir.values())))
-        n = first.num_rows
-        out = pa.concat_tables([out, pa.table({"id": first.column("id"), "keep": pa.array([True] * n),
-                                               "weight": pa.array([1.0] * n, pa.float64()),
-                                               "variant": pa.array([baseline] * n, pa.int32())})])
+        out = pa.concat_tables([out, _all_kept(first.column("id"), np.full(first.num_rows, baseline, np.int32))])
     return out
+
+
+def _all_kept(ids, variant):
+    """The baseline's view of some pool rows: every one kept at weight 1, tagged with its variant index."""
+    import pyarrow as pa
+
+    n = len(ids)
+    return pa.table({"id": ids, "keep": pa.array([True] * n), "weight": pa.array([1.0] * n, pa.float64()),
+                     "variant": pa.array(variant, pa.int32())})
 
 
 def _variant_counts(minority: str | None, batch):
@@ -243,13 +249,11 @@ def curation_by_ray(runtime: Any, pool_uri: str, truth_uri: str, manifests: dict
 
 
 def _as_baseline(variant_of_dir: dict[str, int], batch):
+    """Pool rows read as the baseline's (no manifest but the pool itself)."""
     import pyarrow as pa
 
-    n = batch.num_rows
-    return pa.table({"id": batch.column("id").cast(pa.string()), "keep": pa.array([True] * n),
-                     "weight": pa.array([1.0] * n, pa.float64()),
-                     "variant": pa.array([variant_of_dir[p.rsplit("/", 1)[0]] for p in batch.column("path").to_pylist()],
-                                         pa.int32())})
+    variant = [variant_of_dir[p.rsplit("/", 1)[0]] for p in batch.column("path").to_pylist()]
+    return _all_kept(batch.column("id").cast(pa.string()), variant)
 
 
 CURVE_FIELDS = ("volume_reduction_pct", "accuracy_ratio_pct", "worst_group_acc", "eo_diff", "dp_diff", "time_ratio")
