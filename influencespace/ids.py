@@ -33,15 +33,21 @@ def unit_hash(ids, *salt: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------
-# Repeated ids, found at any N: ids hashed into buckets (files), each bucket checked alone.
+# Repeated ids, found at any N: the ids' 64-bit hashes split into buckets (files), each bucket checked
+# alone; a hash seen twice is then resolved to its ids by reading the few sources it is in again.
 
-ID_BUCKET_ROWS = 4_000_000  # ids a bucket task holds (≈ 100 bytes each with its source: ≈ 400 MB)
+ID_BUCKET_ROWS = 4_000_000  # ids a bucket task holds (12 bytes each: hash and source, ≈ 48 MB)
 REPEATS_SHOWN = 10
+_CANDIDATES = 4 * REPEATS_SHOWN  # repeated hashes kept per bucket: room for the rare collision of distinct ids
+
+
+def _present(ids) -> np.ndarray:
+    return np.asarray([str(v) for v in ids if v is not None], dtype=object)
 
 
 def split_ids(read, work: str, buckets: int, item: tuple[int, str]) -> tuple[int, object]:
-    """Read one source's ids (``read(source) -> (ids, extra)``); write them, with the source's index, to
-    ``<work>/bucket-BBBBB/source-IIIIII.parquet`` by :func:`id_hash`; return (ids written, extra). A
+    """Read one source's ids (``read(source) -> (ids, extra)``); write their :func:`id_hash` with the
+    source's index to ``<work>/bucket-BBBBB/source-IIIIII.parquet``; return (ids written, extra). A
     missing id (None) is left out: it is rejected row by row later."""
     import pyarrow as pa
 
@@ -49,47 +55,50 @@ def split_ids(read, work: str, buckets: int, item: tuple[int, str]) -> tuple[int
 
     index, source = item
     ids, extra = read(source)
-    values = np.asarray([str(v) for v in ids if v is not None], dtype=object)
-    bucket = id_hash(values) % np.uint64(buckets) if len(values) else np.zeros(0, np.uint64)
-    for b in np.unique(bucket):
-        chosen = values[bucket == b]
-        storage.write_table(pa.table({"id": pa.array(chosen.tolist(), pa.string()),
-                                      "source": pa.array(np.full(len(chosen), index, np.int32))}),
-                            storage.join(work, f"bucket-{int(b):05d}", f"source-{index:06d}.parquet"))
-    return len(values), extra
+    hashes = id_hash(_present(ids))
+    table = pa.table({"hash": pa.array(hashes, pa.uint64()), "source": pa.array(np.full(len(hashes), index, np.int32))})
+    storage.write_partitions(table, (hashes % np.uint64(buckets)).astype(np.int64), work, "bucket",
+                             f"source-{index:06d}.parquet")
+    return len(hashes), extra
 
 
-def bucket_repeats(work: str, limit: int, bucket: int) -> list[tuple[str, list[int]]]:
-    """Up to ``limit`` ids of one bucket that occur more than once, each with the sorted sources it is in."""
-    import pyarrow.compute as pc
-
+def bucket_repeats(work: str, limit: int, bucket: int) -> list[tuple[int, list[int]]]:
+    """Up to ``limit`` hashes of one bucket seen more than once, each with the sorted sources it is in."""
     from influencespace import storage
 
     directory = storage.join(work, f"bucket-{bucket:05d}")
     if not storage.exists(directory) or not storage.parquet_files(directory):
         return []
     table = storage.read_table(directory)
-    # Counting first and grouping only the repeated ids: a hash of counts, not a list per id (a bucket
-    # holds up to ID_BUCKET_ROWS ids; almost none repeat).
-    counts = pc.value_counts(table.column("id"))
-    repeated = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
+    hashes, sources = table.column("hash").to_numpy(), table.column("source").to_numpy()
+    values, counts = np.unique(hashes, return_counts=True)
+    repeated = values[counts > 1][:limit]
     if not len(repeated):
         return []
-    rows = table.filter(pc.is_in(table.column("id"), value_set=repeated))
-    grouped = rows.group_by("id").aggregate([("source", "list")])
-    return sorted((i, sorted(s)) for i, s in zip(grouped["id"].to_pylist(), grouped["source_list"].to_pylist(),
-                                                 strict=True))[:limit]
+    chosen = np.isin(hashes, repeated)
+    return [(int(h), sorted(sources[chosen][hashes[chosen] == h].tolist())) for h in repeated]
+
+
+def source_ids_with(read, hashes: frozenset[int], item: tuple[int, str]) -> list[tuple[str, int]]:
+    """(id, source index) of every id of one source whose hash is one of ``hashes``."""
+    index, source = item
+    ids = _present(read(source)[0])
+    found = np.isin(id_hash(ids), np.fromiter(hashes, np.uint64, len(hashes)))
+    return [(str(i), index) for i in ids[found]]
 
 
 def find_repeated_ids(runtime, sources: list[str], read, work: str, rows: int) -> tuple[list[object], list]:
     """Every source's ids checked for repeats across all of them, in tasks (``runtime.map_tasks``).
 
-    Pass one splits each source's ids by hash into ⌈rows / ID_BUCKET_ROWS⌉ bucket files; pass two
-    groups each bucket by id. No process holds more than one source's or one bucket's ids, and
-    each source is read once: ``read(source)`` returns ``(ids, extra)`` and the extras come back in
+    Pass one splits each source's id hashes into ⌈rows / ID_BUCKET_ROWS⌉ bucket files; pass two finds
+    the hashes each bucket holds more than once; the sources those are in are read again and their
+    ids compared as strings (so two distinct ids that share a hash are not a repeat). No process holds
+    more than one source's ids or one bucket's hashes; each source is read once, and once more only if
+    it holds a repeated hash. ``read(source)`` returns ``(ids, extra)`` and the extras come back in
     source order (e.g. a tar's sample count, which the same read gives). Returns (extras, up to
     :data:`REPEATS_SHOWN` repeated ids as ``(id, [source index, …])``, sorted); ``work`` is removed.
     """
+    import collections
     import functools
 
     from influencespace import storage
@@ -99,8 +108,16 @@ def find_repeated_ids(runtime, sources: list[str], read, work: str, rows: int) -
     storage.remove_tree(work)
     try:
         split = list(map_tasks(runtime, functools.partial(split_ids, read, work, buckets), list(enumerate(sources))))
-        repeats = [r for found in map_tasks(runtime, functools.partial(bucket_repeats, work, REPEATS_SHOWN),
-                                            range(buckets)) for r in found]
+        candidates = [c for found in map_tasks(runtime, functools.partial(bucket_repeats, work, _CANDIDATES),
+                                               range(buckets)) for c in found]
     finally:
         storage.remove_tree(work)
-    return [extra for _, extra in split], sorted(repeats)[:REPEATS_SHOWN]
+    candidates = sorted(candidates)[:_CANDIDATES]
+    holding = sorted({s for _, found in candidates for s in found})
+    hashes = frozenset(h for h, _ in candidates)
+    where: dict[str, list[int]] = collections.defaultdict(list)
+    for found in map_tasks(runtime, functools.partial(source_ids_with, read, hashes), [(i, sources[i]) for i in holding]):
+        for value, index in found:
+            where[value].append(index)
+    repeats = sorted((value, sorted(found)) for value, found in where.items() if len(found) > 1)
+    return [extra for _, extra in split], repeats[:REPEATS_SHOWN]
