@@ -1,9 +1,10 @@
 """Counting the bytes a stage reads, across all of its processes (what benchmarks/scale.py reports).
 
 With ``$INFLUENCESPACE_READ_LOG`` set to a directory, :func:`influencespace.storage.resolve` hands out
-a filesystem whose input files count the bytes read from them and, when closed, append one line
-``<bytes>\\t<path>`` to ``<dir>/<pid>.tsv`` (the environment reaches Ray's workers with the local
-cluster the stage starts). :func:`read_bytes_under` adds up the lines of the files under a path. Off
+a filesystem whose input files append one line ``<bytes>\\t<path>`` to ``<dir>/<pid>.tsv`` for every
+read (Parquet reads whole column chunks, so a file gives a few lines; each line is written as its read
+returns, so nothing depends on a file being closed or a process exiting cleanly). The environment
+reaches Ray's workers with the local cluster the stage starts. :func:`read_bytes_under` adds up the lines of the files under a path. Off
 (the default), nothing is wrapped.
 """
 
@@ -15,16 +16,27 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+_LOGS: dict[str, Any] = {}  # this process's open log, per directory
+
+
+def _log(log_dir: str, count: int, path: str) -> None:
+    key = f"{log_dir}:{os.getpid()}"  # a forked child writes its own file
+    if key not in _LOGS:
+        os.makedirs(log_dir, exist_ok=True)
+        _LOGS[key] = open(os.path.join(log_dir, f"{os.getpid()}.tsv"), "a", buffering=1)  # line-buffered
+    _LOGS[key].write(f"{count}\t{path}\n")
+
 
 class _CountedFile:
-    """A readable file that counts the bytes read from it and logs them when closed."""
+    """A readable file that logs the bytes of every read from it."""
 
     def __init__(self, raw: Any, path: str, log_dir: str):
-        self.raw, self.path, self.log_dir, self.count, self.closed = raw, path, log_dir, 0, False
+        self.raw, self.path, self.log_dir, self.closed = raw, path, log_dir, False
 
     def read(self, nbytes: int = -1) -> bytes:
         data = self.raw.read() if nbytes is None or nbytes < 0 else self.raw.read(nbytes)
-        self.count += len(data)
+        if data:
+            _log(self.log_dir, len(data), self.path)
         return data
 
     def seek(self, offset: int, whence: int = 0) -> int:
@@ -45,17 +57,10 @@ class _CountedFile:
     def writable(self) -> bool:
         return False
 
-    def __del__(self) -> None:  # pyarrow may drop a file without closing it
-        self.close()
-
     def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.raw.close()
-        os.makedirs(self.log_dir, exist_ok=True)
-        with open(os.path.join(self.log_dir, f"{os.getpid()}.tsv"), "a") as log:
-            log.write(f"{self.count}\t{self.path}\n")  # one short append: whole lines even with threads
+        if not self.closed:
+            self.closed = True
+            self.raw.close()
 
 
 class CountingHandler(pafs.FileSystemHandler):
