@@ -11,7 +11,7 @@ or a loop for ``runtime.runner: local``):
    writes them, features included, to ``sample/_candidates/round-R/<shard>``, returning only their
    keys; the driver picks the exact bottom-m of every stratum among them (a stratum that fell short
    gets another round over the rows between its old and new threshold);
-3. **split** — each shard's chosen candidates are written once more, with their plan columns
+3. **split** — each shard's chosen candidates (only that shard's ids travel with its task) are written once more, with their plan columns
    (``cluster``, ``stratum``, ``weight``, ``stratum_size``), under the rank that owns their cluster:
    ``sample/rank-RRRRR/<shard>``; the proxy rows to ``sample/proxy/``, the bank to ``sample/bank/``.
 
@@ -308,22 +308,30 @@ def collect_shard(draws: Draws, shard: PoolShard) -> Any:
 
 @dataclass(frozen=True)
 class Chosen:
-    """The plan's rows (id and plan columns, with their owner rank) and the proxy's and bank's ids."""
+    """Where the split pass reads and writes (every task's ``ShardChoice`` travels with its shard)."""
 
-    sample: Any  # pyarrow table: id, cluster, stratum, weight, stratum_size, rank
-    proxy: Any  # pyarrow string array
-    bank: Any
     rounds: int
     columns: tuple[str, ...]
     work: str
     out: str
 
 
-def split_shard(chosen: Chosen, shard: PoolShard) -> int:
+@dataclass(frozen=True)
+class ShardChoice:
+    """One shard's chosen rows: the plan's (id and plan columns, with their owner rank), the proxy's and the bank's ids."""
+
+    shard: PoolShard
+    sample: Any  # pyarrow table: id, cluster, stratum, weight, stratum_size, rank
+    proxy: Any  # pyarrow string array
+    bank: Any
+
+
+def split_shard(chosen: Chosen, choice: ShardChoice) -> int:
     """Write one shard's chosen candidates under their owner's directory (and its proxy / bank rows)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    shard = choice.shard
     written = 0
     for round_ in range(chosen.rounds):
         uri = storage.join(chosen.work, f"round-{round_}", shard.name)
@@ -332,11 +340,11 @@ def split_shard(chosen: Chosen, shard: PoolShard) -> int:
         table = storage.read_table(uri)
         ids = table.column("id")
         features = table.select(["id", *chosen.columns])
-        position = pc.index_in(ids, value_set=chosen.sample.column("id"))
+        position = pc.index_in(ids, value_set=choice.sample.column("id"))
         mine = pc.is_valid(position)
         if pc.any(mine).as_py():
             rows = features.filter(mine)
-            plan = chosen.sample.take(pc.drop_null(position))
+            plan = choice.sample.take(pc.drop_null(position))
             for name in PLAN_COLUMNS:
                 rows = rows.append_column(name, plan.column(name))
             ranks = plan.column("rank").to_numpy()
@@ -344,7 +352,7 @@ def split_shard(chosen: Chosen, shard: PoolShard) -> int:
                 part = rows.filter(pa.array(ranks == rank))
                 storage.write_table(part, storage.join(chosen.out, rank_dir(int(rank)), f"r{round_}-{shard.name}"))
                 written += part.num_rows
-        for which, wanted in ((PROXY_DIR, chosen.proxy), (BANK_DIR, chosen.bank)):
+        for which, wanted in ((PROXY_DIR, choice.proxy), (BANK_DIR, choice.bank)):
             drawn = features.filter(pc.is_in(ids, value_set=wanted))
             if drawn.num_rows:
                 storage.write_table(drawn, storage.join(chosen.out, which, f"r{round_}-{shard.name}"))
@@ -445,8 +453,9 @@ def plan_inputs(runtime: Any, cfg: Any, task: Any, *, pool_uri: str, validation_
     draws = draws.next_round(strata_t, proxy_t, bank_t)
     keys: list[Any] = []
     for round_ in range(1, MAX_ROUNDS + 1):
-        keys.extend(map_tasks(runtime, functools.partial(collect_shard, draws), shards,
-                              desc=f"influence: drawing the sample (round {round_})"))
+        found = map_tasks(runtime, functools.partial(collect_shard, draws), shards,
+                          desc=f"influence: drawing the sample (round {round_})")
+        keys.extend(t.append_column("shard", pa.array(np.full(t.num_rows, i, np.int32))) for i, t in enumerate(found))
         candidates = pa.concat_tables(keys)
         stratum, u = candidates.column("stratum").to_numpy(), candidates.column("u_sample").to_numpy()
         short = np.bincount(stratum[u < strata_t[stratum]], minlength=len(strata.size)) < np.minimum(strata.take, strata.size)
@@ -480,9 +489,21 @@ def plan_inputs(runtime: Any, cfg: Any, task: Any, *, pool_uri: str, validation_
         "stratum_size": pa.array(strata.size[chosen_stratum]),
         "rank": pa.array(owner[strata.cluster[chosen_stratum]]),
     })
-    chosen = Chosen(sample, candidates.column("id").take(pa.array(proxy)), candidates.column("id").take(pa.array(bank)),
-                    len(draws.stratum_tau), tuple(columns), draws.work, sample_uri)
-    written = sum(map_tasks(runtime, functools.partial(split_shard, chosen), shards, desc="influence: writing the sample"))
+    # Each split task gets only its own shard's chosen rows (a candidate's key came back with its shard).
+    of_shard = candidates.column("shard").to_numpy()
+
+    def per_shard(shard_of: np.ndarray) -> list[np.ndarray]:
+        """Positions of the rows of each shard, for rows whose shards are ``shard_of``."""
+        order = np.argsort(shard_of, kind="stable")
+        return np.split(order, np.searchsorted(shard_of[order], np.arange(1, len(shards))))
+
+    id_column = candidates.column("id")
+    sample_parts, proxy_parts, bank_parts = per_shard(of_shard[picked]), per_shard(of_shard[proxy]), per_shard(of_shard[bank])
+    choices = [ShardChoice(shard, sample.take(pa.array(sample_parts[i])), id_column.take(pa.array(proxy[proxy_parts[i]])),
+                           id_column.take(pa.array(bank[bank_parts[i]])))
+               for i, shard in enumerate(shards)]
+    chosen = Chosen(len(draws.stratum_tau), tuple(columns), draws.work, sample_uri)
+    written = sum(map_tasks(runtime, functools.partial(split_shard, chosen), choices, desc="influence: writing the sample"))
     if written != sample.num_rows:
         raise StageStateError(f"the sample has {sample.num_rows} rows but {written} were written; rerun the stage")
     storage.remove_tree(draws.work)
