@@ -42,7 +42,10 @@ polled every ``--interval`` 0.2 s for every descendant of the driver (Ray's gcs_
 agents and workers; a process once seen is followed even if re-parented): a Ray worker (command line
 with ``ray::`` or ``default_worker.py``) contributes its ``VmHWM`` (the kernel's peak RSS of the
 process) to "worker peak"; every process's last-seen utime + stime is added to the stage's CPU time.
-A worker's RSS includes the object-store pages it maps, as the kernel counts them. Per stage:
+A worker's RSS includes the object-store pages it maps, as the kernel counts them; so does the
+driver's, once it ``ray.get``s results that live in the object store (shared pages, which the object
+store's own limit bounds), so the driver's sampled ``RssAnon`` (its private memory) is recorded and
+its ratio printed beside the peak ("private"). Per stage:
 wall seconds, CPU seconds (driver + all Ray processes), driver peak, largest worker peak, the largest
 other descendant's peak ("sys": raylet, gcs_server, Ray's agents, any other subprocess), and the number
 of workers seen. A stage that fails is recorded
@@ -398,6 +401,7 @@ class Watcher(threading.Thread):
         self.root, self.interval = root, interval
         self.seen: dict[tuple[int, int], Seen] = {}
         self.root_peak_bytes = 0
+        self.root_anon_peak_bytes = 0  # the driver's private memory (RssAnon), sampled: no object-store pages
         self._halt = threading.Event()
 
     def stop(self) -> None:
@@ -427,9 +431,10 @@ class Watcher(threading.Thread):
                 if child not in tree:
                     tree.add(child)
                     todo.append(child)
-        hwm = _status_kib(self.root, ("VmHWM",)).get("VmHWM")
-        if hwm:
-            self.root_peak_bytes = max(self.root_peak_bytes, hwm * 1024)
+        root = _status_kib(self.root)
+        if root.get("VmHWM"):
+            self.root_peak_bytes = max(self.root_peak_bytes, root["VmHWM"] * 1024)
+        self.root_anon_peak_bytes = max(self.root_anon_peak_bytes, root.get("RssAnon", 0) * 1024)
         for pid, (_, start, cpu) in stats.items():
             key = (pid, start)
             if pid not in tree and key not in self.seen:
@@ -460,6 +465,7 @@ class StageRecord:
     cpu_seconds: float = 0.0
     driver_cpu_seconds: float = 0.0
     driver_peak_bytes: int = 0
+    driver_anon_peak_bytes: int = 0  # sampled RssAnon: the driver's own memory, without the Ray object-store pages it maps
     worker_peak_bytes: int = 0
     worker_anon_peak_bytes: int = 0
     worker_peak_cmd: str = ""
@@ -531,6 +537,7 @@ def run_stage(stage: str, config_path: str, run_dir: str, scratch: str, args: ar
         wall_seconds=round(wall, 2),
         driver_cpu_seconds=round(float(driver.get("cpu_seconds", 0.0)), 2),
         driver_peak_bytes=max(int(driver.get("hwm_bytes", 0)), watcher.root_peak_bytes),
+        driver_anon_peak_bytes=watcher.root_anon_peak_bytes,
         worker_peak_bytes=top.peak_bytes if top else 0,
         worker_anon_peak_bytes=max((s.anon_peak_bytes for s in workers), default=0),
         worker_peak_cmd=top.cmd if top else "",
@@ -699,6 +706,8 @@ def figures(results: list[dict[str, Any]]) -> dict[str, Any]:
         if not a or not b or a["status"] != "ok" or b["status"] != "ok":
             continue
         entry: dict[str, Any] = {"driver_ratio": b["driver_peak_bytes"] / max(a["driver_peak_bytes"], 1)}
+        if a.get("driver_anon_peak_bytes") and b.get("driver_anon_peak_bytes"):
+            entry["driver_anon_ratio"] = b["driver_anon_peak_bytes"] / a["driver_anon_peak_bytes"]
         if a["worker_peak_bytes"] and b["worker_peak_bytes"]:
             entry["worker_ratio"] = b["worker_peak_bytes"] / a["worker_peak_bytes"]
         if a["cpu_seconds"] > 0:
@@ -811,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
     if fig.get("per_stage"):
         print(f"\nratios {results[0]['n']:,} -> {results[-1]['n']:,} (largest / smallest):")
         for stage, entry in fig["per_stage"].items():
-            print(f"  {stage:10s} driver x{entry['driver_ratio']:.2f}  "
+            print(f"  {stage:10s} driver x{entry['driver_ratio']:.2f} (private x{entry.get('driver_anon_ratio', float('nan')):.2f})  "
                   + (f"worker x{entry['worker_ratio']:.2f}  " if "worker_ratio" in entry else "worker -      ")
                   + (f"CPU x{entry['cpu_ratio']:.2f}" if "cpu_ratio" in entry else ""))
         print(f"  total CPU s over {', '.join(fig['stages_in_cpu_total'])}: "
