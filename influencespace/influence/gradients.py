@@ -50,6 +50,13 @@ def flat_tracked(model: torch.nn.Module, names: list[str]) -> int:
     return sum(params[n].numel() for n in names)
 
 
+def fixed_inputs(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """What ``functional_call`` holds fixed: the parameters not in ``names`` (detached) and the buffers."""
+    fixed = {n: p.detach() for n, p in model.named_parameters() if n not in names}
+    fixed.update(dict(model.named_buffers()))
+    return fixed
+
+
 def per_example_gradients(model: torch.nn.Module, names: list[str], tracked: dict[str, torch.Tensor],
                           fixed: dict[str, torch.Tensor], chunk: dict[str, torch.Tensor], loss) -> tuple[torch.Tensor, torch.Tensor]:
     """∇_θ loss_i of each example of ``chunk`` flattened over the tracked parameters ``names`` (b × p,
@@ -99,9 +106,7 @@ class GradientSketcher:
         return {n: params[n].detach().to(self.dtype) for n in self.names}
 
     def _fixed(self) -> dict[str, torch.Tensor]:
-        fixed = {n: p.detach() for n, p in self.model.named_parameters() if n not in self.names}
-        fixed.update({n: b for n, b in self.model.named_buffers()})
-        return fixed
+        return fixed_inputs(self.model, self.names)
 
     def _logits_fn(self):
         fixed = self._fixed()

@@ -180,6 +180,11 @@ def read_validation(inputs: Inputs) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return inputs.decode(table), group_codes(groups, codes)
 
 
+def _no_features(inputs: Inputs) -> dict[str, np.ndarray]:
+    """The task's features of zero rows (a rank that owns no cluster, an empty draw)."""
+    return {f: (np.zeros(0, np.int64) if f == "label" else np.zeros((0, inputs.spec.dims[f]))) for f in inputs.features}
+
+
 def read_rank_sample(inputs: Inputs, rank: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(features, plan columns) of the sampled rows rank ``rank`` owns, ordered by (cluster, id)."""
     import pyarrow as pa
@@ -187,9 +192,7 @@ def read_rank_sample(inputs: Inputs, rank: int) -> tuple[dict[str, np.ndarray], 
     directory = storage.join(inputs.sample_uri, rank_dir(rank))
     files = storage.parquet_files(directory) if storage.exists(directory) else []
     if not files:
-        features = {f: (np.zeros(0, np.int64) if f == "label" else np.zeros((0, inputs.spec.dims[f])))
-                    for f in inputs.features}
-        return features, {c: np.zeros(0, np.float64 if c == "weight" else np.int64) for c in PLAN_COLUMNS}
+        return _no_features(inputs), {c: np.zeros(0, np.float64 if c == "weight" else np.int64) for c in PLAN_COLUMNS}
     table = pa.concat_tables([storage.read_table(f) for f in files])
     table = table.sort_by([("cluster", "ascending"), ("id", "ascending")])
     plan = {c: np.array(table.column(c).to_numpy()) for c in PLAN_COLUMNS}  # writable: torch takes them
@@ -203,7 +206,7 @@ def read_drawn(inputs: Inputs, which: str) -> dict[str, np.ndarray]:
     directory = storage.join(inputs.sample_uri, which)
     files = storage.parquet_files(directory) if storage.exists(directory) else []
     if not files:
-        return {f: (np.zeros(0, np.int64) if f == "label" else np.zeros((0, inputs.spec.dims[f]))) for f in inputs.features}
+        return _no_features(inputs)
     table = pa.concat_tables([storage.read_table(f) for f in files]).sort_by("id")
     return inputs.decode(table)
 

@@ -34,6 +34,7 @@ from torch.func import functional_call, jvp, vmap
 
 from influencespace import storage
 from influencespace.influence.errors import InfluenceError
+from influencespace.influence.gradients import fixed_inputs
 from influencespace.influence.inputs import Inputs
 from influencespace.influence.proxy import State, set_state
 from influencespace.influence.tasks import Task
@@ -100,8 +101,7 @@ class RowScorer:
             set_state(self.model, state)
             params = dict(self.model.named_parameters())
             tracked = {name: params[name].detach() for name in self.names}
-            fixed = {name: p.detach() for name, p in params.items() if name not in self.names}
-            fixed.update(dict(self.model.named_buffers()))
+            fixed = fixed_inputs(self.model, self.names)
             for start in range(0, n, self.chunk_size):
                 chunk = {k: t[start : start + self.chunk_size] for k, t in feats.items()}
                 losses = self._losses(fixed, chunk)
