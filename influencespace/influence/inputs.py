@@ -139,6 +139,7 @@ class Inputs:
     split for ``world_size`` ranks."""
 
     pool_uri: str
+    assign_uri: str  # the cluster stage's assignment parts (one per pool shard, layout.aligned_parts)
     validation_uri: str
     sample_uri: str
     features: tuple[str, ...]
@@ -215,7 +216,26 @@ def read_drawn(inputs: Inputs, which: str) -> dict[str, np.ndarray]:
 # Pass 1: strata counts
 
 
-def _shard_rows(shard: PoolShard, columns: list[str]) -> Any:
+def in_pool_order(shard: PoolShard) -> bool:
+    """Whether the shard's assignment part lists the pool shard's rows themselves, in order.
+
+    The cluster stage writes a shard's rows in pool order and leaves out only its rejects, so equal
+    row counts (from the footers: nothing read) mean the same rows; the count pass checks the ids
+    once (:func:`_shard_rows` with ``check_order``), and the later passes then read no ids from the pool."""
+    return storage.parquet_rows(shard.assignments) == storage.parquet_rows(shard.pool)
+
+
+def _missing_ids_error(shard: PoolShard, ids: Any, pool_ids: Any, position: Any = None) -> None:
+    """Raise if some assigned ids are not rows of the pool shard (their positions in it: ``position``)."""
+    import pyarrow.compute as pc
+
+    position = pc.index_in(ids, value_set=pool_ids) if position is None else position
+    if position.null_count:
+        raise InputDataError(f"{position.null_count} assigned id(s) of '{shard.assignments}' are not in the embed pool "
+                             f"shard '{shard.pool}'; rerun the cluster stage")
+
+
+def _shard_rows(shard: PoolShard, columns: list[str], check_order: bool = False) -> Any:
     """The assigned rows of one shard: ``id``, ``cluster`` and the pool's ``columns``, in assignment order."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -224,12 +244,22 @@ def _shard_rows(shard: PoolShard, columns: list[str]) -> Any:
     ids = assign.column("id").cast(pa.string())
     if pc.count_distinct(ids).as_py() != len(ids):
         raise InputDataError(f"cluster assignments at '{shard.assignments}' repeat ids; every pool id must be assigned once")
-    pool = storage.read_table(shard.pool, columns=["id", *columns])
-    position = pc.index_in(ids, value_set=pool.column("id").cast(pa.string()))
-    if position.null_count:
-        raise InputDataError(f"{position.null_count} assigned id(s) of '{shard.assignments}' are not in the embed pool "
-                             f"shard '{shard.pool}'; rerun the cluster stage")
-    rows = pool.select(columns).take(position)
+    if in_pool_order(shard):
+        if check_order:
+            pool_ids = storage.read_table(shard.pool, columns=["id"]).column("id").cast(pa.string())
+            if not pc.all(pc.equal(ids, pool_ids)).as_py():
+                _missing_ids_error(shard, ids, pool_ids)
+                raise StageStateError(f"cluster assignments '{shard.assignments}' do not list the rows of pool shard "
+                                      f"'{shard.pool}' in pool order; rerun the cluster stage")
+        pool = storage.read_table(shard.pool, columns=columns) if columns else pa.table({})
+        rows = pa.table({name: pool.column(name) for name in columns})
+    else:  # the cluster stage rejected rows of this shard: find the assigned ones by id
+        pool = storage.read_table(shard.pool, columns=["id", *columns])
+        position = pc.index_in(ids, value_set=pool.column("id").cast(pa.string()))
+        _missing_ids_error(shard, ids, pool.column("id").cast(pa.string()), position)
+        rows = pool.select(columns).take(position)
+    if not columns:
+        return pa.table({"cluster": assign.column("cluster").cast(pa.int64()), "id": ids})
     return rows.append_column("cluster", assign.column("cluster").cast(pa.int64())).append_column("id", ids)
 
 
@@ -243,7 +273,7 @@ def count_shard(how: Counting, shard: PoolShard) -> tuple[Any, list[str]]:
     """(cluster, group, rows) per stratum of one shard, and the distinct labels it has."""
     import pyarrow as pa
 
-    rows = _shard_rows(shard, (["group"] if how.group else []) + (["label"] if how.label else []))
+    rows = _shard_rows(shard, (["group"] if how.group else []) + (["label"] if how.label else []), check_order=True)
     group = rows.column("group").cast(pa.string()) if how.group else pa.nulls(rows.num_rows, pa.string())
     table = pa.table({"cluster": rows.column("cluster"), "group": group})
     counts = table.group_by(["cluster", "group"]).aggregate([([], "count_all")])
@@ -511,7 +541,7 @@ def plan_inputs(runtime: Any, cfg: Any, task: Any, *, pool_uri: str, validation_
         raise StageStateError(f"the sample has {sample.num_rows} rows but {written} were written; rerun the stage")
     storage.remove_tree(draws.work)
     return Inputs(
-        pool_uri=pool_uri, validation_uri=validation_uri, sample_uri=sample_uri, features=tuple(task.features),
+        pool_uri=pool_uri, assign_uri=assign_uri, validation_uri=validation_uri, sample_uri=sample_uri, features=tuple(task.features),
         columns=tuple(columns), group_names=tuple(group_names), strata_names=tuple(codes), label_values=label_values,
         spec=spec, sizes=sizes, sampled=sample.num_rows, world_size=world, validation_rows=val.num_rows,
     )

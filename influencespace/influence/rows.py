@@ -11,7 +11,9 @@ row at once. t_i = mean_j v_jᵀ ∇ℓ_i(θ_j); ``t_i / n`` is reported (the un
 changes the validation loss by about −t_i / n). Rows whose gradient is not finite get NaN.
 
 Each pool shard is one task (``runtime.map_tasks``; a GPU each when ``runtime.use_gpu``), which
-streams the shard ``ROW_BATCH`` rows at a time and writes ``row_scores/<pool shard name>`` atomically,
+streams the shard ``ROW_BATCH`` rows at a time (its features only: the ids come from the shard's
+cluster assignment part when that lists the same rows, as it does unless the cluster stage rejected
+some) and writes ``row_scores/<pool shard name>`` atomically,
 shard-aligned with the pool (layout.py). A worker process builds its scorer once (the proxy, its
 checkpoints and v: p × J·(1+G) floats) and keeps it for the next shard. A shard already written under the
 same directions (``row_scores/_directions.json`` holds their digest) is skipped, so a restarted
@@ -26,6 +28,7 @@ import functools
 import hashlib
 import io
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -35,7 +38,7 @@ from torch.func import functional_call, jvp, vmap
 from influencespace import storage
 from influencespace.influence.errors import InfluenceError
 from influencespace.influence.gradients import fixed_inputs
-from influencespace.influence.inputs import Inputs
+from influencespace.influence.inputs import Inputs, PoolShard, in_pool_order, pool_shards
 from influencespace.influence.proxy import State, set_state
 from influencespace.influence.tasks import Task
 from influencespace.runtime import map_tasks
@@ -142,26 +145,45 @@ def _scorer(job: RowJob, device: str) -> RowScorer:
     return _SCORER[key]
 
 
-def score_shard(job: RowJob, pool_file: str) -> int:
-    """Score one pool shard into ``row_scores/<its name>``; returns its rows (a finished shard is not redone)."""
+def _pool_batches(shard: PoolShard, columns: list[str]) -> Iterator[tuple[Any, Any]]:
+    """(ids, features table) of one pool shard in batches of ``ROW_BATCH`` rows.
+
+    Where the assignment part lists the shard's rows in pool order (inputs.in_pool_order; the count pass
+    checked it), the ids come from there and the pool is read for its features alone; otherwise (the
+    cluster stage rejected rows) from the pool."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    ordered = in_pool_order(shard)
+    ids = storage.read_table(shard.assignments, columns=["id"]).column("id").cast(pa.string()) if ordered else None
+    fs, path = storage.resolve(shard.pool)
+    start = 0
+    with fs.open_input_file(path) as handle:
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=ROW_BATCH, columns=columns if ordered else ["id", *columns]):
+            if ordered:
+                yield ids.slice(start, batch.num_rows), batch
+            else:
+                yield batch.column("id").cast(pa.string()), batch
+            start += batch.num_rows
+
+
+def score_shard(job: RowJob, shard: PoolShard) -> int:
+    """Score one pool shard into ``row_scores/<its name>``; returns its rows (a finished shard is not redone)."""
+    import pyarrow as pa
+
     from influencespace.influence.scores import group_column
 
-    out = storage.join(job.out, pool_file.rsplit("/", 1)[-1])
+    out = storage.join(job.out, shard.name)
     if storage.exists(out):
         return storage.parquet_rows(out)
     scorer = _scorer(job, "cuda" if job.use_gpu else "cpu")
     inputs, n_total = job.inputs, float(job.inputs.num_examples)
-    fs, path = storage.resolve(pool_file)
     parts = []
-    with fs.open_input_file(path) as handle:
-        for batch in pq.ParquetFile(handle).iter_batches(batch_size=ROW_BATCH, columns=["id", *inputs.columns]):
-            terms = scorer(inputs.decode(batch)) / n_total
-            columns = {"id": batch.column("id").cast(pa.string()), "influence": terms[:, 0]}
-            columns.update({group_column(g): terms[:, 1 + i] for i, g in enumerate(inputs.group_names)})
-            parts.append(pa.table(columns))
+    for ids, batch in _pool_batches(shard, list(inputs.columns)):
+        terms = scorer(inputs.decode(batch)) / n_total
+        columns = {"id": ids, "influence": terms[:, 0]}
+        columns.update({group_column(g): terms[:, 1 + i] for i, g in enumerate(inputs.group_names)})
+        parts.append(pa.table(columns))
     if parts:
         storage.write_table(pa.concat_tables(parts), out)
     return sum(p.num_rows for p in parts)
@@ -175,6 +197,6 @@ def score_rows(runtime: Any, job: RowJob) -> int:
         if stamp != {"directions": job.stamp}:
             storage.remove_tree(job.out)  # scores of other directions (or of unknown ones): score again
     storage.write_json(stamp_uri, {"directions": job.stamp})
-    files = storage.parquet_files(job.inputs.pool_uri)
-    return sum(map_tasks(runtime, functools.partial(score_shard, job), files, kind="gpu",
+    shards = pool_shards(job.inputs.pool_uri, job.inputs.assign_uri)
+    return sum(map_tasks(runtime, functools.partial(score_shard, job), shards, kind="gpu",
                          desc="influence: scoring every pool row"))

@@ -86,8 +86,11 @@ def _table(columns: dict[str, np.ndarray], dtype=np.float32) -> pa.Table:
     return pa.table(out)
 
 
-def write_upstream(root: str, data: SyntheticData, num_clusters: int | None = None, shards: int = 2) -> dict[str, dict]:
-    """Write embed/ and cluster/ artifacts under ``root``; return their manifests."""
+def write_upstream(root: str, data: SyntheticData, num_clusters: int | None = None, shards: int = 2,
+                   rejected: np.ndarray | None = None) -> dict[str, dict]:
+    """Write embed/ and cluster/ artifacts under ``root``; return their manifests.
+
+    ``rejected``: a mask of pool rows the cluster stage rejected (in the pool, not in the assignments)."""
     embed_dir, cluster_dir = storage.join(root, "embed"), storage.join(root, "cluster")
     n = len(data.cluster)
     bounds = np.linspace(0, n, shards + 1).astype(int)
@@ -96,12 +99,14 @@ def write_upstream(root: str, data: SyntheticData, num_clusters: int | None = No
         part = {k: v[bounds[i] : bounds[i + 1]] for k, v in data.pool.items()}
         name = f"part-{i:05d}.parquet"
         storage.write_table(_table(part, np.float64), storage.join(embed_dir, "pool", name))
-        # The cluster stage's contract: one assignment part per pool shard, under the same name.
+        # The cluster stage's contract: one assignment part per pool shard, under the same name, its
+        # rows in pool order, the rejected ones left out.
+        kept = np.ones(len(part["id"]), bool) if rejected is None else ~rejected[bounds[i] : bounds[i + 1]]
         assignments = pa.table(
             {
-                "id": pa.array(part["id"]),
-                "cluster": pa.array(data.cluster[bounds[i] : bounds[i + 1]].astype(np.int32)),
-                "distance": pa.array(np.zeros(len(part["id"]), dtype=np.float32)),
+                "id": pa.array(part["id"][kept]),
+                "cluster": pa.array(data.cluster[bounds[i] : bounds[i + 1]][kept].astype(np.int32)),
+                "distance": pa.array(np.zeros(int(kept.sum()), dtype=np.float32)),
             }
         )
         storage.write_table(assignments, storage.join(cluster_dir, "assignments", name))

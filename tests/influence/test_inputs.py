@@ -1,5 +1,7 @@
 """The sample plan drawn in passes over the pool's shards equals the in-memory reference of the same rule."""
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -13,12 +15,19 @@ from influencespace.influence.tasks import get_task
 from .synthetic import make_data, write_upstream
 
 
-def upstream_with_every_case(root):
-    """Three shards; a pool-only group, a cluster smaller than m (taken whole) and an empty cluster."""
+def upstream_with_every_case(root, rejects=False):
+    """Three shards; a pool-only group, a cluster smaller than m (taken whole) and an empty cluster;
+    with ``rejects``, rows of the middle shard the cluster stage rejected (they are in no cluster)."""
     data = make_data(n=600, clusters=8)
     data.pool["group"][:25] = "other"
     data.cluster[-3:] = 8
-    return data, write_upstream(root, data, num_clusters=10, shards=3)
+    return data, write_upstream(root, data, num_clusters=10, shards=3, rejected=rejected_rows(600, rejects))
+
+
+def rejected_rows(n, rejects):
+    rejected = np.zeros(n, bool)
+    rejected[250:262] = rejects  # the middle shard's rows 50–61
+    return rejected
 
 
 def draw(config, upstream, stage_dir):
@@ -43,9 +52,9 @@ def bottom(ids, salt, seed, count):
 
 
 @pytest.mark.parametrize("runner,workers", [("local", 1), pytest.param("ray", 2, marks=pytest.mark.ray)])
-@pytest.mark.parametrize("rounds", ["one", "several"])
+@pytest.mark.parametrize("rounds,rejects", [("one", False), ("several", False), ("one", True)])
 def test_the_plan_drawn_in_passes_equals_the_in_memory_reference(request, make_config, tmp_path, monkeypatch, caplog,
-                                                                 runner, workers, rounds):
+                                                                 runner, workers, rounds, rejects):
     if runner == "ray":
         request.getfixturevalue("ray_cluster")
     if rounds == "several":  # thresholds far too tight: most strata fall short and are drawn again
@@ -53,7 +62,7 @@ def test_the_plan_drawn_in_passes_equals_the_in_memory_reference(request, make_c
         monkeypatch.setattr(plan_module, "key_threshold", lambda take, size: np.where(
             np.isfinite(tight(take, size)), tight(take, size) * 0.05, tight(take, size)))
     monkeypatch.setattr(plan_module, "COUNTS_MERGED_EVERY", 2)  # the running sum of the strata counts, too
-    data, upstream = upstream_with_every_case(str(tmp_path / "up"))
+    data, upstream = upstream_with_every_case(str(tmp_path / "up"), rejects)
     config = make_config(f"runtime.runner={runner}", f"influence.num_workers={workers}", "influence.samples_per_cluster=9",
                          "influence.proxy_rows=50", "influence.negatives=8", "influence.seed=5")
     with caplog.at_level("INFO", logger="influencespace.influence.inputs"):
@@ -62,9 +71,10 @@ def test_the_plan_drawn_in_passes_equals_the_in_memory_reference(request, make_c
 
     codes = {"majority": 0, "minority": 1, "other": 2}  # validation groups sorted, then the pool-only one
     assert inputs.group_names == ("majority", "minority") and inputs.strata_names == tuple(codes)
-    ids = data.pool["id"]
-    reference = sample_clusters(ids, data.cluster, np.array([codes[g] for g in data.pool["group"]]), m=9, seed=5,
-                                num_clusters=10)
+    assigned = ~rejected_rows(len(data.cluster), rejects)
+    ids = data.pool["id"][assigned]
+    reference = sample_clusters(ids, data.cluster[assigned], np.array([codes[g] for g in data.pool["group"][assigned]]),
+                                m=9, seed=5, num_clusters=10)
     assert inputs.sizes.tolist() == reference.sizes.tolist() and inputs.sampled == len(reference.rows)
     expected = sorted(zip(ids[reference.rows].tolist(), reference.cluster.tolist(), reference.stratum.tolist(),
                           reference.weight.tolist(), reference.stratum_size.tolist(), strict=True))
@@ -76,7 +86,7 @@ def test_the_plan_drawn_in_passes_equals_the_in_memory_reference(request, make_c
     owners = [set(frame["cluster"]) for frame in got]
     assert len(got) == workers and sum(map(len, owners)) == len(set.union(*owners))  # a cluster lives on one rank
     np.testing.assert_allclose(np.stack(got[0]["image_embedding"].to_numpy()),
-                               data.pool["image_embedding"][np.searchsorted(ids, got[0]["id"])])  # the features travel with the rows
+                               data.pool["image_embedding"][np.searchsorted(data.pool["id"], got[0]["id"])])  # the features travel with the rows
     assert sorted(written(inputs, PROXY_DIR)["id"]) == bottom(ids, PROXY_SALT, 5, 50)
     assert sorted(written(inputs, BANK_DIR)["id"]) == bottom(ids, BANK_SALT, 5, 8)
     assert not storage.exists(storage.join(inputs.sample_uri, plan_module.CANDIDATES_DIR))  # no scratch left
@@ -90,3 +100,46 @@ def test_an_assignment_without_a_pool_row_is_a_clear_error(make_config, tmp_path
     storage.write_table(table.set_column(0, "id", pa.array(["ghost", *ids[1:]])), part)
     with pytest.raises(Exception, match="1 assigned id.*part-00001.*not in the embed pool"):
         draw(make_config("runtime.runner=local"), upstream, str(tmp_path / "influence"))
+
+
+@pytest.mark.parametrize("rejects", [False, True])
+def test_assignments_out_of_pool_order_are_a_clear_error(make_config, tmp_path, rejects):
+    # The later passes take a shard's ids from its assignment part when the row counts match, so the
+    # count pass checks that such a part lists the pool's rows in their order; with rejects the rows are
+    # matched by id and any order is fine.
+    data, upstream = upstream_with_every_case(str(tmp_path / "up"), rejects)
+    part = storage.join(upstream["cluster"]["stage_dir"], "assignments", "part-00001.parquet")
+    table = storage.read_table(part)
+    storage.write_table(table.take(pa.array(np.arange(table.num_rows)[::-1])), part)
+    config = make_config("runtime.runner=local")
+    if rejects:
+        assert draw(config, upstream, str(tmp_path / "influence")).num_examples == 600 - 12
+    else:
+        with pytest.raises(Exception, match="part-00001.*do not list the rows of pool shard.*in pool order"):
+            draw(config, upstream, str(tmp_path / "influence"))
+
+
+@pytest.mark.parametrize("rejects", [False, True])
+def test_a_shard_in_pool_order_is_read_for_its_features_alone(tmp_path, monkeypatch, rejects):
+    from influencespace.influence.rows import _pool_batches
+
+    data, upstream = upstream_with_every_case(str(tmp_path / "up"), rejects)
+    shard = plan_module.pool_shards(storage.join(upstream["embed"]["stage_dir"], "pool"),
+                                    storage.join(upstream["cluster"]["stage_dir"], "assignments"))[1]
+    monkeypatch.setenv(storage.READ_LOG_ENV, str(tmp_path / "reads"))
+    got = list(_pool_batches(shard, ["image_embedding"]))
+    ids = [v for batch_ids, _ in got for v in batch_ids.to_pylist()]
+    features = np.concatenate([plan_module.column_to_numpy(b.column("image_embedding")) for _, b in got])
+    assert ids == data.pool["id"][200:400].tolist()  # every pool row is scored, rejected or not
+    np.testing.assert_array_equal(features, data.pool["image_embedding"][200:400])
+    # The read log has a line per read. ParquetFile reads the footer (here the whole small file: its tail
+    # read is 64 KiB), then the column chunks it is asked for, adjacent ones in one read.
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(shard.pool).metadata.row_group(0)
+    chunk = {meta.column(c).path_in_schema.split(".")[0]: meta.column(c).total_compressed_size for c in range(meta.num_columns)}
+    size = os.path.getsize(shard.pool)
+    reads = [int(line.split("\t")[0]) for name in os.listdir(tmp_path / "reads") for line in open(tmp_path / "reads" / name)
+             if line.rstrip("\n").endswith("/pool/" + shard.name)]
+    data_reads = sum(r for r in reads if r != size)
+    assert data_reads == chunk["image_embedding"] + (chunk["id"] if rejects else 0), (reads, chunk)
