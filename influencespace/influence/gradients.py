@@ -123,6 +123,18 @@ class GradientSketcher:
     def _chunk(features: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
         return {k: v[start:stop] for k, v in features.items()}
 
+    def _examples_per_chunk(self, features: dict[str, torch.Tensor], curvature_rows: bool) -> int:
+        """``chunk_size``, or more when P is too large to cache: then every chunk draws P afresh, so a chunk
+        holds as many examples as the projector's budget of gradient rows allows
+        (:meth:`RandomProjector.rows_per_pass`; an example is one row, or R·C logit rows for ``ggn``)."""
+        if self.projector.cached:
+            return self.chunk_size
+        rows_per_example = 1
+        if curvature_rows:  # the logits' shape (R, C) of one example
+            first = self._chunk(features, 0, 1)
+            rows_per_example = int(vmap(self._logits_fn(), in_dims=(None, 0))(self.tracked(), first)[0].numel())
+        return max(self.chunk_size, self.projector.rows_per_pass() // rows_per_example)
+
     # -- training examples --------------------------------------------------------------------------
 
     def train_sketches(self, features: dict[str, torch.Tensor], weights: torch.Tensor,
@@ -138,8 +150,9 @@ class GradientSketcher:
         finite = torch.zeros(n, dtype=torch.bool, device=self.device)
         weights = weights.to(device=self.device, dtype=torch.float64)
         tracked = self.tracked()
-        for start in range(0, n, self.chunk_size):
-            stop = min(n, start + self.chunk_size)
+        step = self._examples_per_chunk(features, self.fisher == "ggn") if n else self.chunk_size
+        for start in range(0, n, step):
+            stop = min(n, start + step)
             chunk = self._chunk(features, start, stop)
             if self.fisher == "ggn":
                 phi_c, curv_factors, ok = self._ggn_chunk(tracked, chunk)
@@ -207,8 +220,9 @@ class GradientSketcher:
         out = torch.zeros(n, self.projector.dim, dtype=self.dtype, device=self.device)
         finite = torch.zeros(n, dtype=torch.bool, device=self.device)
         tracked = self.tracked()
-        for start in range(0, n, self.chunk_size):
-            stop = min(n, start + self.chunk_size)
+        step = self._examples_per_chunk(features, False) if n else self.chunk_size
+        for start in range(0, n, step):
+            stop = min(n, start + step)
             phi, ok = self._gradient_chunk(tracked, self._chunk(features, start, stop), loss)
             out[start:stop], finite[start:stop] = phi, ok
         return out, finite

@@ -12,7 +12,9 @@ The matrix is never drawn whole. It is cut into column blocks of ``block_size`` 
 blocks on every worker and device, whatever the order in which blocks are asked for (TRAK seeds its
 projectors the same way for the same reason). Blocks are kept in memory only while the whole matrix
 fits in ``max_cache_bytes``; above that each block is regenerated when used, so memory stays at one
-block. Blocks are drawn in float64 and then cast, so ``dtype`` does not change the matrix.
+block, and a caller should hand :meth:`project` batches of about ``max_cache_bytes`` of gradients
+(:meth:`rows_per_pass`), so that P is drawn once per batch rather than once per small chunk. Blocks
+are drawn in float64 and then cast, so ``dtype`` does not change the matrix.
 """
 
 from __future__ import annotations
@@ -48,9 +50,22 @@ class RandomProjector:
         self.num_params, self.dim, self.seed, self.kind = num_params, dim, seed, kind
         self.block_size, self.dtype, self.device = block_size, dtype, torch.device(device)
         self.num_blocks = -(-num_params // block_size)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        self._cache: dict[int, torch.Tensor] | None = {} if dim * num_params * itemsize <= max_cache_bytes else None
+        self.itemsize = torch.empty((), dtype=dtype).element_size()
+        self.max_cache_bytes = max_cache_bytes
+        self._cache: dict[int, torch.Tensor] | None = {} if dim * num_params * self.itemsize <= max_cache_bytes else None
         self.blocks_drawn = 0  # how many blocks were generated (cached ones count once): the cost of using P
+
+    @property
+    def cached(self) -> bool:
+        """Whether P is kept once drawn (it fits in ``max_cache_bytes``)."""
+        return self._cache is not None
+
+    def rows_per_pass(self, minimum: int = 1) -> int:
+        """How many gradient rows to project at once: any number when P is cached; otherwise as many as
+        fit in ``max_cache_bytes`` (at least ``minimum``), each batch costing one drawing of P."""
+        if self.cached:
+            return minimum
+        return max(minimum, self.max_cache_bytes // (self.num_params * self.itemsize))
 
     def _block_seed(self, index: int) -> int:
         # SeedSequence mixes (seed, block) into a well-spread 63-bit seed; stable across numpy versions.

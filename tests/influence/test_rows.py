@@ -54,6 +54,28 @@ def test_row_terms_equal_the_sketched_terms_u_dot_p_g(monkeypatch):
     assert np.isnan(scored[5]).all() and np.isfinite(np.delete(scored, 5, axis=0)).all()
 
 
+@pytest.mark.parametrize("fisher", ["empirical", "ggn"])
+def test_a_projector_too_large_to_cache_is_drawn_once_per_budget_of_rows_not_per_chunk(fisher):
+    # P uncached: each chunk draws every block afresh, so the sketcher makes its chunks as large as the
+    # projector's budget of gradient rows; the sketches are those of the cached matrix (same seed).
+    task, model, states = contrastive(dim=6, head_dim=4, checkpoints=1)
+    model = model.double()
+    p = sum(v.numel() for v in states[0].values())
+    features = to_tensors(rows(200, 6), torch.float64, "cpu")
+    weights = torch.ones(200, dtype=torch.float64)
+    budget_rows = 64 if fisher == "empirical" else 16 * 64  # ggn: 2 × 8 logit rows an example (both ways, 1 + 7 negatives)
+    dim = 2 * budget_rows  # P (dim × p) is larger than the budget
+    cached = RandomProjector(p, dim, seed=3, block_size=8, dtype=torch.float64)
+    uncached = RandomProjector(p, dim, seed=3, block_size=8, dtype=torch.float64, max_cache_bytes=budget_rows * p * 8)
+    assert cached.cached and not uncached.cached and uncached.rows_per_pass() == budget_rows
+    got = GradientSketcher(task, model, uncached, fisher, chunk_size=8).train_sketches(features, weights)
+    want = GradientSketcher(task, model, cached, fisher, chunk_size=8).train_sketches(features, weights)
+    np.testing.assert_allclose(got.phi.numpy(), want.phi.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(got.curvature.numpy(), want.curvature.numpy(), rtol=1e-10, atol=1e-12)
+    chunks = -(-200 // 64)  # 64 examples a chunk, not chunk_size = 8
+    assert uncached.blocks_drawn == chunks * uncached.num_blocks, (uncached.blocks_drawn, uncached.num_blocks)
+
+
 @pytest.mark.slow  # ≈ 1–2 min on 2 cores: 16,384 rows × 3 checkpoints × 3 directions at 65,536 parameters
 def test_at_the_preset_shape_the_projector_is_drawn_once_for_every_checkpoint_and_row(monkeypatch):
     # The cluster preset: 512-d towers, 64-d heads (65,536 tracked parameters), sketch 4096, 3 checkpoints.
