@@ -184,7 +184,7 @@ def select_step(source: Callable[[Shard], tuple[select.Key, np.ndarray]], mode: 
                 prefixes: list[list[int]], shard: Shard) -> Any:
     key, ids = source(shard)
     if mode == "count":
-        return select.shard_histogram(key, prefixes)
+        return select.sparse_histogram(select.shard_histogram(key, prefixes))
     return select.shard_collect(key, ids, prefixes)
 
 
@@ -203,7 +203,7 @@ class Passes:
         def count_digits(prefixes: list[list[int]]) -> np.ndarray:
             total_hist = np.zeros((len(prefixes), select.DIGITS), dtype=np.int64)
             for hist in self.map(functools.partial(select_step, source, "count", prefixes)):
-                total_hist += hist
+                select.add_sparse(total_hist, hist)
             return total_hist
 
         def collect(prefixes: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -22,8 +22,11 @@ def _shards(n_shards=5, rows=400, seed=0, ties=False):
 
 
 def _select(shards, ranks, limit):
-    def count(prefixes):
-        return sum(select.shard_histogram(key, prefixes) for key, _ in shards)
+    def count(prefixes):  # as the stage does: each shard sends its filled bins, the driver adds them
+        total = np.zeros((len(prefixes), select.DIGITS), dtype=np.int64)
+        for key, _ in shards:
+            select.add_sparse(total, select.sparse_histogram(select.shard_histogram(key, prefixes)))
+        return total
 
     def collect(prefixes):
         parts = [select.shard_collect(key, ids, prefixes) for key, ids in shards]
@@ -63,3 +66,16 @@ def test_cut_none_and_all():
     ids = np.array(["a", "b", "c"], dtype=object)
     assert not Cut.none().inside(key, ids).any() and Cut.all().inside(key, ids).all()
     assert Cut((1,), "b").inside(key, ids).tolist() == [True, True, False]
+
+
+def test_a_sparse_histogram_adds_up_to_the_dense_one_and_is_small():
+    shards = _shards()
+    prefixes = [[], [1], [7]]
+    dense = sum(select.shard_histogram(key, prefixes) for key, _ in shards)
+    total = np.zeros_like(dense)
+    for key, _ in shards:
+        sparse = select.sparse_histogram(select.shard_histogram(key, prefixes))
+        assert sum(d.nbytes + c.nbytes for d, c in sparse) <= 6 * 400 * len(prefixes)  # ≤ 6 B a row, not 512 KiB a prefix
+        select.add_sparse(total, sparse)
+    np.testing.assert_array_equal(total, dense)
+    assert dense[0].sum() == 5 * 400
