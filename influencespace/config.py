@@ -315,6 +315,11 @@ class TrainConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision (fp32 on CPU).")
     num_workers: int = _execution_only(default=2, ge=1, description="Ray Train workers.")
+    stream_object_store_mib: int = _execution_only(
+        default=256, ge=16,
+        description="Ray Data's object-store budget for a variant's training stream (MiB): the blocks read ahead of "
+        "the workers. Bounds what the stream holds in the object store (and what the workers map of it) at any pool size.",
+    )
     seed: int = Field(0, description="Seed of the model init and of each epoch's repeat counts and shuffle.")
     seeds: tuple[int, ...] | None = Field(
         None, min_length=1, description="Train every variant once per seed (None: train.seed only); evaluate.seeds must be among them."
