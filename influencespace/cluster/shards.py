@@ -264,8 +264,9 @@ class ShardWorker:
                 REJECT_REASONS["nonfinite"],
                 REJECT_REASONS["zero_norm"],
             )
-            storage.write_table(
-                pa.table({"id": rejected_ids, "reason": pa.array(reasons)}),
+            storage.write_table(  # row: the position in the pool shard (the assigned rows are the others, in order)
+                pa.table({"id": rejected_ids, "reason": pa.array(reasons),
+                          "row": pa.array(np.flatnonzero(~kept).astype(np.int64))}),
                 storage.join(rejects_dir, f"part-{index:05d}.parquet"),
             )
         labels, distances = self._assign(position, rows, centroids, coarse)

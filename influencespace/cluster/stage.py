@@ -7,7 +7,7 @@ per-centroid partial sums it reduces. Outputs (``docs/architecture.md``)::
     cluster/centroids.npy                 (k, d) float32
     cluster/assignments/part-NNNNN.parquet id, cluster (int32), distance (float32); one per input shard
     cluster/kmeans_log.json               objective per iteration, sizes, rejects, faiss index used
-    cluster/rejects/part-NNNNN.parquet    id, reason (only for shards with NaN/inf embeddings)
+    cluster/rejects/part-NNNNN.parquet    id, reason, row (its position in the pool shard); only for shards with NaN/inf embeddings
     cluster/coarse_centroids.npy          (k1, d) and coarse offsets, two-level k-means only
     cluster/checkpoint/<phase>.npz        centroids after every iteration (resume)
 """

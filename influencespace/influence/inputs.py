@@ -128,6 +128,7 @@ class PoolShard:
     name: str
     pool: str
     assignments: str
+    rejects: str | None = None  # the cluster stage's rejects part of this shard, when it has one
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ class Inputs:
 
     pool_uri: str
     assign_uri: str  # the cluster stage's assignment parts (one per pool shard, layout.aligned_parts)
+    rejects_uri: str | None  # … and its rejects parts (only shards with rejected rows have one)
     validation_uri: str
     sample_uri: str
     features: tuple[str, ...]
@@ -216,13 +218,41 @@ def read_drawn(inputs: Inputs, which: str) -> dict[str, np.ndarray]:
 # Pass 1: strata counts
 
 
-def in_pool_order(shard: PoolShard) -> bool:
-    """Whether the shard's assignment part lists the pool shard's rows themselves, in order.
+def _rejects(shard: PoolShard, columns: list[str]) -> Any:
+    """The shard's rejects part with ``columns``, or None (no part, or one written before rejects had a ``row``)."""
+    if shard.rejects is None or not storage.exists(shard.rejects) or "row" not in storage.schema(shard.rejects).names:
+        return None
+    return storage.read_table(shard.rejects, columns=columns)
 
-    The cluster stage writes a shard's rows in pool order and leaves out only its rejects, so equal
-    row counts (from the footers: nothing read) mean the same rows; the count pass checks the ids
-    once (:func:`_shard_rows` with ``check_order``), and the later passes then read no ids from the pool."""
-    return storage.parquet_rows(shard.assignments) == storage.parquet_rows(shard.pool)
+
+def assigned_positions(shard: PoolShard) -> np.ndarray | None:
+    """Where the assignment part's rows sit in the pool shard, or None: find them by id.
+
+    The cluster stage writes a shard's assigned rows in pool order and its rejected rows, with their
+    positions (``row``), to the rejects part, so the assigned rows are the others. From the footers and
+    the (small) rejects part: nothing of the pool is read. The count pass checks the ids once
+    (:func:`_shard_rows` with ``check_order``); the later passes then read no ids from the pool."""
+    n_pool, n_assigned = storage.parquet_rows(shard.pool), storage.parquet_rows(shard.assignments)
+    if n_assigned == n_pool:
+        return np.arange(n_pool)
+    rejects = _rejects(shard, ["row"])
+    if rejects is None or n_assigned + rejects.num_rows != n_pool:
+        return None
+    assigned = np.ones(n_pool, bool)
+    assigned[rejects.column("row").to_numpy()] = False
+    return np.flatnonzero(assigned)
+
+
+def pool_ids(shard: PoolShard, positions: np.ndarray) -> Any:
+    """Every pool row's id, in pool order, from the assignment and rejects parts (``positions``: of the assigned rows)."""
+    import pyarrow as pa
+
+    assigned = storage.read_table(shard.assignments, columns=["id"]).column("id").cast(pa.string())
+    if len(positions) == storage.parquet_rows(shard.pool):
+        return assigned
+    rejects = _rejects(shard, ["id", "row"])
+    ids = pa.chunked_array([*assigned.chunks, *rejects.column("id").cast(pa.string()).chunks], type=pa.string())
+    return ids.take(pa.array(np.argsort(np.concatenate([positions, rejects.column("row").to_numpy()]), kind="stable")))
 
 
 def _missing_ids_error(shard: PoolShard, ids: Any, pool_ids: Any, position: Any = None) -> None:
@@ -244,16 +274,21 @@ def _shard_rows(shard: PoolShard, columns: list[str], check_order: bool = False)
     ids = assign.column("id").cast(pa.string())
     if pc.count_distinct(ids).as_py() != len(ids):
         raise InputDataError(f"cluster assignments at '{shard.assignments}' repeat ids; every pool id must be assigned once")
-    if in_pool_order(shard):
+    positions = assigned_positions(shard)
+    if positions is not None:
+        everything = len(positions) == storage.parquet_rows(shard.pool)
         if check_order:
-            pool_ids = storage.read_table(shard.pool, columns=["id"]).column("id").cast(pa.string())
-            if not pc.all(pc.equal(ids, pool_ids)).as_py():
-                _missing_ids_error(shard, ids, pool_ids)
+            in_pool = storage.read_table(shard.pool, columns=["id"]).column("id").cast(pa.string())
+            at = in_pool if everything else in_pool.take(pa.array(positions))
+            if not pc.all(pc.equal(ids, at)).as_py():
+                _missing_ids_error(shard, ids, in_pool)
                 raise StageStateError(f"cluster assignments '{shard.assignments}' do not list the rows of pool shard "
                                       f"'{shard.pool}' in pool order; rerun the cluster stage")
         pool = storage.read_table(shard.pool, columns=columns) if columns else pa.table({})
         rows = pa.table({name: pool.column(name) for name in columns})
-    else:  # the cluster stage rejected rows of this shard: find the assigned ones by id
+        if not everything and columns:
+            rows = rows.take(pa.array(positions))
+    else:  # rejects without their positions (an older cluster stage): find the assigned rows by id
         pool = storage.read_table(shard.pool, columns=["id", *columns])
         position = pc.index_in(ids, value_set=pool.column("id").cast(pa.string()))
         _missing_ids_error(shard, ids, pool.column("id").cast(pa.string()), position)
@@ -414,13 +449,17 @@ def _sum_counts(tables: list[Any]) -> Any:
     return merged.rename_columns({"count_all_sum": "count_all"})
 
 
-def pool_shards(pool_uri: str, assign_uri: str) -> list[PoolShard]:
+def pool_shards(pool_uri: str, assign_uri: str, rejects_uri: str | None = None) -> list[PoolShard]:
     parts = layout.aligned_parts(storage.parquet_files(pool_uri), storage.parquet_files(assign_uri))
-    return [PoolShard(index, name, pool, assignments) for index, (name, pool, assignments) in enumerate(parts)]
+    rejects = {}
+    if rejects_uri is not None and storage.exists(rejects_uri):
+        rejects = {uri.rsplit("/", 1)[-1]: uri for uri in storage.parquet_files(rejects_uri)}
+    return [PoolShard(index, name, pool, assignments, rejects.get(name))
+            for index, (name, pool, assignments) in enumerate(parts)]
 
 
 def plan_inputs(runtime: Any, cfg: Any, task: Any, *, pool_uri: str, validation_uri: str, assign_uri: str,
-                centroids_uri: str | None, stage_dir: str) -> Inputs:
+                centroids_uri: str | None, stage_dir: str, rejects_uri: str | None = None) -> Inputs:
     """Check the inputs, draw the sample plan in passes (module docstring) and write its rows; return :class:`Inputs`."""
     from influencespace.influence.tasks import DataSpec
 
@@ -428,7 +467,7 @@ def plan_inputs(runtime: Any, cfg: Any, task: Any, *, pool_uri: str, validation_
     pool_names = _require(pool_uri, ["id", *columns], "embed pool")
     val_names = _require(validation_uri, ["id", *columns], "embed validation")
     _require(assign_uri, ["id", "cluster"], "cluster assignments")
-    shards = pool_shards(pool_uri, assign_uri)
+    shards = pool_shards(pool_uri, assign_uri, rejects_uri)
     sample_uri = storage.join(stage_dir, SAMPLE_DIR)
     if storage.exists(sample_uri):
         storage.remove_tree(sample_uri)  # a previous attempt's plan: drawn again (the same rows)
@@ -541,7 +580,7 @@ def plan_inputs(runtime: Any, cfg: Any, task: Any, *, pool_uri: str, validation_
         raise StageStateError(f"the sample has {sample.num_rows} rows but {written} were written; rerun the stage")
     storage.remove_tree(draws.work)
     return Inputs(
-        pool_uri=pool_uri, assign_uri=assign_uri, validation_uri=validation_uri, sample_uri=sample_uri, features=tuple(task.features),
+        pool_uri=pool_uri, assign_uri=assign_uri, rejects_uri=rejects_uri, validation_uri=validation_uri, sample_uri=sample_uri, features=tuple(task.features),
         columns=tuple(columns), group_names=tuple(group_names), strata_names=tuple(codes), label_values=label_values,
         spec=spec, sizes=sizes, sampled=sample.num_rows, world_size=world, validation_rows=val.num_rows,
     )

@@ -11,9 +11,8 @@ row at once. t_i = mean_j v_jᵀ ∇ℓ_i(θ_j); ``t_i / n`` is reported (the un
 changes the validation loss by about −t_i / n). Rows whose gradient is not finite get NaN.
 
 Each pool shard is one task (``runtime.map_tasks``; a GPU each when ``runtime.use_gpu``), which
-streams the shard ``ROW_BATCH`` rows at a time (its features only: the ids come from the shard's
-cluster assignment part when that lists the same rows, as it does unless the cluster stage rejected
-some) and writes ``row_scores/<pool shard name>`` atomically,
+streams the shard ``ROW_BATCH`` rows at a time (its features only: the ids come from the cluster
+stage's assignment and rejects parts, which say where each row is) and writes ``row_scores/<pool shard name>`` atomically,
 shard-aligned with the pool (layout.py). A worker process builds its scorer once (the proxy, its
 checkpoints and v: p × J·(1+G) floats) and keeps it for the next shard. A shard already written under the
 same directions (``row_scores/_directions.json`` holds their digest) is skipped, so a restarted
@@ -38,7 +37,7 @@ from torch.func import functional_call, jvp, vmap
 from influencespace import storage
 from influencespace.influence.errors import InfluenceError
 from influencespace.influence.gradients import fixed_inputs
-from influencespace.influence.inputs import Inputs, PoolShard, in_pool_order, pool_shards
+from influencespace.influence.inputs import Inputs, PoolShard, assigned_positions, pool_ids, pool_shards
 from influencespace.influence.proxy import State, set_state
 from influencespace.influence.tasks import Task
 from influencespace.runtime import map_tasks
@@ -148,19 +147,19 @@ def _scorer(job: RowJob, device: str) -> RowScorer:
 def _pool_batches(shard: PoolShard, columns: list[str]) -> Iterator[tuple[Any, Any]]:
     """(ids, features table) of one pool shard in batches of ``ROW_BATCH`` rows.
 
-    Where the assignment part lists the shard's rows in pool order (inputs.in_pool_order; the count pass
-    checked it), the ids come from there and the pool is read for its features alone; otherwise (the
-    cluster stage rejected rows) from the pool."""
+    Where the cluster stage's parts say where every row is (inputs.assigned_positions; the count pass
+    checked them), the ids come from its assignment and rejects parts and the pool is read for its
+    features alone; otherwise from the pool."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    ordered = in_pool_order(shard)
-    ids = storage.read_table(shard.assignments, columns=["id"]).column("id").cast(pa.string()) if ordered else None
+    positions = assigned_positions(shard)
+    ids = pool_ids(shard, positions) if positions is not None else None
     fs, path = storage.resolve(shard.pool)
     start = 0
     with fs.open_input_file(path) as handle:
-        for batch in pq.ParquetFile(handle).iter_batches(batch_size=ROW_BATCH, columns=columns if ordered else ["id", *columns]):
-            if ordered:
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=ROW_BATCH, columns=columns if ids is not None else ["id", *columns]):
+            if ids is not None:
                 yield ids.slice(start, batch.num_rows), batch
             else:
                 yield batch.column("id").cast(pa.string()), batch
@@ -197,6 +196,6 @@ def score_rows(runtime: Any, job: RowJob) -> int:
         if stamp != {"directions": job.stamp}:
             storage.remove_tree(job.out)  # scores of other directions (or of unknown ones): score again
     storage.write_json(stamp_uri, {"directions": job.stamp})
-    shards = pool_shards(job.inputs.pool_uri, job.inputs.assign_uri)
+    shards = pool_shards(job.inputs.pool_uri, job.inputs.assign_uri, job.inputs.rejects_uri)
     return sum(map_tasks(runtime, functools.partial(score_shard, job), shards, kind="gpu",
                          desc="influence: scoring every pool row"))

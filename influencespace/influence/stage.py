@@ -239,6 +239,8 @@ class InfluenceStage(Stage):
             ctx.config.runtime, cfg, task, pool_uri=ctx.input_path("embed", "pool"),
             validation_uri=ctx.input_path("embed", "validation"), assign_uri=ctx.input_path("cluster", "assignments"),
             centroids_uri=centroids, stage_dir=ctx.stage_dir,
+            rejects_uri=ctx.input_path("cluster", "rejects") if "rejects" in ctx.input_manifests["cluster"].get("outputs", {})
+            else None,
         )
         model, states = build_proxy(inputs, task, cfg)
         job = Job(inputs, task, cfg, model, states, ctx.stage_dir)

@@ -100,6 +100,7 @@ def test_nonfinite_embeddings_are_rejected_with_a_count(tmp_path, make_config, b
     rejects = storage.read_table(storage.join(config.run_dir, "cluster", "rejects")).sort_by("id")
     assert rejects.column("id").to_pylist() == ["row-000005", "row-000700"]
     assert set(rejects.column("reason").to_pylist()) == {"non-finite embedding (NaN or inf)"}
+    assert rejects.column("row").to_pylist() == [5, 700 - 400]  # positions in their pool shards (400 rows each)
     ids = set(assignments_of(config.run_dir).column("id").to_pylist())
     assert len(ids) == 1198 and "row-000005" not in ids
 

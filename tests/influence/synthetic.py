@@ -87,10 +87,11 @@ def _table(columns: dict[str, np.ndarray], dtype=np.float32) -> pa.Table:
 
 
 def write_upstream(root: str, data: SyntheticData, num_clusters: int | None = None, shards: int = 2,
-                   rejected: np.ndarray | None = None) -> dict[str, dict]:
+                   rejected: np.ndarray | None = None, reject_rows: bool = True) -> dict[str, dict]:
     """Write embed/ and cluster/ artifacts under ``root``; return their manifests.
 
-    ``rejected``: a mask of pool rows the cluster stage rejected (in the pool, not in the assignments)."""
+    ``rejected``: a mask of pool rows the cluster stage rejected (in the pool, not in the assignments;
+    listed in ``rejects/``, with their positions unless not ``reject_rows``, as an older cluster stage wrote them)."""
     embed_dir, cluster_dir = storage.join(root, "embed"), storage.join(root, "cluster")
     n = len(data.cluster)
     bounds = np.linspace(0, n, shards + 1).astype(int)
@@ -110,6 +111,11 @@ def write_upstream(root: str, data: SyntheticData, num_clusters: int | None = No
             }
         )
         storage.write_table(assignments, storage.join(cluster_dir, "assignments", name))
+        if not kept.all():
+            rejects = {"id": pa.array(part["id"][~kept]), "reason": pa.array(["nonfinite"] * int((~kept).sum()))}
+            if reject_rows:
+                rejects["row"] = pa.array(np.flatnonzero(~kept).astype(np.int64))
+            storage.write_table(pa.table(rejects), storage.join(cluster_dir, "rejects", name))
     storage.write_table(_table(data.validation, np.float64), storage.join(embed_dir, "validation", "part-00000.parquet"))
     k = num_clusters or int(data.cluster.max()) + 1
     import io
@@ -122,6 +128,7 @@ def write_upstream(root: str, data: SyntheticData, num_clusters: int | None = No
         "cluster": {
             "fingerprint": "synthetic-cluster",
             "stage_dir": cluster_dir,
-            "outputs": {"assignments": "assignments", "centroids": "centroids.npy"},
+            "outputs": {"assignments": "assignments", "centroids": "centroids.npy",
+                        **({"rejects": "rejects"} if rejected is not None and rejected.any() else {})},
         },
     }

@@ -17,11 +17,13 @@ from .synthetic import make_data, write_upstream
 
 def upstream_with_every_case(root, rejects=False):
     """Three shards; a pool-only group, a cluster smaller than m (taken whole) and an empty cluster;
-    with ``rejects``, rows of the middle shard the cluster stage rejected (they are in no cluster)."""
+    with ``rejects``, rows of the middle shard the cluster stage rejected (they are in no cluster):
+    ``"old"``, listed without their positions, as the cluster stage did before."""
     data = make_data(n=600, clusters=8)
     data.pool["group"][:25] = "other"
     data.cluster[-3:] = 8
-    return data, write_upstream(root, data, num_clusters=10, shards=3, rejected=rejected_rows(600, rejects))
+    return data, write_upstream(root, data, num_clusters=10, shards=3, rejected=rejected_rows(600, bool(rejects)),
+                                reject_rows=rejects != "old")
 
 
 def rejected_rows(n, rejects):
@@ -31,12 +33,14 @@ def rejected_rows(n, rejects):
 
 
 def draw(config, upstream, stage_dir):
+    cluster = upstream["cluster"]
     return plan_inputs(
         config.runtime, config.influence, get_task(config.influence.task),
         pool_uri=storage.join(upstream["embed"]["stage_dir"], "pool"),
         validation_uri=storage.join(upstream["embed"]["stage_dir"], "validation"),
         assign_uri=storage.join(upstream["cluster"]["stage_dir"], "assignments"),
         centroids_uri=storage.join(upstream["cluster"]["stage_dir"], "centroids.npy"), stage_dir=stage_dir,
+        rejects_uri=storage.join(cluster["stage_dir"], "rejects") if "rejects" in cluster["outputs"] else None,
     )
 
 
@@ -52,7 +56,7 @@ def bottom(ids, salt, seed, count):
 
 
 @pytest.mark.parametrize("runner,workers", [("local", 1), pytest.param("ray", 2, marks=pytest.mark.ray)])
-@pytest.mark.parametrize("rounds,rejects", [("one", False), ("several", False), ("one", True)])
+@pytest.mark.parametrize("rounds,rejects", [("one", False), ("several", False), ("one", True), ("one", "old")])
 def test_the_plan_drawn_in_passes_equals_the_in_memory_reference(request, make_config, tmp_path, monkeypatch, caplog,
                                                                  runner, workers, rounds, rejects):
     if runner == "ray":
@@ -71,7 +75,7 @@ def test_the_plan_drawn_in_passes_equals_the_in_memory_reference(request, make_c
 
     codes = {"majority": 0, "minority": 1, "other": 2}  # validation groups sorted, then the pool-only one
     assert inputs.group_names == ("majority", "minority") and inputs.strata_names == tuple(codes)
-    assigned = ~rejected_rows(len(data.cluster), rejects)
+    assigned = ~rejected_rows(len(data.cluster), bool(rejects))
     ids = data.pool["id"][assigned]
     reference = sample_clusters(ids, data.cluster[assigned], np.array([codes[g] for g in data.pool["group"][assigned]]),
                                 m=9, seed=5, num_clusters=10)
@@ -102,30 +106,32 @@ def test_an_assignment_without_a_pool_row_is_a_clear_error(make_config, tmp_path
         draw(make_config("runtime.runner=local"), upstream, str(tmp_path / "influence"))
 
 
-@pytest.mark.parametrize("rejects", [False, True])
+@pytest.mark.parametrize("rejects", [False, True, "old"])
 def test_assignments_out_of_pool_order_are_a_clear_error(make_config, tmp_path, rejects):
-    # The later passes take a shard's ids from its assignment part when the row counts match, so the
-    # count pass checks that such a part lists the pool's rows in their order; with rejects the rows are
-    # matched by id and any order is fine.
+    # The later passes take a shard's ids from its assignment and rejects parts, so the count pass checks
+    # that the assignment part lists the pool's rows in their order; with rejects listed without their
+    # positions (an older cluster stage) the rows are matched by id and any order is fine.
     data, upstream = upstream_with_every_case(str(tmp_path / "up"), rejects)
     part = storage.join(upstream["cluster"]["stage_dir"], "assignments", "part-00001.parquet")
     table = storage.read_table(part)
     storage.write_table(table.take(pa.array(np.arange(table.num_rows)[::-1])), part)
     config = make_config("runtime.runner=local")
-    if rejects:
+    if rejects == "old":
         assert draw(config, upstream, str(tmp_path / "influence")).num_examples == 600 - 12
     else:
         with pytest.raises(Exception, match="part-00001.*do not list the rows of pool shard.*in pool order"):
             draw(config, upstream, str(tmp_path / "influence"))
 
 
-@pytest.mark.parametrize("rejects", [False, True])
-def test_a_shard_in_pool_order_is_read_for_its_features_alone(tmp_path, monkeypatch, rejects):
+@pytest.mark.parametrize("rejects", [False, True, "old"])
+def test_the_row_pass_reads_a_shard_for_its_features_alone(tmp_path, monkeypatch, rejects):
     from influencespace.influence.rows import _pool_batches
 
     data, upstream = upstream_with_every_case(str(tmp_path / "up"), rejects)
-    shard = plan_module.pool_shards(storage.join(upstream["embed"]["stage_dir"], "pool"),
-                                    storage.join(upstream["cluster"]["stage_dir"], "assignments"))[1]
+    cluster = upstream["cluster"]["stage_dir"]
+    shard = plan_module.pool_shards(storage.join(upstream["embed"]["stage_dir"], "pool"), storage.join(cluster, "assignments"),
+                                    storage.join(cluster, "rejects"))[1]
+    assert (shard.rejects is not None) == bool(rejects)
     monkeypatch.setenv(storage.READ_LOG_ENV, str(tmp_path / "reads"))
     got = list(_pool_batches(shard, ["image_embedding"]))
     ids = [v for batch_ids, _ in got for v in batch_ids.to_pylist()]
@@ -142,4 +148,4 @@ def test_a_shard_in_pool_order_is_read_for_its_features_alone(tmp_path, monkeypa
     reads = [int(line.split("\t")[0]) for name in os.listdir(tmp_path / "reads") for line in open(tmp_path / "reads" / name)
              if line.rstrip("\n").endswith("/pool/" + shard.name)]
     data_reads = sum(r for r in reads if r != size)
-    assert data_reads == chunk["image_embedding"] + (chunk["id"] if rejects else 0), (reads, chunk)
+    assert data_reads == chunk["image_embedding"] + (chunk["id"] if rejects == "old" else 0), (reads, chunk)
