@@ -343,6 +343,26 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
 
+@contextmanager
+def open_parquet(uri: str) -> Iterator[Any]:
+    """One Parquet file opened once (a ``pyarrow.parquet.ParquetFile``): its footer is read once, for
+    its metadata and for every ``read(columns=…)`` of it — where ``read_table`` and ``parquet_rows``
+    each read the footer again (a 64 KiB tail read)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, path = resolve(uri)
+    try:
+        handle = fs.open_input_file(path)
+        parquet = pq.ParquetFile(handle)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise StorageError(f"could not read Parquet file '{uri}': {exc}") from exc
+    try:
+        yield parquet
+    finally:
+        handle.close()
+
+
 def parquet_rows(uri: str) -> int:
     """Row count of a Parquet file from its footer (no data read)."""
     import pyarrow.parquet as pq

@@ -225,14 +225,15 @@ def _rejects(shard: PoolShard, columns: list[str]) -> Any:
     return storage.read_table(shard.rejects, columns=columns)
 
 
-def assigned_positions(shard: PoolShard) -> np.ndarray | None:
+def assigned_positions(shard: PoolShard, pool_rows: int) -> np.ndarray | None:
     """Where the assignment part's rows sit in the pool shard, or None: find them by id.
 
     The cluster stage writes a shard's assigned rows in pool order and its rejected rows, with their
     positions (``row``), to the rejects part, so the assigned rows are the others. From the footers and
     the (small) rejects part: nothing of the pool is read. The count pass checks the ids once
-    (:func:`_shard_rows` with ``check_order``); the later passes then read no ids from the pool."""
-    n_pool, n_assigned = storage.parquet_rows(shard.pool), storage.parquet_rows(shard.assignments)
+    (:func:`_shard_rows` with ``check_order``); the later passes then read no ids from the pool.
+    ``pool_rows``: the pool shard's row count (from the caller's open file: a footer is read once)."""
+    n_pool, n_assigned = pool_rows, storage.parquet_rows(shard.assignments)
     if n_assigned == n_pool:
         return np.arange(n_pool)
     rejects = _rejects(shard, ["row"])
@@ -243,12 +244,12 @@ def assigned_positions(shard: PoolShard) -> np.ndarray | None:
     return np.flatnonzero(assigned)
 
 
-def pool_ids(shard: PoolShard, positions: np.ndarray) -> Any:
+def pool_ids(shard: PoolShard, positions: np.ndarray, pool_rows: int) -> Any:
     """Every pool row's id, in pool order, from the assignment and rejects parts (``positions``: of the assigned rows)."""
     import pyarrow as pa
 
     assigned = storage.read_table(shard.assignments, columns=["id"]).column("id").cast(pa.string())
-    if len(positions) == storage.parquet_rows(shard.pool):
+    if len(positions) == pool_rows:
         return assigned
     rejects = _rejects(shard, ["id", "row"])
     ids = pa.chunked_array([*assigned.chunks, *rejects.column("id").cast(pa.string()).chunks], type=pa.string())
@@ -274,25 +275,26 @@ def _shard_rows(shard: PoolShard, columns: list[str], check_order: bool = False)
     ids = assign.column("id").cast(pa.string())
     if pc.count_distinct(ids).as_py() != len(ids):
         raise InputDataError(f"cluster assignments at '{shard.assignments}' repeat ids; every pool id must be assigned once")
-    positions = assigned_positions(shard)
-    if positions is not None:
-        everything = len(positions) == storage.parquet_rows(shard.pool)
-        if check_order:
-            in_pool = storage.read_table(shard.pool, columns=["id"]).column("id").cast(pa.string())
-            at = in_pool if everything else in_pool.take(pa.array(positions))
-            if not pc.all(pc.equal(ids, at)).as_py():
-                _missing_ids_error(shard, ids, in_pool)
-                raise StageStateError(f"cluster assignments '{shard.assignments}' do not list the rows of pool shard "
-                                      f"'{shard.pool}' in pool order; rerun the cluster stage")
-        pool = storage.read_table(shard.pool, columns=columns) if columns else pa.table({})
-        rows = pa.table({name: pool.column(name) for name in columns})
-        if not everything and columns:
-            rows = rows.take(pa.array(positions))
-    else:  # rejects without their positions (an older cluster stage): find the assigned rows by id
-        pool = storage.read_table(shard.pool, columns=["id", *columns])
-        position = pc.index_in(ids, value_set=pool.column("id").cast(pa.string()))
-        _missing_ids_error(shard, ids, pool.column("id").cast(pa.string()), position)
-        rows = pool.select(columns).take(position)
+    with storage.open_parquet(shard.pool) as pool_file:
+        pool_rows = pool_file.metadata.num_rows
+        positions = assigned_positions(shard, pool_rows)
+        if positions is not None:
+            everything = len(positions) == pool_rows
+            if check_order:
+                in_pool = pool_file.read(columns=["id"]).column("id").cast(pa.string())
+                at = in_pool if everything else in_pool.take(pa.array(positions))
+                if not pc.all(pc.equal(ids, at)).as_py():
+                    _missing_ids_error(shard, ids, in_pool)
+                    raise StageStateError(f"cluster assignments '{shard.assignments}' do not list the rows of pool shard "
+                                          f"'{shard.pool}' in pool order; rerun the cluster stage")
+            rows = pool_file.read(columns=columns) if columns else pa.table({})
+            if not everything and columns:
+                rows = rows.take(pa.array(positions))
+        else:  # rejects without their positions (an older cluster stage): find the assigned rows by id
+            pool = pool_file.read(columns=["id", *columns])
+            position = pc.index_in(ids, value_set=pool.column("id").cast(pa.string()))
+            _missing_ids_error(shard, ids, pool.column("id").cast(pa.string()), position)
+            rows = pool.select(columns).take(position)
     if not columns:
         return pa.table({"cluster": assign.column("cluster").cast(pa.int64()), "id": ids})
     return rows.append_column("cluster", assign.column("cluster").cast(pa.int64())).append_column("id", ids)

@@ -26,8 +26,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -151,14 +151,13 @@ def _pool_batches(shard: PoolShard, columns: list[str]) -> Iterator[tuple[Any, A
     checked them), the ids come from its assignment and rejects parts and the pool is read for its
     features alone; otherwise from the pool."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    positions = assigned_positions(shard)
-    ids = pool_ids(shard, positions) if positions is not None else None
-    fs, path = storage.resolve(shard.pool)
     start = 0
-    with fs.open_input_file(path) as handle:
-        for batch in pq.ParquetFile(handle).iter_batches(batch_size=ROW_BATCH, columns=columns if ids is not None else ["id", *columns]):
+    with storage.open_parquet(shard.pool) as pool_file:
+        pool_rows = pool_file.metadata.num_rows
+        positions = assigned_positions(shard, pool_rows)
+        ids = pool_ids(shard, positions, pool_rows) if positions is not None else None
+        for batch in pool_file.iter_batches(batch_size=ROW_BATCH, columns=columns if ids is not None else ["id", *columns]):
             if ids is not None:
                 yield ids.slice(start, batch.num_rows), batch
             else:

@@ -147,5 +147,6 @@ def test_the_row_pass_reads_a_shard_for_its_features_alone(tmp_path, monkeypatch
     size = os.path.getsize(shard.pool)
     reads = [int(line.split("\t")[0]) for name in os.listdir(tmp_path / "reads") for line in open(tmp_path / "reads" / name)
              if line.rstrip("\n").endswith("/pool/" + shard.name)]
+    assert reads.count(size) == 1, reads  # the footer, once (the ids' positions come from the other parts)
     data_reads = sum(r for r in reads if r != size)
     assert data_reads == chunk["image_embedding"] + (chunk["id"] if rejects == "old" else 0), (reads, chunk)
