@@ -25,12 +25,12 @@ then the tar key.
 
 Nothing per row on the driver. ``uids`` sorts the kept ids in tasks (:func:`runtime.map_tasks
 <influencespace.runtime.map_tasks>`), as TeraSort does: each manifest part counts its kept rows and
-samples their ids (1 in 10⁴); the driver turns the sample into range boundaries (about ``RANGE_ROWS``
-= 1M kept rows a range); each part splits its kept rows by range into ``OUT/_work/``; each range is
+samples their ids (1 in 2,500); the driver turns the sample into range boundaries (about ``RANGE_ROWS``
+= 250k kept rows a range); each part splits its kept rows by range into ``OUT/_work/``; each range is
 sorted alone; the driver appends the sorted ranges, in order, ``READ_ROWS`` rows at a time, to
 ``uids.npy`` (its header written first from the count) / ``uids.txt`` / ``weights.parquet``, and
 removes ``_work``. Memory: a task holds one manifest part or one range (≈ 100 bytes a row); the
-driver, one read batch and the sample (≈ N / 10⁴ ids). Scratch files: parts × ranges at most.
+driver, one read batch and the sample (≈ N / 2,500 ids: 400k at 1B rows). Scratch files: parts × ranges at most.
 ``webdataset`` and ``parquet`` read the kept rows as a Ray Data dataset, join the pool with them by id
 (``Dataset.join``, a hash-partitioned join with one partition per 1M kept rows, so each task holds one
 partition of each side) and write block by block. Every kept row must come out once: a kept id the
@@ -136,8 +136,11 @@ def hex_halves(ids: np.ndarray) -> np.ndarray:
 
 
 # The uids sort, as TeraSort does it: a sample of ids fixes range boundaries, every manifest part splits
-# its kept rows by range, and each range (about RANGE_ROWS rows) is sorted alone, in a task.
-RANGE_ROWS = 1_000_000
+# its kept rows by range, and each range (about RANGE_ROWS rows) is sorted alone, in a task. A sort task
+# holds its range about three times over (the table, the sort's indices, the sorted copy): 250k rows
+# keep it near a manifest-part task's size (1M rows made it the export's largest worker: 1.3x its
+# 100k-row peak in the scale harness).
+RANGE_ROWS = 250_000
 SAMPLES_PER_RANGE = 100  # sampled ids per range to come (boundaries only: a poor sample makes ranges uneven, never wrong)
 READ_ROWS = 16_384  # rows the driver holds while it appends a sorted range
 WORK_DIR = "_work"
@@ -156,7 +159,7 @@ def scan_part(sample_rate: float, uri: str) -> dict[str, Any]:
     """One manifest part's kept rows: how many, the id statistics, and evenly spaced sorted ids.
 
     ``sample_rate`` × rows ids (at least two); the driver asks ``SAMPLES_PER_RANGE / RANGE_ROWS``, so
-    the sample grows as N / 10⁴ in all, what keeps every range within a few percent of ``RANGE_ROWS``.
+    the sample grows as N / 2,500 in all, what keeps every range within about 10% of ``RANGE_ROWS``.
     """
     kept = _read_kept_part(uri)
     stats = _id_stats(kept)
