@@ -82,7 +82,7 @@ def make_pool(n: int, clusters: int, dim: int, classes: int, harmful_share: floa
 def settings(args, k: int) -> SimpleNamespace:
     return SimpleNamespace(
         dtype="float64", projection_dim=k, seed=0, projection="gaussian", fisher="ggn", batch_size=256, rank=k,
-        damping=args.damping, damping_floor=1e-12, weight_decay=args.wd, confidence=0.95,
+        damping=args.damping, damping_floor=1e-12, weight_decay=args.wd, confidence=0.95, projector_cache_mib=256,
     )
 
 

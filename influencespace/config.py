@@ -222,6 +222,11 @@ class InfluenceConfig(Section):
     samples_per_cluster: int = Field(32, ge=1, description="m: examples sampled per cluster (all if the cluster is smaller).")
     projection_dim: int = Field(512, ge=1, description="k: sketch dimension of the random projection.")
     projection: Literal["gaussian", "sparse"] = Field("gaussian", description="Dense Gaussian or sparse JL projector.")
+    projector_cache_mib: int = Field(
+        256, ge=1,
+        description="P (k × tracked parameters) is kept on the worker's device once drawn when it fits in this many MiB; "
+        "above, its blocks are drawn again for every chunk of gradients (chunks then hold this many MiB of gradients).",
+    )
     rank: int = Field(256, ge=1, description="r: eigenpairs kept from the sketched Fisher.")
     damping: float = Field(0.1, gt=0.0, description="λ = damping × mean eigenvalue.")
     proxy_steps: int = Field(200, ge=0, description="Warm-start steps of the proxy model on a random subset.")

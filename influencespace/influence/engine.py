@@ -145,7 +145,8 @@ def compute_influence(
     model = model.to(device=device, dtype=dtype)
     names = task.tracked_parameters(model)
     projector = RandomProjector(
-        flat_tracked(model, names), settings.projection_dim, settings.seed, settings.projection, dtype=dtype, device=device
+        flat_tracked(model, names), settings.projection_dim, settings.seed, settings.projection, dtype=dtype, device=device,
+        max_cache_bytes=settings.projector_cache_mib * 2**20,
     )
     sketcher = GradientSketcher(task, model, projector, settings.fisher, settings.batch_size)
     feats = to_tensors(shard.features, dtype, device)

@@ -20,7 +20,7 @@ WD = 1e-2
 def settings(k: int, damping: float, **overrides) -> SimpleNamespace:
     base = dict(
         dtype="float64", projection_dim=k, seed=0, projection="gaussian", fisher="ggn", batch_size=64, rank=k,
-        damping=damping, damping_floor=1e-300, weight_decay=WD, confidence=0.95,
+        damping=damping, damping_floor=1e-300, weight_decay=WD, confidence=0.95, projector_cache_mib=256,
     )
     return SimpleNamespace(**{**base, **overrides})
 
