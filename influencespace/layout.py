@@ -48,6 +48,11 @@ def manifest_part(manifest_directory: str, pool_shard_uri: str) -> str:
     return manifest_directory.rstrip("/") + "/" + pool_shard_uri.rsplit("/", 1)[-1]
 
 
+def parts_by_name(files: list[str]) -> dict[str, str]:
+    """Shard-aligned part files by their file name (``part-NNNNN.parquet``: the pool shard they belong to)."""
+    return {uri.rsplit("/", 1)[-1]: uri for uri in files}
+
+
 def aligned_parts(pool_files: list[str], assignment_files: list[str]) -> list[tuple[str, str, str]]:
     """(name, pool shard, assignment part) for every embedded pool shard, in pool order.
 
@@ -55,7 +60,7 @@ def aligned_parts(pool_files: list[str], assignment_files: list[str]) -> list[tu
     extra part means the two stages' outputs do not belong together."""
     from influencespace.errors import StageStateError
 
-    by_name = {uri.rsplit("/", 1)[-1]: uri for uri in assignment_files}
+    by_name = parts_by_name(assignment_files)
     unknown = set(by_name) - {uri.rsplit("/", 1)[-1] for uri in pool_files}
     if unknown:
         raise StageStateError(f"cluster assignments {sorted(unknown)[0]} matches no embedded pool shard; rerun the cluster stage")

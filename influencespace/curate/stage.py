@@ -656,7 +656,7 @@ class CurateStage(Stage):
                                      storage.parquet_files(ctx.input_path("cluster", "assignments")))
         reject_files = {}
         if "rejects" in ctx.input_manifests["cluster"].get("outputs", {}):
-            reject_files = {u.rsplit("/", 1)[-1]: u for u in storage.parquet_files(ctx.input_path("cluster", "rejects"))}
+            reject_files = layout.parts_by_name(storage.parquet_files(ctx.input_path("cluster", "rejects")))
         row_scores = ctx.input_path("influence", "row_scores") if signals.value == "influence" else None
         return [
             Shard(index=index, name=name, assignments=assignments, pool=pool,

@@ -455,7 +455,7 @@ def pool_shards(pool_uri: str, assign_uri: str, rejects_uri: str | None = None) 
     parts = layout.aligned_parts(storage.parquet_files(pool_uri), storage.parquet_files(assign_uri))
     rejects = {}
     if rejects_uri is not None and storage.exists(rejects_uri):
-        rejects = {uri.rsplit("/", 1)[-1]: uri for uri in storage.parquet_files(rejects_uri)}
+        rejects = layout.parts_by_name(storage.parquet_files(rejects_uri))
     return [PoolShard(index, name, pool, assignments, rejects.get(name))
             for index, (name, pool, assignments) in enumerate(parts)]
 
