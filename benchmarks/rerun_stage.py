@@ -27,6 +27,8 @@ def main() -> None:
     parser.add_argument("run_dirs", nargs="+", help="run directories of benchmarks/scale.py (each with its scale.yaml)")
     parser.add_argument("--interval", type=float, default=0.2, help="seconds between /proc samples")
     parser.add_argument("--stage-timeout", type=float, default=3600.0)
+    parser.add_argument("--warm-page-cache", action=argparse.BooleanOptionalAction, default=True,
+                        help="read the files the stages map into the page cache first (scale.warm_page_cache)")
     args = parser.parse_args()
     for run_dir in args.run_dirs:
         config = os.path.join(run_dir, "scale.yaml")
@@ -36,7 +38,8 @@ def main() -> None:
         r = scale.run_stage(args.stage, config, run_dir, os.path.join(run_dir, "_rerun"), args)
         read = f", read x{r.input_bytes_read / r.input_bytes:.3f} of its input" if r.input_bytes else ""
         print(f"{run_dir} {args.stage}: {r.status}, driver {r.driver_peak_bytes / scale.MIB:,.0f} MiB "
-              f"(private {r.driver_anon_peak_bytes / scale.MIB:,.0f}), largest worker {r.worker_peak_bytes / scale.MIB:,.0f} MiB, "
+              f"(private {r.driver_anon_peak_bytes / scale.MIB:,.0f}, files {r.driver_file_peak_bytes / scale.MIB:,.0f}, "
+              f"shared {r.driver_shmem_peak_bytes / scale.MIB:,.0f}), largest worker {r.worker_peak_bytes / scale.MIB:,.0f} MiB, "
               f"CPU {r.cpu_seconds:.0f} s, wall {r.wall_seconds:.0f} s{read}", flush=True)
 
 
