@@ -243,7 +243,7 @@ class InfluenceConfig(Section):
         "ggn", description="Curvature: exact Gauss–Newton of the cross-entropy loss, or the empirical Fisher (any loss)."
     )
     damping_floor: float = Field(1e-8, gt=0.0, description="Smallest λ, so an all-zero or singular curvature stays invertible.")
-    weight_decay: float = Field(1e-4, ge=0.0, description="L2 coefficient of the proxy; part of its Hessian (added to λ).")
+    weight_decay: float = Field(1e-4, ge=0.0, description="L2 coefficient of the proxy; part of its Hessian: its sketch wd·P Pᵀ is added to H (not to λ).")
     proxy_rows: int = Field(10_000, ge=1, description="Random pool rows the proxy is warm-started on.")
     proxy_batch_size: int = Field(256, ge=1, description="Minibatch of the proxy warm start.")
     proxy_lr: float = Field(1e-2, gt=0.0, description="Adam learning rate of the proxy warm start.")
@@ -331,6 +331,11 @@ class TrainConfig(Section):
     )
     optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="DeepSpeed optimizer (torch implementation).")
     weight_decay: float = Field(1e-4, ge=0.0, description="Weight decay of the optimizer.")
+    gradient_clipping: float = Field(
+        1.0, ge=0.0,
+        description="Clip the global gradient norm at this value each step (DeepSpeed's gradient_clipping; its own "
+        "default, written out). The heads' first steps have norms near 15, so it is active early; 0 turns it off.",
+    )
     head_dim: int = Field(128, ge=1, description="Width of the trainable image and text projection heads.")
     logit_scale_init: float = Field(14.285714, gt=0.0, le=100.0, description="Initial inverse temperature (CLIP: 1/0.07); learned, capped at 100.")
     step_policy: Literal["same_steps", "same_epochs"] = Field(

@@ -8,7 +8,7 @@ over P's blocks), and writes them to ``curvature/row_directions.npy``. The row p
 projector, and no per-example gradient either: v_jᵀ ∇ℓ_i(θ_j) is the directional derivative of ℓ_i
 along v_j, so one forward-mode pass (``torch.func.jvp``) of the whole batch's losses gives it for every
 row at once. t_i = mean_j v_jᵀ ∇ℓ_i(θ_j); ``t_i / n`` is reported (the units of the cluster influence; removing row i alone
-changes the validation loss by about −t_i / n). Rows whose gradient is not finite get NaN.
+raises the validation loss by about t_i / n, so a negative score marks a row whose removal helps). Rows whose gradient is not finite get NaN.
 
 Each pool shard is one task (``runtime.map_tasks``; a GPU each when ``runtime.use_gpu``), which
 streams the shard ``ROW_BATCH`` rows at a time (its features only: the ids come from the cluster

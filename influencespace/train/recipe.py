@@ -56,11 +56,12 @@ class Hyperparameters:
     precision: str = "fp32"
     head_dim: int = 128
     logit_scale_init: float = 1 / 0.07
+    gradient_clipping: float = 1.0
 
     @classmethod
     def from_config(cls, cfg: Any) -> Hyperparameters:
         return cls(cfg.batch_size, cfg.lr, cfg.optimizer, cfg.weight_decay, cfg.zero_stage, cfg.precision,
-                   cfg.head_dim, cfg.logit_scale_init)
+                   cfg.head_dim, cfg.logit_scale_init, cfg.gradient_clipping)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,8 @@ def deepspeed_config(hp: Hyperparameters, world_size: int) -> dict:
 
     ``torch_adam`` makes DeepSpeed use torch's Adam/AdamW instead of FusedAdam, which would JIT-compile
     a kernel on first use (and has no CPU build); for heads this small the fused kernel buys nothing.
+    ``gradient_clipping`` is always written: DeepSpeed clips the global gradient norm at 1.0 when the
+    key is absent (``GRADIENT_CLIPPING_DEFAULT``), which would be a silent choice of ours; 0 turns it off.
     """
     if hp.batch_size % world_size:
         raise ValueError(
@@ -134,6 +137,7 @@ def deepspeed_config(hp: Hyperparameters, world_size: int) -> dict:
         "train_batch_size": hp.batch_size,
         "train_micro_batch_size_per_gpu": hp.batch_size // world_size,
         "gradient_accumulation_steps": 1,
+        "gradient_clipping": hp.gradient_clipping,
         "optimizer": {"type": _OPTIMIZERS[hp.optimizer], "params": params},
         "zero_optimization": {"stage": hp.zero_stage},
         "bf16": {"enabled": hp.precision == "bf16"},

@@ -29,6 +29,32 @@ def test_deepspeed_config_follows_train_config():
     assert sgd["zero_allow_untested_optimizer"] is True
     with pytest.raises(ValueError, match="divisible"):
         deepspeed_config(Hyperparameters(batch_size=10), world_size=3)
+    assert ds["gradient_clipping"] == 1.0  # written out: DeepSpeed's own default when absent
+    assert deepspeed_config(Hyperparameters(gradient_clipping=0.0), world_size=1)["gradient_clipping"] == 0.0
+
+
+@pytest.mark.parametrize("clip", [0.5, 0.0])
+def test_gradient_clipping_bounds_the_first_step(clip):
+    """DeepSpeed's engine clips the global gradient norm at train.gradient_clipping (0: not at all).
+
+    One SGD step (lr 1, momentum 0.9 — the first step has no momentum yet) on the loss wᵀx with
+    ‖x‖ = 10 moves w by the clipped gradient: ‖Δw‖ = 0.5 with clipping, 10 without."""
+    import deepspeed
+
+    from influencespace.train.stage import local_process_group
+
+    hp = Hyperparameters(batch_size=1, lr=1.0, optimizer="sgd", weight_decay=0.0, zero_stage=0, gradient_clipping=clip)
+    with local_process_group(use_gpu=False):
+        model = torch.nn.Linear(4, 1, bias=False)
+        torch.nn.init.zeros_(model.weight)
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
+                                               config=deepspeed_config(hp, 1), dist_init_required=False)
+        x = torch.tensor([[6.0, 8.0, 0.0, 0.0]])
+        engine.backward(engine(x).sum())
+        engine.step()
+        moved = float(engine.module.weight.detach().norm())
+        engine.destroy()
+    assert moved == pytest.approx(clip if clip else 10.0, rel=1e-5), f"step norm {moved} with gradient_clipping={clip}"
 
 
 def test_step_policies():
