@@ -23,6 +23,7 @@ Variants (what train trains and evaluate compares): ``baseline`` (the whole pool
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 BASELINE = "baseline"
@@ -41,6 +42,17 @@ CURVE_VARIANT_PREFIX = "curve-"
 
 
 REJECTED_PART_PREFIX = "rejected-"
+
+# Per validation group g the influence stage writes, beside the overall columns (influence, stderr,
+# ci_low, ci_high), the same four for g's validation loss: "<stat>_group_<g>" (g made column-safe).
+GROUP_STATS = ("influence", "stderr", "ci_low", "ci_high")
+
+
+def group_column(name: str, stat: str = "influence") -> str:
+    """The column of one validation group's ``stat`` (one of GROUP_STATS): ``<stat>_group_<name>``."""
+    if stat not in GROUP_STATS:
+        raise ValueError(f"unknown group statistic '{stat}' (allowed: {', '.join(GROUP_STATS)})")
+    return f"{stat}_group_" + re.sub(r"[^0-9A-Za-z_]+", "_", str(name))
 
 
 def manifest_part(manifest_directory: str, pool_shard_uri: str) -> str:

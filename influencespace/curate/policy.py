@@ -42,6 +42,7 @@ import pandas as pd
 
 from influencespace.curate.select import Key, lex_order, sortable
 from influencespace.ids import id_hash
+from influencespace.layout import group_column
 
 KEEP_COLUMNS = ["id", "cluster", "keep", "weight", "reason"]
 
@@ -89,7 +90,7 @@ def classify_clusters(scores: pd.DataFrame, params: PolicyParams, worst_group: s
     size = df["size"].to_numpy(dtype=np.float64)
     safe_size = np.maximum(size, 1.0)
     score = df["influence"].to_numpy(dtype=np.float64) / safe_size
-    group_col = f"influence_group_{worst_group}" if worst_group else None
+    group_col = group_column(worst_group) if worst_group else None
     if group_col and group_col in df:
         score = score + params.fairness_weight * df[group_col].fillna(0.0).to_numpy(dtype=np.float64) / safe_size
     df["score"] = score
@@ -269,23 +270,26 @@ def _select_in_memory(assignments, clusters, budget, seed, row_value, duplicate,
 
 
 def cluster_weights(clusters: pd.DataFrame, keep_rows: np.ndarray, params: PolicyParams,
-                    worst_group: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(weight, up-weighted) per cluster: helpful, under-represented kept clusters get more (module doc)."""
+                    worst_group: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(weight, up-weighted, helps the worst group) per cluster: helpful, under-represented kept clusters
+    get more, and (1 + fairness_weight) times more where the worst-off group's own interval says the
+    cluster helps that group too (``ci_low_group_<g> > 0``, written by the influence stage; module doc)."""
     size = clusters["size"].to_numpy(dtype=np.float64)
     weight = np.ones(len(clusters))
     kept = keep_rows > 0
     rare = np.zeros(len(clusters), dtype=bool)
+    helps_worst = np.zeros(len(clusters), dtype=bool)
     if kept.any():
         median_size = float(np.median(size[kept]))
         rare = kept & clusters["helpful"].to_numpy() & (size < median_size)
         weight[rare] = (median_size / np.maximum(size[rare], 1.0)) ** params.upweight_power
-        group_ci = f"ci_low_group_{worst_group}" if worst_group else None
+        group_ci = group_column(worst_group, "ci_low") if worst_group else None
         if group_ci and group_ci in clusters:
             helps_worst = rare & (clusters[group_ci].fillna(-np.inf).to_numpy() > 0)
             weight[helps_worst] *= 1.0 + params.fairness_weight
         weight = bounded_unit_mean(weight, keep_rows, params.min_weight, params.max_weight)
     weight[~kept] = 0.0
-    return weight, rare
+    return weight, rare, helps_worst
 
 
 def bounded_unit_mean(weight: np.ndarray, counts: np.ndarray, low: float, high: float, iters: int = 100) -> np.ndarray:
@@ -320,9 +324,10 @@ def decisions_of(selection: Selection, params: PolicyParams, worst_group: str | 
     """Per cluster: kept rows, weight, the reason kept rows carry and the commonest reason its dropped rows carry."""
     clusters = selection.clusters.copy()
     keep_rows = selection.kept_rows
-    weight, rare = cluster_weights(clusters, keep_rows, params, worst_group)
+    weight, rare, helps_worst = cluster_weights(clusters, keep_rows, params, worst_group)
     clusters["keep_rows"] = keep_rows
     clusters["weight"] = weight
+    clusters["helps_worst_group"] = helps_worst
     clusters["kept_reason"] = np.where(rare, UPWEIGHTED, KEPT)
     helpful = clusters["helpful"].to_numpy()
     size = clusters["size"].to_numpy(dtype=np.int64)
@@ -337,7 +342,7 @@ def decisions_of(selection: Selection, params: PolicyParams, worst_group: str | 
     counts[:, 5] = np.where(partial, selection.cut_by_tier[:, 2] + np.where(helpful, 0, thinned), 0)
     counts[:, 6] = np.where(partial, selection.cut_by_tier[:, 3] + np.where(helpful, thinned, 0), 0)
     clusters["dropped_reason"] = np.where(counts.max(axis=1) > 0, np.array(REASON_ORDER, dtype=object)[counts.argmax(axis=1)], "")
-    return clusters[["cluster", "size", "score", "keep_rows", "weight", "kept_reason", "dropped_reason"]]
+    return clusters[["cluster", "size", "score", "keep_rows", "weight", "helps_worst_group", "kept_reason", "dropped_reason"]]
 
 
 def influence_policy(assignments: pd.DataFrame, scores: pd.DataFrame, params: PolicyParams,

@@ -597,7 +597,8 @@ class CurateStage(Stage):
             counts={"rows": ours["rows"], "kept": ours["kept"], "removed": ours["removed"], "rejected": int(unassigned),
                     "harmful_clusters": int((decisions["dropped_reason"] == policy.HARMFUL).sum())},
             outputs=outputs,
-            extra={"worst_group": worst_group, "policies": sorted(k for k in summary if k not in ("worst_group", "budget_rows", "curve")),
+            extra={"worst_group": worst_group, "worst_group_upweighted_clusters": int(decisions["helps_worst_group"].sum()),
+                   "policies": sorted(k for k in summary if k not in ("worst_group", "budget_rows", "curve")),
                    "curve_keep_fractions": curve_fractions},
         )
 
@@ -616,7 +617,7 @@ class CurateStage(Stage):
         return [name for name in ("random", "clipscore", "dedup") if name in set(cfg.comparison_policies)]
 
     def _signals(self, ctx: StageContext, worst_group: str | None) -> Signals:
-        from influencespace.influence.scores import group_column
+        from influencespace.layout import group_column
 
         cfg = ctx.config.curate
         wanted = set(cfg.comparison_policies)

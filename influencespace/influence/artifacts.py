@@ -1,7 +1,8 @@
 """What the influence stage writes: cluster scores, the curvature artifact, the summary, the row scores.
 
 ``cluster_scores.parquet`` (``cluster``, ``size``, ``n_sampled``, ``n_dropped``, ``influence``,
-``stderr``, ``ci_low``, ``ci_high``, ``influence_group_<name>`` per validation group), ``curvature/``
+``stderr``, ``ci_low``, ``ci_high``; per validation group ``influence_group_<name>``, ``stderr_group_<name>``,
+``ci_low_group_<name>``, ``ci_high_group_<name>``: :func:`influencespace.layout.group_column`), ``curvature/``
 (per checkpoint: ``eigenvalues.npy``, ``eigenvectors.npy``, ``validation_sketch.npy``; and
 ``curvature.json`` with damping, rank, projector kind/seed/dim/fingerprint) and ``summary.json``.
 The row pass's ``row_scores/`` and ``curvature/row_directions.npy``: :mod:`.rows`.

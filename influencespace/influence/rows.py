@@ -169,7 +169,7 @@ def score_shard(job: RowJob, shard: PoolShard) -> int:
     """Score one pool shard into ``row_scores/<its name>``; returns its rows (a finished shard is not redone)."""
     import pyarrow as pa
 
-    from influencespace.influence.scores import group_column
+    from influencespace.layout import group_column
 
     out = storage.join(job.out, shard.name)
     if storage.exists(out):

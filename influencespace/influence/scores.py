@@ -27,14 +27,9 @@ gets 0 with stderr 0 (removing nothing changes nothing).
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
-
-def group_column(name: str) -> str:
-    """The score column of one validation group: ``influence_group_<name>`` (name made column-safe)."""
-    return "influence_group_" + re.sub(r"[^0-9A-Za-z_]+", "_", str(name))
+from influencespace.layout import GROUP_STATS, group_column
 
 
 def t_quantile(confidence: float, df: np.ndarray) -> np.ndarray:
@@ -57,13 +52,16 @@ def cluster_statistics(
     """Score columns for the clusters that appear in ``cluster`` (rows of one worker's shard).
 
     ``terms`` is (s, 1 + G): column 0 uses the overall validation gradient, column 1 + g group g's.
+    Every column gets the same estimator: group g's influence, standard error and interval
+    (``influence_group_<g>``, ``stderr_group_<g>``, ``ci_low_group_<g>``, ``ci_high_group_<g>``) come
+    from its own terms' stratum variances, so a call made for one group carries that group's noise.
     """
     terms = np.asarray(terms, dtype=np.float64)
-    out: dict[str, list] = {"cluster": [], "size": [], "n_sampled": [], "n_dropped": [], "influence": [], "stderr": []}
-    group_cols = [group_column(g) for g in group_names]
-    group_values: list[np.ndarray] = []
+    out: dict[str, list] = {"cluster": [], "size": [], "n_sampled": [], "n_dropped": []}
+    estimates: list[np.ndarray] = []  # per cluster: (1 + G) totals / n
+    errors: list[np.ndarray] = []  # … and their standard errors
     if len(cluster) == 0:
-        return _finish(out, group_cols, np.zeros((0, len(group_cols))), confidence)
+        return _finish(out, group_names, np.zeros((0, 1 + len(group_names))), np.zeros((0, 1 + len(group_names))), confidence)
     keys, inverse = np.unique(np.stack([cluster, stratum], axis=1), axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
     valid = np.asarray(finite, dtype=bool)
@@ -72,8 +70,8 @@ def cluster_statistics(
     big_n[inverse] = stratum_size
     sums = np.stack([np.bincount(inverse, weights=terms[:, j] * valid, minlength=len(keys)) for j in range(terms.shape[1])], 1)
     means = np.divide(sums, m[:, None], out=np.zeros_like(sums), where=m[:, None] > 0)
-    dev = (terms[:, 0] - means[inverse, 0]) * valid
-    ss = np.bincount(inverse, weights=dev**2, minlength=len(keys))
+    dev = (terms - means[inverse]) * valid[:, None]
+    ss = np.stack([np.bincount(inverse, weights=dev[:, j] ** 2, minlength=len(keys)) for j in range(terms.shape[1])], 1)
     key_cluster = keys[:, 0]
     for c in np.unique(key_cluster):
         ks = np.flatnonzero(key_cluster == c)
@@ -86,41 +84,41 @@ def cluster_statistics(
         out["n_dropped"].append(int(((cluster == c) & ~valid).sum()))
         seen = ks[m[ks] > 0]
         if m_c == 0:
-            out["influence"].append(0.0)
-            out["stderr"].append(np.inf)
-            group_values.append(np.zeros(len(group_cols)))
+            estimates.append(np.zeros(terms.shape[1]))
+            errors.append(np.full(terms.shape[1], np.inf))
             continue
         scale = size / big_n[seen].sum()  # spreads strata with no usable draw over the others
         total = scale * (big_n[seen, None] * means[seen]).sum(axis=0)
-        pooled = terms[rows, 0].var(ddof=1) if m_c > 1 else np.inf
-        var = 0.0
+        pooled = terms[rows].var(axis=0, ddof=1) if m_c > 1 else np.full(terms.shape[1], np.inf)
+        var = np.zeros(terms.shape[1])
         for kk in seen:
             if m[kk] >= big_n[kk]:
                 continue  # stratum taken in full: no sampling error
             s2 = ss[kk] / (m[kk] - 1) if m[kk] > 1 else pooled
             var += big_n[kk] ** 2 * (1 - m[kk] / big_n[kk]) * s2 / m[kk]
-        out["influence"].append(total[0] / n)
-        out["stderr"].append(scale * np.sqrt(var) / n)
-        group_values.append(total[1:] / n)
-    values = np.array(group_values, dtype=np.float64).reshape(len(out["cluster"]), len(group_cols))
-    return _finish(out, group_cols, values, confidence)
+        estimates.append(total / n)
+        errors.append(scale * np.sqrt(var) / n)
+    width = terms.shape[1]
+    return _finish(out, group_names, np.array(estimates).reshape(-1, width), np.array(errors).reshape(-1, width), confidence)
 
 
-def _finish(out: dict[str, list], group_cols: list[str], group_values: np.ndarray, confidence: float) -> dict[str, np.ndarray]:
+def _finish(out: dict[str, list], group_names: list[str], estimates: np.ndarray, errors: np.ndarray,
+            confidence: float) -> dict[str, np.ndarray]:
     cols = {
         "cluster": np.asarray(out["cluster"], dtype=np.int64),
         "size": np.asarray(out["size"], dtype=np.int64),
         "n_sampled": np.asarray(out["n_sampled"], dtype=np.int64),
         "n_dropped": np.asarray(out["n_dropped"], dtype=np.int64),
-        "influence": np.asarray(out["influence"], dtype=np.float64),
-        "stderr": np.asarray(out["stderr"], dtype=np.float64),
     }
-    half = t_quantile(confidence, cols["n_sampled"] - 1) * cols["stderr"]
-    half = np.where(cols["stderr"] == 0, 0.0, half)  # 0·inf guard not needed, but keep exact zeros exact
-    cols["ci_low"] = cols["influence"] - half
-    cols["ci_high"] = cols["influence"] + half
-    for j, name in enumerate(group_cols):
-        cols[name] = group_values[:, j].astype(np.float64) if len(group_values) else np.zeros(0)
+    quantile = t_quantile(confidence, cols["n_sampled"] - 1)
+    names = [("influence", "stderr", "ci_low", "ci_high")] + [
+        tuple(group_column(g, stat) for stat in GROUP_STATS) for g in group_names]
+    for j, (value, stderr, low, high) in enumerate(names):
+        cols[value] = estimates[:, j].astype(np.float64)
+        cols[stderr] = errors[:, j].astype(np.float64)
+        half = np.where(cols[stderr] == 0, 0.0, quantile * cols[stderr])  # keep exact zeros exact
+        cols[low] = cols[value] - half
+        cols[high] = cols[value] + half
     return cols
 
 

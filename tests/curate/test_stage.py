@@ -300,3 +300,40 @@ def test_buckets_pack_whole_clusters_up_to_the_target():
 
     bucket = plan_buckets(np.array([3, 3, 10, 0, 2, 2, 2]), row_bytes=10, target_bytes=60)
     assert bucket.tolist() == [0, 0, 1, 2, 2, 2, 2]  # the 10-row cluster alone (100 B > 60 B), never split
+
+
+def test_fairness_upweight_reads_the_influence_stages_own_group_intervals(make_config, tmp_path):
+    """From the real influence stage's output: the worst group's intervals reach curation's up-weighting.
+
+    A cluster is up-weighted for the worst-off group exactly when it is up-weighted at all (rare and
+    helpful) and that group's own lower bound (``ci_low_group_<g>``, written by the influence stage) is
+    above zero; such clusters weigh (1 + fairness_weight) times what they would without the term."""
+    from influencespace.curate import policy
+    from influencespace.influence.stage import InfluenceStage
+    from influencespace.layout import group_column
+    from tests.influence.synthetic import make_data, write_upstream
+
+    upstream = write_upstream(str(tmp_path / "up"), make_data(), num_clusters=8)
+    influence_config = make_config("influence.dtype=float64", "influence.negatives=8", "influence.head_dim=4",
+                                   "influence.samples_per_cluster=40", run_dir=str(tmp_path / "run"))
+    influence = run_stage(influence_config, InfluenceStage(), upstream=upstream)
+    scores = storage.read_table(storage.join(influence_config.run_dir, "influence", "cluster_scores.parquet")).to_pandas()
+    worst = max(influence.manifest["extra"]["group_validation_loss"].items(), key=lambda kv: kv[1])[0]
+    for stat in ("influence", "stderr", "ci_low", "ci_high"):
+        assert group_column(worst, stat) in scores, f"the influence stage wrote no {group_column(worst, stat)}"
+
+    runs = {}
+    for fairness in (1.0, 0.0):
+        config = make_config("curate.keep_fraction=0.7", f"curate.fairness_weight={fairness}", "curate.comparison_policies=[]",
+                             run_dir=str(tmp_path / f"run-{fairness}"))
+        outcome = run_stage(config, CurateStage(), upstream={**upstream, "influence": influence.manifest})
+        assert outcome.manifest["extra"]["worst_group"] == worst
+        runs[fairness] = storage.read_table(storage.join(config.run_dir, "curate", "cluster_decisions.parquet")).to_pandas()
+    fair, plain = (runs[f].set_index("cluster").sort_index() for f in (1.0, 0.0))
+    expected = (fair["kept_reason"] == policy.UPWEIGHTED) & (scores.set_index("cluster")[group_column(worst, "ci_low")]
+                                                             .reindex(fair.index) > 0)
+    assert fair["helps_worst_group"].tolist() == expected.tolist()
+    assert fair["helps_worst_group"].any(), f"no cluster helps {worst} here: the test would not see the branch\n{scores}"
+    assert plain["helps_worst_group"].tolist() == expected.tolist()  # the same clusters; only their weight differs
+    helped = fair.index[fair["helps_worst_group"]]
+    assert (fair.loc[helped, "weight"] > plain.loc[helped, "weight"]).all(), (fair.loc[helped], plain.loc[helped])

@@ -83,3 +83,21 @@ def test_group_columns_use_their_own_terms():
     out = stats([0, 0], [-1, -1], [2, 2], [1, 1], terms, [2], groups=("b lack", "white"))
     assert out["influence_group_b_lack"][0] == pytest.approx(6 / 100)
     assert out["influence_group_white"][0] == pytest.approx(-4 / 100)
+
+
+def test_group_intervals_are_the_overall_estimator_on_that_groups_terms():
+    """A group's stderr and interval are exactly what the overall columns give when that group's terms
+    stand in column 0 (stratified, with finite-population correction and a non-finite row)."""
+    rng = np.random.default_rng(3)
+    cluster = np.array([0] * 6 + [1] * 4)
+    stratum = np.array([0, 0, 0, 1, 1, 1, -1, -1, -1, -1])
+    stratum_size = np.array([20, 20, 20, 8, 8, 8, 30, 30, 30, 30])
+    finite = np.array([1, 1, 1, 1, 1, 0, 1, 1, 1, 1])
+    terms = rng.normal(size=(10, 3)) * np.array([1.0, 5.0, 0.1])  # groups with very different spreads
+    out = stats(cluster, stratum, stratum_size, finite, terms, [28, 30], groups=("minority", "majority"))
+    for j, group in ((1, "minority"), (2, "majority")):
+        alone = stats(cluster, stratum, stratum_size, finite, terms[:, [j]], [28, 30])
+        for stat in ("influence", "stderr", "ci_low", "ci_high"):
+            got, want = out[f"{stat}_group_{group}"], alone[stat]
+            assert got == pytest.approx(want, rel=1e-12), f"{stat} of {group}: {got} vs {want}"
+    assert (out["stderr_group_minority"] > 10 * out["stderr_group_majority"]).all()  # each its own noise
