@@ -227,7 +227,11 @@ class InfluenceConfig(Section):
         description="P (k × tracked parameters) is kept on the worker's device once drawn when it fits in this many MiB; "
         "above, its blocks are drawn again for every chunk of gradients (chunks then hold this many MiB of gradients).",
     )
-    rank: int = Field(256, ge=1, description="r: eigenpairs kept from the sketched Fisher.")
+    rank: int | None = Field(
+        None, ge=1,
+        description="r: eigenpairs kept from the sketched curvature (None: all k, the exact damped inverse of the sketch). "
+        "Never below the number of eigenvalues above the damping λ: a smaller r is raised to it (docs/influence.md).",
+    )
     damping: float = Field(0.1, gt=0.0, description="λ = damping × mean eigenvalue.")
     proxy_steps: int = Field(200, ge=0, description="Warm-start steps of the proxy model on a random subset.")
     checkpoints: int = Field(1, ge=1, description="Proxy checkpoints averaged over.")

@@ -21,6 +21,7 @@ so that the other ranks stop with the same error instead of waiting forever.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,8 @@ from influencespace.influence.proxy import State, set_state
 from influencespace.influence.scores import cluster_statistics, merge_scores
 from influencespace.influence.tasks import Task
 from influencespace.progress import NULL, Sink
+
+log = logging.getLogger(__name__)
 
 
 class LocalComm:
@@ -208,6 +211,10 @@ def compute_influence(
                 if settings.weight_decay:
                     mean_curvature = mean_curvature + settings.weight_decay * projector.gram().cpu().numpy()
                 curvature = fit_curvature(mean_curvature, settings.rank, settings.damping, settings.damping_floor)
+                if curvature.rank > curvature.rank_configured:
+                    log.warning("influence: influence.rank %d would drop eigenvalues above the damping λ = %.3g; "
+                                "kept %d of %d eigenpairs instead (the truncation rule, docs/influence.md)",
+                                curvature.rank_configured, curvature.damping, curvature.rank, k)
                 u = curvature.inverse_apply(val_means.T).T
                 status[1:] = torch.as_tensor(u.reshape(-1))
                 result.curvatures.append(curvature)

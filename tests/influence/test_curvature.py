@@ -19,7 +19,7 @@ def test_full_rank_inverse_is_exact():
 
 
 def test_truncated_inverse_matches_the_complement_formula():
-    h = random_psd(10, 10)
+    h = random_psd(10, 4) + 1e-3 * np.eye(10)  # six eigenvalues of 1e-3, below λ: rank 4 may drop them
     curv = fit_curvature(h, rank=4, damping=0.05)
     v, s, lam = curv.eigenvectors, curv.eigenvalues[:4], curv.damping
     formula = (np.eye(10) - v @ np.diag(s / (s + lam)) @ v.T) / lam
@@ -29,6 +29,22 @@ def test_truncated_inverse_matches_the_complement_formula():
     assert np.allclose(curv.inverse_apply(x), formula @ x, rtol=1e-10)
     assert curv.eigenvalues.shape == (10,) and curv.eigenvectors.shape == (10, 4)
     assert 0 < curv.metadata()["kept_mass"] < 1
+    assert curv.rank_configured == 4 and 0 < curv.discarded_over_damping <= 1
+
+
+def test_rank_never_drops_an_eigenvalue_above_the_damping():
+    """The truncation rule: a configured rank that would drop eigenvalues above λ is raised to keep them."""
+    h = random_psd(10, 10)
+    s = np.sort(np.linalg.eigvalsh(h))[::-1]
+    curv = fit_curvature(h, rank=2, damping=0.05)
+    above = int((s > curv.damping).sum())
+    assert above > 2, "the spectrum must make rank 2 violate the rule, or the test checks nothing"
+    assert curv.rank == above and curv.rank_configured == 2
+    assert curv.discarded_over_damping <= 1.0 and curv.metadata()["discarded_over_damping"] == curv.discarded_over_damping
+    everything = fit_curvature(h, rank=None, damping=0.05)
+    assert everything.rank == 10 == everything.rank_configured and everything.discarded_over_damping == 0.0
+    x = np.ones(10)
+    assert np.allclose(everything.inverse_apply(x), np.linalg.solve(h + everything.damping * np.eye(10), x), rtol=1e-10)
 
 
 def test_zero_curvature_uses_the_floor():
