@@ -265,6 +265,11 @@ class CurateConfig(Section):
     min_weight: float = Field(0.25, gt=0.0, description="Lowest sampling weight of a kept row.")
     max_weight: float = Field(4.0, ge=1.0, description="Highest sampling weight of a kept row.")
     fairness_weight: float = Field(1.0, ge=0.0, description="How much the worst-off group's influence counts.")
+    fdr: float | None = Field(
+        0.05, gt=0.0, lt=1.0,
+        description="False-discovery rate of the harmful / helpful cluster calls across all clusters (Benjamini–Hochberg "
+        "q-values from the influence stage). None: each cluster's own interval decides (no multiplicity correction).",
+    )
     upweight_power: float = Field(
         0.5, ge=0.0, le=2.0, description="Helpful under-represented clusters get weight (median size / size)^power."
     )

@@ -5,14 +5,16 @@ confidence intervals (sign convention: influence > 0 means the cluster lowers va
 Influence decides which clusters go and how far each may be thinned; row-level evidence decides
 which rows leave first:
 
-1. **Harmful** clusters (``ci_high < 0``: confidently raise the validation loss) are pruned, always.
+1. **Harmful** clusters (influence < 0 with Benjamini–Hochberg q ≤ ``fdr`` across the k clusters —
+   or, with ``fdr`` None or scores without q-values, ``ci_high < 0``: confidently raise the validation
+   loss) are pruned, always. **Helpful** is the same call with influence > 0 (or ``ci_low > 0``).
 2. Rows of the other clusters leave, until the budget ``keep_fraction × N`` is met, in tiers of
    evidence (:func:`select_rows`): image–text **mismatches** (cosine a Tukey outlier of the pool's,
    :func:`mismatch_outliers`), **near-duplicates** of a row that stays (SemDeDup score ≥
    ``duplicate_threshold`` — first-order influence is additive, so it cannot see redundancy), rows of
-   **negligible** clusters (the CI contains 0), and last rows of **helpful** clusters
-   (``ci_low > 0``). Within a tier the row of lowest value goes first: its own influence from the
-   influence stage's row pass (+ fairness_weight × the worst-off group's), or its image–text cosine.
+   **negligible** clusters (not called either way), and last rows of **helpful** clusters. Within a
+   tier the row of lowest value goes first: its own influence from the influence stage's row pass
+   (+ fairness_weight × the worst-off group's), or its image–text cosine.
    No cluster is thinned below ``min_cluster_keep`` of its size — dropping whole clusters costs class
    and group coverage — unless the floors together exceed the budget; then whole clusters go,
    negligible before helpful, lowest per-example value first,
@@ -74,6 +76,7 @@ class PolicyParams:
     min_cluster_keep: float = 0.25
     duplicate_threshold: float | None = 0.95  # None: no near-duplicate step
     seed: int = 0
+    fdr: float | None = 0.05  # BH level of the harmful / helpful calls; None: each cluster's own interval
 
 
 def budget_rows(n_rows: int, keep_fraction: float) -> int:
@@ -94,8 +97,15 @@ def classify_clusters(scores: pd.DataFrame, params: PolicyParams, worst_group: s
     if group_col and group_col in df:
         score = score + params.fairness_weight * df[group_col].fillna(0.0).to_numpy(dtype=np.float64) / safe_size
     df["score"] = score
-    df["harmful"] = df["ci_high"].to_numpy() < 0
-    df["helpful"] = df["ci_low"].to_numpy() > 0
+    if params.fdr is not None and "q_value" in df:
+        # Called across all k clusters at false-discovery rate fdr (Benjamini–Hochberg q-values, written
+        # by the influence stage); scores without them (an older run) fall back to the intervals.
+        called = df["q_value"].fillna(1.0).to_numpy() <= params.fdr
+        influence = df["influence"].to_numpy()
+        df["harmful"], df["helpful"] = called & (influence < 0), called & (influence > 0)
+    else:
+        df["harmful"] = df["ci_high"].to_numpy() < 0
+        df["helpful"] = df["ci_low"].to_numpy() > 0
     df["negligible"] = ~df["harmful"] & ~df["helpful"]
     df["floor"] = np.where(df["harmful"], 0, np.ceil(params.min_cluster_keep * size)).astype(np.int64)
     return df

@@ -610,6 +610,7 @@ class CurateStage(Stage):
             keep_fraction=keep_fraction, min_weight=cfg.min_weight, max_weight=cfg.max_weight,
             fairness_weight=cfg.fairness_weight, upweight_power=cfg.upweight_power,
             min_cluster_keep=cfg.min_cluster_keep, duplicate_threshold=cfg.duplicate_threshold, seed=cfg.seed,
+            fdr=cfg.fdr,
         )
 
     @staticmethod

@@ -208,3 +208,19 @@ def test_semdedup_tile_by_tile_equals_one_tile():
     shuffled = rng.permutation(57)
     again = policy.semdedup_scores(embeddings[shuffled], distances[shuffled], ids=ids[shuffled])
     np.testing.assert_allclose(again, whole[shuffled], rtol=0, atol=1e-6)  # independent of the order rows arrive in
+
+
+def test_calls_follow_the_false_discovery_rate_when_q_values_are_there():
+    """Harmful / helpful are BH calls (q ≤ fdr, by the sign of the influence); without q-values or with
+    fdr None each cluster's own interval decides."""
+    scores = pd.DataFrame({"cluster": [0, 1, 2, 3], "size": [10] * 4, "influence": [-1.0, -0.5, 0.4, 2.0],
+                           "ci_low": [-2.0, -0.9, 0.1, 1.0], "ci_high": [-0.5, -0.1, 0.7, 3.0],
+                           "q_value": [0.01, 0.2, 0.3, 0.04]})
+    fdr = policy.classify_clusters(scores, PolicyParams(keep_fraction=0.5, fdr=0.05))
+    assert fdr["harmful"].tolist() == [True, False, False, False]
+    assert fdr["helpful"].tolist() == [False, False, False, True]
+    intervals = policy.classify_clusters(scores, PolicyParams(keep_fraction=0.5, fdr=None))
+    assert intervals["harmful"].tolist() == [True, True, False, False]
+    assert intervals["helpful"].tolist() == [False, False, True, True]
+    old = policy.classify_clusters(scores.drop(columns="q_value"), PolicyParams(keep_fraction=0.5))
+    assert old[["harmful", "helpful"]].equals(intervals[["harmful", "helpful"]])

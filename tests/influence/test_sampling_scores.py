@@ -101,3 +101,24 @@ def test_group_intervals_are_the_overall_estimator_on_that_groups_terms():
             got, want = out[f"{stat}_group_{group}"], alone[stat]
             assert got == pytest.approx(want, rel=1e-12), f"{stat} of {group}: {got} vs {want}"
     assert (out["stderr_group_minority"] > 10 * out["stderr_group_majority"]).all()  # each its own noise
+
+
+def test_calls_are_benjamini_hochberg_over_the_clusters_t_tests():
+    """p is the interval's own two-sided t-test (p < 0.05 exactly when the 95% interval excludes 0), q is
+    scipy's BH over all clusters; known totals (stderr 0) and unknown clusters (stderr inf) are exact."""
+    from scipy.stats import false_discovery_control
+
+    from influencespace.influence.scores import call_p_values
+
+    rng = np.random.default_rng(5)
+    cluster = np.repeat(np.arange(6), 5)
+    terms = rng.normal(size=30) + np.repeat([3.0, 0.0, 0.0, -2.0, 0.1, 0.0], 5)
+    out = stats(cluster, [-1] * 30, [50] * 30, [1] * 30, terms, [50] * 6)
+    p, q = call_p_values(out["influence"], out["stderr"], out["n_sampled"])
+    excludes_zero = (out["ci_low"] > 0) | (out["ci_high"] < 0)
+    assert excludes_zero.any() and not excludes_zero.all(), "both kinds of cluster, or the check is empty"
+    assert ((p < 0.05) == excludes_zero).all(), (p, out["ci_low"], out["ci_high"])
+    assert q == pytest.approx(false_discovery_control(p, method="bh"))
+    assert (q >= p).all()
+    p2, _ = call_p_values(np.array([0.5, 0.0, 0.3]), np.array([0.0, 0.0, np.inf]), np.array([4, 4, 0]))
+    assert p2.tolist() == [0.0, 1.0, 1.0]

@@ -32,7 +32,9 @@ def test_local_run_writes_scores_and_curvature(make_config, upstream, task):
     assert outcome.manifest["counts"]["clusters"] == 9 and outcome.manifest["counts"]["dropped_nonfinite"] == 0
     out = scores(config)
     assert {"cluster", "size", "n_sampled", "influence", "stderr", "ci_low", "ci_high"} <= set(out)
-    assert {"influence_group_majority", "influence_group_minority"} <= set(out)
+    assert {f"{stat}_group_{g}" for stat in ("influence", "stderr", "ci_low", "ci_high")
+            for g in ("majority", "minority")} | {"p_value", "q_value"} <= set(out)
+    assert all(p <= q <= 1 for p, q in zip(out["p_value"], out["q_value"], strict=True))
     losses = outcome.manifest["extra"]["group_validation_loss"]
     assert set(losses) == {"majority", "minority"} and all(v > 0 for v in losses.values())
     assert out["cluster"] == list(range(9)) and sum(out["size"]) == 240
