@@ -27,7 +27,9 @@ embed fusion ``concat`` → fused d = 64 stored as float16; cluster **k = 256 at
 clusters grow 10× with N, which is the point: per-cluster work must not), 10 Lloyd iterations,
 k-means++ on a 32,768-row sample, 2 workers re-reading one shard at a time (``cache_shards: false``:
 with cached shards worker memory grows with N by design); influence: contrastive task, 8 samples per
-cluster, sketch 128, rank 64, 50 proxy steps on 10,000 rows, the row pass on (every pool row scored);
+cluster, sketch 128, rank 64, 50 proxy steps on 10,000 rows, one proxy (``ensemble: 1``; each further
+member repeats the per-row work with the same memory, so it changes the CPU seconds, not a ratio), the
+row pass on (every pool row scored);
 curate: keep 0.6 with the three comparison policies (random, dedup, clipscore), no budget curve;
 train: the heads over the frozen tower embeddings (the only target), 1 epoch, batch 1024, heads 32
 wide, ``same_epochs``, 2 Ray Train workers, one seed; evaluate; report; and ``export --format uids``.
@@ -334,6 +336,7 @@ def pipeline_config(args: argparse.Namespace, run_dir: str, pool: str, validatio
         },
         "influence": {
             "samples_per_cluster": args.samples_per_cluster, "projection_dim": 128, "rank": 64, "proxy_steps": 50,
+            "ensemble": 1,
             "proxy_rows": 10_000, "head_dim": 32, "batch_size": 256, "num_workers": 2, "score_rows": True,
         },
         "curate": {"keep_fraction": 0.6, "comparison_policies": list(args.policies), "curve_keep_fractions": []},

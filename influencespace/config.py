@@ -234,7 +234,12 @@ class InfluenceConfig(Section):
     )
     damping: float = Field(0.1, gt=0.0, description="λ = damping × mean eigenvalue.")
     proxy_steps: int = Field(200, ge=0, description="Warm-start steps of the proxy model on a random subset.")
-    checkpoints: int = Field(1, ge=1, description="Proxy checkpoints averaged over.")
+    checkpoints: int = Field(1, ge=1, description="Proxy checkpoints averaged over, per ensemble member (snapshots of one run).")
+    ensemble: int = Field(
+        3, ge=1,
+        description="Independently trained proxies (seed, seed+1, …: own init and minibatch order) whose scores are averaged; "
+        "their disagreement joins the sampling error in every interval (1: sampling error only).",
+    )
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence level of the per-cluster intervals.")
     score_rows: bool = Field(
         True,

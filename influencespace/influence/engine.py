@@ -12,7 +12,10 @@ proxy checkpoint:
 5. each rank forms the per-example terms t_i = uᵀ φ_i of its examples.
 
 Terms are averaged over checkpoints, each rank turns its clusters' terms into score columns
-(:func:`cluster_statistics`; a cluster never straddles ranks), and rank 0 gathers them.
+(:func:`cluster_statistics`; a cluster never straddles ranks), and rank 0 gathers them. With an
+ensemble (``settings.ensemble`` E independently trained proxies, their states member after member),
+each member's terms are kept apart as well, and the spread of the members' cluster estimates joins
+the sampling error in the intervals (:func:`~influencespace.influence.scores.with_model_variance`).
 
 Memory per worker: k² for F, (1+G)·k for u, and the rank's sampled sketches (m·k per cluster) — none
 of it grows with the pool size n. A failure on one rank is turned into a flag in the next collective
@@ -21,6 +24,7 @@ so that the other ranks stop with the same error instead of waiting forever.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -35,7 +39,7 @@ from influencespace.influence.errors import InfluenceError
 from influencespace.influence.gradients import GradientSketcher, flat_tracked
 from influencespace.influence.projector import RandomProjector
 from influencespace.influence.proxy import State, set_state
-from influencespace.influence.scores import cluster_statistics, merge_scores
+from influencespace.influence.scores import cluster_statistics, merge_scores, with_model_variance
 from influencespace.influence.tasks import Task
 from influencespace.progress import NULL, Sink
 
@@ -158,7 +162,10 @@ def compute_influence(
     n_total = int(cluster_sizes.sum())
     k, groups = settings.projection_dim, len(group_names)
     n_rows = len(shard.cluster)
-    terms = np.zeros((n_rows, 1 + groups))
+    members = int(getattr(settings, "ensemble", 1))
+    if len(states) % members:
+        raise InfluenceError(f"{len(states)} proxy states do not split into {members} ensemble members evenly")
+    member_terms = np.zeros((members, n_rows, 1 + groups))  # member e: its checkpoints' mean terms
     finite_all = np.ones(n_rows, dtype=bool)
     result = InfluenceResult(scores=None, sketcher=sketcher)
     fingerprints = comm.all_gather(projector.fingerprint())
@@ -227,15 +234,17 @@ def compute_influence(
         u = status[1:].reshape(1 + groups, k)
         result.directions.append(u.numpy().copy())
         if n_rows:
-            terms += (train.phi.to(torch.float64).cpu() @ u.T).numpy()
+            member_terms[j * members // len(states)] += (train.phi.to(torch.float64).cpu() @ u.T).numpy()
         result.summary.setdefault("checkpoints", []).append(
             {"checkpoint": j, "total_weight": total_weight, "dropped_nonfinite": int(dropped)}
         )
 
-    terms /= max(len(states), 1)
-    cols = cluster_statistics(
-        shard.cluster, shard.stratum, shard.stratum_size, finite_all, terms, cluster_sizes, n_total, settings.confidence, group_names
-    )
+    member_terms /= max(len(states) // members, 1)
+    statistics = functools.partial(cluster_statistics, shard.cluster, shard.stratum, shard.stratum_size, finite_all)
+    cols = statistics(member_terms.mean(axis=0), cluster_sizes, n_total, settings.confidence, group_names)
+    if members > 1:
+        each = [statistics(t, cluster_sizes, n_total, settings.confidence, group_names) for t in member_terms]
+        cols = with_model_variance(cols, each, settings.confidence, group_names)
     seconds = time.perf_counter() - t0
     parts = comm.gather((cols, n_rows, seconds))
     if comm.rank == 0:

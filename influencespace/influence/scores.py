@@ -110,22 +110,62 @@ def _finish(out: dict[str, list], group_names: list[str], estimates: np.ndarray,
         "n_sampled": np.asarray(out["n_sampled"], dtype=np.int64),
         "n_dropped": np.asarray(out["n_dropped"], dtype=np.int64),
     }
-    quantile = t_quantile(confidence, cols["n_sampled"] - 1)
-    names = [("influence", "stderr", "ci_low", "ci_high")] + [
-        tuple(group_column(g, stat) for stat in GROUP_STATS) for g in group_names]
-    for j, (value, stderr, low, high) in enumerate(names):
+    cols["df"] = np.maximum(cols["n_sampled"] - 1, 1).astype(np.float64)  # of the t statistic (Student)
+    for j, (value, stderr, low, high) in enumerate(_quartets(group_names)):
         cols[value] = estimates[:, j].astype(np.float64)
         cols[stderr] = errors[:, j].astype(np.float64)
-        half = np.where(cols[stderr] == 0, 0.0, quantile * cols[stderr])  # keep exact zeros exact
-        cols[low] = cols[value] - half
-        cols[high] = cols[value] + half
+        cols[low], cols[high] = _interval(cols[value], cols[stderr], cols["df"], confidence)
     return cols
 
 
-def call_p_values(influence: np.ndarray, stderr: np.ndarray, n_sampled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _quartets(group_names: list[str]) -> list[tuple[str, ...]]:
+    """(value, stderr, ci_low, ci_high) column names: the overall ones, then each group's."""
+    return [("influence", "stderr", "ci_low", "ci_high")] + [
+        tuple(group_column(g, stat) for stat in GROUP_STATS) for g in group_names]
+
+
+def _interval(value: np.ndarray, stderr: np.ndarray, df: np.ndarray, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    half = np.where(stderr == 0, 0.0, t_quantile(confidence, df) * stderr)  # keep exact zeros exact
+    return value - half, value + half
+
+
+def with_model_variance(pooled: dict[str, np.ndarray], members: list[dict[str, np.ndarray]], confidence: float,
+                        group_names: list[str]) -> dict[str, np.ndarray]:
+    """Add the between-model variance of an ensemble of E independently trained proxies to the intervals.
+
+    ``pooled`` are the statistics of the terms averaged over the E members, ``members`` each member's own
+    (the same rows and strata; the estimator is linear in the terms, so ``pooled``'s value is the members'
+    mean). The ensemble mean's error has two parts, the sampling error of the rows (``pooled``'s
+    stderr², df = m − 1) and the spread between models, s²_between / E (df = E − 1):
+
+        stderr² = stderr²_sampling + s²_between / E,
+        df = stderr⁴ / (stderr⁴_sampling / (m − 1) + (s²_between / E)² / (E − 1))   (Welch–Satterthwaite)
+
+    so a cluster sampled whole (no sampling error) still gets an interval as wide as the models disagree.
+    With E = 1 nothing can be said about the models and ``pooled`` is returned unchanged."""
+    if len(members) < 2:
+        return pooled
+    e = len(members)
+    out = dict(pooled)
+    for value, stderr, low, high in _quartets(group_names):
+        between = np.stack([m[value] for m in members]).var(axis=0, ddof=1) / e
+        within = pooled[stderr] ** 2
+        total = within + between
+        with np.errstate(divide="ignore", invalid="ignore"):
+            df = total**2 / (within**2 / pooled["df"] + between**2 / (e - 1))
+        df = np.where(np.isfinite(df) & (total > 0), df, pooled["df"])
+        out[stderr] = np.sqrt(total)
+        out[low], out[high] = _interval(out[value], out[stderr], df, confidence)
+        if value == "influence":
+            out["df"] = df
+            out["stderr_between_models"] = np.sqrt(between)
+    return out
+
+
+def call_p_values(influence: np.ndarray, stderr: np.ndarray, df: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(p, q) per cluster: the two-sided p-value of influence ≠ 0 and its Benjamini–Hochberg q-value.
 
-    p = 2·P(T_df > |influence| / stderr), df = n_sampled − 1 (the interval's own t statistic, so p < α
+    p = 2·P(T_df > |influence| / stderr), with the interval's own df (the interval's t statistic, so p < α
     exactly when the 1 − α interval excludes 0). A cluster whose total is known without sampling error
     (stderr 0) has p = 0 if its influence is non-zero and 1 if it is zero; one with no usable example
     (stderr inf) has p = 1. q is scipy's ``false_discovery_control`` (BH) over every cluster: calling
@@ -136,7 +176,7 @@ def call_p_values(influence: np.ndarray, stderr: np.ndarray, n_sampled: np.ndarr
     influence, stderr = np.asarray(influence, dtype=np.float64), np.asarray(stderr, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         t = np.abs(influence) / stderr
-    p = 2 * stats.t.sf(np.nan_to_num(t, nan=0.0, posinf=np.inf), np.maximum(np.asarray(n_sampled) - 1, 1))
+    p = 2 * stats.t.sf(np.nan_to_num(t, nan=0.0, posinf=np.inf), np.maximum(np.asarray(df, dtype=np.float64), 1))
     p = np.where(stderr == 0, np.where(influence != 0, 0.0, 1.0), p)
     p = np.where(np.isfinite(stderr), p, 1.0)
     q = stats.false_discovery_control(p, method="bh") if len(p) else p
@@ -156,5 +196,5 @@ def merge_scores(parts: list[dict[str, np.ndarray]], clusters: np.ndarray, sizes
             cols[key] = np.concatenate([cols[key], fill])
     order = np.argsort(cols["cluster"], kind="stable")
     merged = {k: v[order] for k, v in cols.items()}
-    merged["p_value"], merged["q_value"] = call_p_values(merged["influence"], merged["stderr"], merged["n_sampled"])
+    merged["p_value"], merged["q_value"] = call_p_values(merged["influence"], merged["stderr"], merged["df"])
     return merged

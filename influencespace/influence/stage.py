@@ -28,6 +28,7 @@ import numpy as np
 from influencespace import storage
 from influencespace.errors import StageStateError
 from influencespace.influence.artifacts import CURVATURE_DIR, SCORES_FILE, SUMMARY_FILE, npy_bytes, write_outputs
+from influencespace.influence.errors import InfluenceError
 from influencespace.influence.inputs import (
     BANK_DIR,
     PROXY_DIR,
@@ -85,7 +86,10 @@ def _finite_rows(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def build_proxy(inputs: Inputs, task: Any, cfg: Any) -> tuple[Any, list]:
-    """Build the task's model (negative bank from the pool) and warm-start it; returns (model, states)."""
+    """Build the task's model (negative bank from the pool) and warm-start ``cfg.ensemble`` independent
+    proxies of it (seed, seed + 1, …: own initialisation and minibatch order, the same proxy rows);
+    returns (model, states), the states member after member, ``cfg.checkpoints`` each (what the
+    engine's ensemble statistics expect)."""
     import torch
 
     from influencespace.influence.engine import to_tensors
@@ -96,13 +100,35 @@ def build_proxy(inputs: Inputs, task: Any, cfg: Any) -> tuple[Any, list]:
     if task.bank_size(inputs.spec):
         raw = _finite_rows(read_drawn(inputs, BANK_DIR))
         bank = {k: torch.as_tensor(v).to(dtype) for k, v in raw.items() if k != "label"}
-    model = task.build_model(inputs.spec, bank, torch.Generator().manual_seed(cfg.seed)).to(dtype)
     # Rows with NaN/inf embeddings would turn the whole proxy into NaN; they are scored (and reported) later.
     feats = to_tensors(_finite_rows(read_drawn(inputs, PROXY_DIR)), dtype, "cpu")
-    states = warm_start(
-        task, model, feats, cfg.proxy_steps, cfg.proxy_batch_size, cfg.proxy_lr, cfg.weight_decay, cfg.seed, cfg.checkpoints
-    )
+    model, states = None, []
+    for member in range(cfg.ensemble):
+        seed = cfg.seed + member
+        proxy = task.build_model(inputs.spec, bank, torch.Generator().manual_seed(seed)).to(dtype)
+        if model is None:
+            model = proxy
+        else:
+            _check_untracked_equal(task, model, proxy)
+        states += warm_start(
+            task, proxy, feats, cfg.proxy_steps, cfg.proxy_batch_size, cfg.proxy_lr, cfg.weight_decay, seed, cfg.checkpoints
+        )
     return model, states
+
+
+def _check_untracked_equal(task: Any, model: Any, other: Any) -> None:
+    """Ensemble members share one model object and differ only in their tracked parameters' states, so a
+    parameter the task does not track must not depend on the seed."""
+    import torch
+
+    tracked = set(task.tracked_parameters(model))
+    theirs = dict(other.named_parameters())
+    for name, value in model.named_parameters():
+        if name not in tracked and not torch.equal(value, theirs[name]):
+            raise InfluenceError(
+                f"influence.ensemble > 1 but the task's untracked parameter '{name}' differs between seeds; "
+                "track it (Task.tracked_parameters), make it seed-independent, or set influence.ensemble=1"
+            )
 
 
 def make_shard(inputs: Inputs, rank: int, world_size: int) -> Any:

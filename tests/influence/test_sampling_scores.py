@@ -114,11 +114,36 @@ def test_calls_are_benjamini_hochberg_over_the_clusters_t_tests():
     cluster = np.repeat(np.arange(6), 5)
     terms = rng.normal(size=30) + np.repeat([3.0, 0.0, 0.0, -2.0, 0.1, 0.0], 5)
     out = stats(cluster, [-1] * 30, [50] * 30, [1] * 30, terms, [50] * 6)
-    p, q = call_p_values(out["influence"], out["stderr"], out["n_sampled"])
+    p, q = call_p_values(out["influence"], out["stderr"], out["df"])
     excludes_zero = (out["ci_low"] > 0) | (out["ci_high"] < 0)
     assert excludes_zero.any() and not excludes_zero.all(), "both kinds of cluster, or the check is empty"
     assert ((p < 0.05) == excludes_zero).all(), (p, out["ci_low"], out["ci_high"])
     assert q == pytest.approx(false_discovery_control(p, method="bh"))
     assert (q >= p).all()
-    p2, _ = call_p_values(np.array([0.5, 0.0, 0.3]), np.array([0.0, 0.0, np.inf]), np.array([4, 4, 0]))
+    p2, _ = call_p_values(np.array([0.5, 0.0, 0.3]), np.array([0.0, 0.0, np.inf]), np.array([3.0, 3.0, 1.0]))
     assert p2.tolist() == [0.0, 1.0, 1.0]
+
+
+def test_model_variance_joins_the_sampling_error():
+    """Ensemble intervals: stderr² = sampling stderr² of the mean terms + s²_between / E, with the
+    Welch–Satterthwaite df; a cluster sampled whole gets an interval as wide as its models disagree."""
+    from scipy.stats import t as student
+
+    from influencespace.influence.scores import with_model_variance
+
+    rng = np.random.default_rng(7)
+    cluster = np.repeat([0, 1], [4, 3])
+    stratum, size, finite = [-1] * 7, [10] * 4 + [3] * 3, [1] * 7  # cluster 1 is sampled whole
+    members = [rng.normal(size=(7, 2)) + e for e in range(3)]
+    each = [stats(cluster, stratum, size, finite, t, [10, 3], groups=("g",)) for t in members]
+    pooled = stats(cluster, stratum, size, finite, np.mean(members, axis=0), [10, 3], groups=("g",))
+    assert pooled["influence"] == pytest.approx(np.mean([m["influence"] for m in each], axis=0))  # linear
+    out = with_model_variance(pooled, each, 0.95, ["g"])
+    for value, stderr, low in (("influence", "stderr", "ci_low"), ("influence_group_g", "stderr_group_g", "ci_low_group_g")):
+        between = np.var([m[value] for m in each], axis=0, ddof=1) / 3
+        within = pooled[stderr] ** 2
+        assert out[stderr] == pytest.approx(np.sqrt(within + between))
+        df = (within + between) ** 2 / (within**2 / pooled["df"] + between**2 / 2)
+        assert out[value] - out[low] == pytest.approx(student.ppf(0.975, df) * out[stderr])
+    assert pooled["stderr"][1] == 0 and out["stderr"][1] > 0 and out["df"][1] == pytest.approx(2)
+    assert with_model_variance(pooled, each[:1], 0.95, ["g"]) is pooled

@@ -86,6 +86,19 @@ def test_row_scores_sum_to_the_cluster_influence_when_every_row_is_sampled(make_
     np.testing.assert_allclose(summed["influence_group_minority"], clusters["influence_group_minority"], rtol=1e-6, atol=1e-12)
 
 
+def test_an_ensemble_of_proxies_widens_the_intervals_by_their_disagreement(make_config, upstream):
+    config = make_config("runtime.runner=local", "influence.ensemble=2", "influence.checkpoints=2", *BASE)
+    outcome = run_stage(config, load_stage("influence"), upstream=upstream)
+    assert outcome.status == "ran"
+    meta = storage.read_json(storage.join(config.run_dir, "influence", "curvature", "curvature.json"))
+    assert len(meta["checkpoints"]) == 4  # two proxies, two checkpoints each
+    out = pd.DataFrame(scores(config))
+    scored = out[out["size"] > 0]
+    assert (scored["stderr_between_models"] > 0).all(), scored
+    assert (scored["stderr"] >= scored["stderr_between_models"]).all()
+    assert ((scored["ci_low"] <= scored["influence"]) & (scored["influence"] <= scored["ci_high"])).all()
+
+
 def test_checkpoint_averaging_runs(make_config, upstream):
     config = make_config("runtime.runner=local", "influence.checkpoints=2", *BASE)
     run_stage(config, InfluenceStage(), upstream=upstream)
