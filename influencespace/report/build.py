@@ -202,16 +202,39 @@ def goals(summary: dict) -> list[tuple[str, bool | None, str]]:
           f"{fmt(eo)} vs baseline {fmt(eo_base)}")
     others = [p for p in policies if p not in (BASELINE, CURATED)]
     for metric, label in (("accuracy_ratio_pct", "accuracy"), ("worst_group_acc", "worst-group accuracy")):
-        mine = ours[metric]
-        theirs = {p: policies[p][metric] for p in others}
-        if not others or mine is None or any(v is None for v in theirs.values()):
-            check(f"better than every comparison policy on {label}", None, "no comparison policies" if not others else "n/a")
+        goal = f"better than every comparison policy on {label}"
+        if not others:
+            check(goal, None, "no comparison policies")
             continue
-        best = max(theirs, key=theirs.get)
-        pct = metric.endswith("_pct")
-        check(f"better than every comparison policy on {label}", mine > theirs[best],
-              f"{fmt(mine, pct=pct)} vs best other ({best}) {fmt(theirs[best], pct=pct)}")
+        verdicts = {p: paired_verdict(ours, policies[p], metric) for p in others}
+        if any(v is None for v in verdicts.values()):
+            check(goal, None, "needs every policy's metric on ≥ 2 shared training seeds (evaluate.seeds) for a paired interval")
+            continue
+        ok = all(v[0] == "better" for v in verdicts.values())
+        check(goal, ok, "; ".join(f"vs {p}: {_signed(d)} [{_signed(lo)}, {_signed(hi)}] {word}"
+                                  for p, (word, d, lo, hi) in verdicts.items()))
     return out
+
+
+def paired_verdict(ours: dict, theirs: dict, metric: str, confidence: float = 0.95) -> tuple[str, float, float, float] | None:
+    """("better" | "tie" | "worse", mean difference, low, high) of ours − theirs on ``metric``, paired by seed.
+
+    Both policies are trained with the same seeds, so the differences d_s = ours_s − theirs_s share the
+    seed's noise and are what to test: the interval is mean(d) ± t_{n−1} · sd(d)/√n (with 3 to 5 seeds
+    a bootstrap of the d_s would be too coarse). "better" only when the interval lies above 0, "worse"
+    when below, "tie" otherwise. None when fewer than 2 seeds have the metric for both."""
+    from scipy import stats
+
+    mine, other = ours.get("per_seed") or {}, theirs.get("per_seed") or {}
+    diffs = [mine[s][metric] - other[s][metric] for s in sorted(set(mine) & set(other))
+             if mine[s].get(metric) is not None and other[s].get(metric) is not None]
+    if len(diffs) < 2:
+        return None
+    d = np.asarray(diffs, dtype=np.float64)
+    half = stats.t.ppf((1 + confidence) / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    low, high = d.mean() - half, d.mean() + half
+    word = "better" if low > 0 else ("worse" if high < 0 else "tie")
+    return word, float(d.mean()), float(low), float(high)
 
 
 # --------------------------------------------------------------------------------------------------
