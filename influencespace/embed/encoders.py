@@ -52,6 +52,7 @@ class EncoderSpec:
     # need no shared cache directory.
     checkpoint_bytes: bytes | None = field(default=None, repr=False)
     model_config: str | None = field(default=None, repr=False)  # custom open_clip architecture (JSON)
+    weights_sha256: str | None = None  # the offline default's weights fingerprint (offline_default.weights_fingerprint)
 
     def describe(self) -> str:
         source = self.tag or self.checkpoint or ("inline checkpoint" if self.checkpoint_bytes else "random init")

@@ -31,6 +31,7 @@ read back with ``torch.load(weights_only=True)`` like any other checkpoint. Buil
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -199,6 +200,22 @@ class OfflineDefaultEncoder(Encoder):
         return out.float().cpu().numpy()
 
 
+def weights_fingerprint(state_dict: dict[str, Any]) -> str:
+    """sha256 of a state dict's tensors (names, dtypes, shapes and bytes, in name order).
+
+    The checkpoint file's own hash changes with every build (it records how long the build took); this
+    one is the same exactly when the weights are, so two machines can check they embed with the same
+    model (the embed stage records it as ``weights_sha256``)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes, any dtype
+    return digest.hexdigest()
+
+
 def spec_from_checkpoint(raw: bytes, source: str = "<bytes>") -> EncoderSpec:
     """An :class:`EncoderSpec` for an offline-default checkpoint (its bytes travel inline)."""
     checkpoint = load_weights_only(raw)
@@ -210,7 +227,8 @@ def spec_from_checkpoint(raw: bytes, source: str = "<bytes>") -> EncoderSpec:
     if checkpoint.get("version") != VERSION:
         raise ConfigError(f"'{source}' is offline-default version {checkpoint.get('version')}; this code reads version {VERSION}: rebuild it")
     image, text = preprocessing(int(checkpoint["image_size"]), int(checkpoint["text_max_length"]))
-    return EncoderSpec("offline-default", "offline-default", image, text, int(checkpoint["dim"]), checkpoint=source, checkpoint_bytes=raw)
+    return EncoderSpec("offline-default", "offline-default", image, text, int(checkpoint["dim"]), checkpoint=source, checkpoint_bytes=raw,
+                       weights_sha256=weights_fingerprint(checkpoint["state_dict"]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,6 +341,7 @@ def train_alignment(settings: AlignmentSettings, towers: Towers | None = None, p
         "image_size": settings.image_size,
         "text_max_length": settings.text_max_length,
         "state_dict": {k: v.detach().clone() for k, v in heads.state_dict().items()},
+        "weights_sha256": weights_fingerprint(heads.state_dict()),
         "training": {
             **{k: v for k, v in asdict(settings).items() if not k.endswith("_dir")},
             "alignment_slice": f"fashion-mnist train[{part.start}:{part.stop}]",

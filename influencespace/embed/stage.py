@@ -97,6 +97,7 @@ class EmbedStage(Stage):
                 "tower_dim": spec.dim,
                 "model": spec.describe(),
                 "checkpoint_sha256": spec.checkpoint_sha256(),
+                "weights_sha256": spec.weights_sha256,
                 "fusion": cfg.fusion,
                 "image_weight": cfg.image_weight,
                 "dtype": cfg.dtype,

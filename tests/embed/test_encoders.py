@@ -155,3 +155,29 @@ def test_minilm_on_torch_layers_equals_transformers_bert():
         ours = load_minilm(minilm_dir())(ids, mask)
         theirs = BertModel.from_pretrained(str(minilm_dir())).eval()(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(ours[mask.bool()], theirs[mask.bool()], rtol=0, atol=1e-4)
+
+
+def test_offline_default_build_is_deterministic(offline_checkpoint, tmp_path):
+    """Two builds with the same settings give the same weights bit for bit (so a fresh machine embeds
+    with the model the docs were measured with), and the fingerprint says so while the file hash cannot."""
+    import torch
+
+    from influencespace.embed.encoders import load_weights_only
+    from influencespace.embed.offline_default import (
+        AlignmentSettings,
+        build_default_checkpoint,
+        spec_from_checkpoint,
+        weights_fingerprint,
+    )
+
+    again = tmp_path / "again.pt"
+    build_default_checkpoint(str(again), AlignmentSettings(images=200, steps=20, batch_size=64, dim=32, image_size=32))
+    first, second = (load_weights_only(p.read_bytes()) for p in (offline_checkpoint, again))
+    for name, tensor in first["state_dict"].items():
+        assert torch.equal(tensor, second["state_dict"][name]), f"{name} differs between two builds"
+    specs = [spec_from_checkpoint(p.read_bytes(), str(p)) for p in (offline_checkpoint, again)]
+    assert specs[0].weights_sha256 == specs[1].weights_sha256 == first["weights_sha256"] == weights_fingerprint(second["state_dict"])
+    changed = {k: v.clone() for k, v in first["state_dict"].items()}
+    name = next(iter(changed))
+    changed[name].view(-1)[0] += 1e-6
+    assert weights_fingerprint(changed) != first["weights_sha256"]
