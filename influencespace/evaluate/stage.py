@@ -28,7 +28,7 @@ from influencespace.evaluate.curation import (
     curation_quality,
     quality_from_counts,
 )
-from influencespace.evaluate.summary import summarize
+from influencespace.evaluate.summary import CURATION_STAGES, curation_cost, summarize
 from influencespace.evaluate.zero_shot import read_test, score_features, score_model
 from influencespace.layout import (
     BASELINE,
@@ -38,7 +38,7 @@ from influencespace.layout import (
     summary_entry,
     variant_manifests,
 )
-from influencespace.stages import Stage, StageContext, StageResult
+from influencespace.stages import Stage, StageContext, StageResult, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,11 @@ class EvaluateStage(Stage):
                                                                          cfg.seeds)
             summary["policies"][variant]["steps"] = train.get("extra", {}).get("steps", {}).get(variant)
         summary["budget_curve"] = budget_curve(summary["policies"], ctx.config.curate.keep_fraction)
+        manifests = {stage: read_manifest(ctx.config, stage) for stage in CURATION_STAGES}
+        summary["curation_cost"] = curation_cost(
+            {stage: (m or {}).get("seconds") for stage, m in manifests.items()},
+            [runs[BASELINE][seed].get("train_seconds") for seed in cfg.seeds] if BASELINE in runs else [],
+        )
         storage.write_json(ctx.path(SUMMARY_FILE), summary)
         ours = summary["policies"].get(CURATED, summary["policies"][BASELINE])
         return StageResult(

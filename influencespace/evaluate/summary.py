@@ -90,3 +90,25 @@ def summarize(
         entry["per_seed"] = per_seed
         policies[variant] = entry
     return {"baseline": baseline, "seeds": seeds, "seed_metrics": list(SEED_METRICS), "policies": policies}
+
+
+CURATION_STAGES = ("embed", "cluster", "influence", "curate")
+
+
+def curation_cost(stage_seconds: dict[str, float | None], baseline_train_seconds: Iterable[float | None]) -> dict:
+    """What curating cost, beside what training on the whole pool costs (issue: the time ratio alone
+    leaves out the price of the curation it rewards).
+
+    ``stage_seconds``: each curation stage's wall seconds (its manifest's ``seconds``; None when that
+    stage did not run in this run directory). ``ratio`` = total curation seconds / the baseline's mean
+    training seconds per run: curation pays for itself in time when the saved training time of the runs
+    trained on the curated set exceeds it, i.e. when ratio < runs × (1 − 1/time_ratio)."""
+    known = {k: v for k, v in stage_seconds.items() if v is not None}
+    baseline, _ = mean_sd(baseline_train_seconds)
+    total = float(sum(known.values())) if known else None
+    return {
+        "stage_seconds": dict(stage_seconds),
+        "total_seconds": total,
+        "baseline_train_seconds": baseline,
+        "ratio": _ratio(total, baseline),
+    }

@@ -161,6 +161,24 @@ def curation_table(summary: dict) -> Table | None:
     )
 
 
+def cost_table(summary: dict) -> Table | None:
+    """What curation cost (embed, cluster, influence, curate wall seconds) beside the baseline's training."""
+    cost = summary.get("curation_cost")
+    if not cost or cost.get("total_seconds") is None:
+        return None
+    rows = [[stage, fmt(seconds, digits=1)] for stage, seconds in cost["stage_seconds"].items()]
+    rows.append(["curation in all", fmt(cost["total_seconds"], digits=1)])
+    rows.append(["training the baseline once (mean over seeds)", fmt(cost.get("baseline_train_seconds"), digits=1)])
+    rows.append(["curation / baseline training", fmt(cost.get("ratio"), digits=2)])
+    return Table(
+        "What curation cost",
+        ["step", "seconds"],
+        rows,
+        "Wall seconds of each curation stage in this run; the time ratio of the metrics table counts training alone. "
+        "Curation pays for itself in time once the training time it saves over the runs trained on the curated set exceeds it.",
+    )
+
+
 def curve_table(summary: dict) -> Table | None:
     curve = summary.get("budget_curve") or []
     if not curve:
@@ -469,7 +487,7 @@ def build_report(run_dir: str, out_dir: str | None = None, summary_uri: str | No
         report.facts.append(f"clusters scored by the influence stage: {len(scores)}")
     report.goals = goals(summary)
     report.tables = [seed_metrics_table(summary), comparison_table(summary)]
-    for extra in (curation_table(summary), curve_table(summary)):
+    for extra in (cost_table(summary), curation_table(summary), curve_table(summary)):
         if extra is not None:
             report.tables.append(extra)
     if scores is not None and {"cluster", "size", "influence"} <= set(scores.columns) and len(scores):

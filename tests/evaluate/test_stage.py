@@ -26,6 +26,9 @@ def test_evaluate_writes_the_benchmark_summary(tmp_path, make_config):
     summary = storage.read_json(storage.join(outcome.manifest["stage_dir"], "summary.json"))
     assert set(summary["policies"]) == {"baseline", "influencespace", "random"}
     assert summary["positive_classes"] == [5, 7, 9] and summary["minority_group"] == "inverted"
+    cost = summary["curation_cost"]  # the curation stages ran elsewhere here: unknown, not zero
+    assert cost["stage_seconds"] == dict.fromkeys(("embed", "cluster", "influence", "curate")) and cost["total_seconds"] is None
+    assert cost["baseline_train_seconds"] == 8.0
     for entry in summary["policies"].values():
         for key in (*SEED_METRICS, "deltas_vs_baseline", "bias_reduction", "recall_at_1", "recall_at_5", "group_acc"):
             assert key in entry

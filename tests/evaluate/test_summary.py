@@ -91,3 +91,12 @@ def test_budget_curve_moves_curve_variants_out_of_the_policy_table():
         ("influencespace", 0.6, 101.0), ("influencespace", 0.4, 97.0), ("random", 0.8, 99.5), ("random", 0.6, 98.0)]
     assert curve[0]["accuracy_ratio_pct_sd"] == 0.5
     assert budget_curve({"baseline": entry(0.0, 100.0), "random": entry(40.0, 98.0)}, 0.6) == []
+
+
+def test_curation_cost_is_the_curation_stages_beside_one_baseline_training():
+    from influencespace.evaluate.summary import curation_cost
+
+    cost = curation_cost({"embed": 40.0, "cluster": 5.0, "influence": 50.0, "curate": 5.0}, [18.0, 22.0])
+    assert cost["total_seconds"] == 100.0 and cost["baseline_train_seconds"] == 20.0 and cost["ratio"] == 5.0
+    partial = curation_cost({"embed": None, "cluster": 5.0, "influence": None, "curate": 5.0}, [])
+    assert partial["total_seconds"] == 10.0 and partial["ratio"] is None and partial["stage_seconds"]["embed"] is None

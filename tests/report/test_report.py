@@ -112,3 +112,14 @@ def test_budget_curve_table_lists_every_point():
              "accuracy_ratio_pct_sd": 1.2, "worst_group_acc": 0.7, "eo_diff": 0.02}
     table = curve_table({"budget_curve": [point, dict(point, keep_fraction=0.8, volume_reduction_pct=20.0)]})
     assert len(table.rows) == 2 and table.rows[0][:4] == ["random", "0.40", "60.0", "97.5 ± 1.2"]
+
+
+def test_cost_table_shows_each_curation_stage_and_the_ratio():
+    from influencespace.report.build import cost_table
+
+    assert cost_table({}) is None
+    table = cost_table({"curation_cost": {"stage_seconds": {"embed": 40.0, "influence": 60.0}, "total_seconds": 100.0,
+                                          "baseline_train_seconds": 20.0, "ratio": 5.0}})
+    assert [row[0] for row in table.rows] == ["embed", "influence", "curation in all",
+                                              "training the baseline once (mean over seeds)", "curation / baseline training"]
+    assert table.rows[-1][1] == "5.00" and table.rows[2][1] == "100.0"
