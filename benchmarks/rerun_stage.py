@@ -27,8 +27,6 @@ def main() -> None:
     parser.add_argument("run_dirs", nargs="+", help="run directories of benchmarks/scale.py (each with its scale.yaml)")
     parser.add_argument("--interval", type=float, default=0.2, help="seconds between /proc samples")
     parser.add_argument("--stage-timeout", type=float, default=3600.0)
-    parser.add_argument("--warm-page-cache", action=argparse.BooleanOptionalAction, default=True,
-                        help="read the files the stages map into the page cache first (scale.warm_page_cache)")
     args = parser.parse_args()
     for run_dir in args.run_dirs:
         config = os.path.join(run_dir, "scale.yaml")

@@ -47,11 +47,15 @@ process) to "worker peak"; every process's last-seen utime + stime is added to t
 A worker's RSS includes the object-store pages it maps, as the kernel counts them; so does the
 driver's, once it ``ray.get``s results that live in the object store (shared pages, which the object
 store's own limit bounds), so the driver's sampled ``RssAnon`` (its private memory) is recorded and
-its ratio printed beside the peak ("private"). An RSS also counts the pages of the shared libraries a
-process maps, as many as happen to be in the page cache when it faults near them; so before each
-stage (``--warm-page-cache``, on by default) every file that the stage drivers' imports and the
-earlier stages' processes mapped is read whole, and a stage's peak does not depend on what ran before
-it (:func:`warm_page_cache`). Per stage:
+its ratio printed beside the peak ("private"). An RSS also counts the file pages a process maps — for
+a driver that imports torch and Ray, ≈ 330–440 MiB of shared-library text — and how many of those
+are mapped depends on the page cache, not on the data: the kernel maps a whole large folio on a
+fault, and which library pages sit in large folios changes over time (``FileHugePages`` in
+/proc/meminfo). The same train driver at the same N = 300k peaked at 716 MiB in one run and 824 MiB in
+the next, RssAnon 391 MiB both times, RssFile 328 vs 438 MiB. So the driver's RssFile and RssShmem
+are sampled too, and the figure that says whether a driver's memory grows with N is its **private**
+peak, max over samples of RssAnon + RssShmem (its own heap plus the object-store pages it maps: all
+the memory the data can make it hold): ``scale_driver_private_ratio`` beside the VmHWM ratio. Per stage:
 wall seconds, CPU seconds (driver + all Ray processes), driver peak, largest worker peak, the largest
 other descendant's peak ("sys": raylet, gcs_server, Ray's agents, any other subprocess), and the number
 of workers seen. A stage that fails is recorded
@@ -65,14 +69,16 @@ shard by shard into 64-bit hashes (8 bytes a row) and every manifest directory u
 
 **Output.** A table per size, then per stage the ratios largest / smallest size, and the last line::
 
-    scale_driver_rss_ratio=R1 scale_worker_rss_ratio=R2 scale_cpu_slope=S influence_bytes_read_ratio=B loop_config_bytes=L
+    scale_driver_rss_ratio=R1 scale_driver_private_ratio=P scale_worker_rss_ratio=R2 scale_cpu_slope=S influence_bytes_read_ratio=B loop_config_bytes=L
 
 (``B``: the largest, over the sizes, of the bytes the influence stage's processes read from the embedded
 pool, counted through the filesystem (``$INFLUENCESPACE_READ_LOG``, influencespace.read_log), over the
 pool's size on disk; ``L``: the largest pickled size of its Ray Train loop config, from its manifest.)
 
 R1 (R2): the largest over the stages of driver (worker) peak RSS at the largest size / at the
-smallest size (stages that ran at both; the goal is flat, ≈ 1); S: the least-squares slope of
+smallest size (stages that ran at both; the goal is flat, ≈ 1); P: the same for the driver's private
+peak (RssAnon + RssShmem, without the library pages that move R1 by up to ±15% between identical
+runs); S: the least-squares slope of
 log(total CPU seconds over all stages) against log(N) (fixed costs pull it below 1 at small N).
 Everything is written as JSON to ``--out`` (default ``runs/scale/scale.json``).
 """
@@ -146,20 +152,6 @@ finally:
         json.dump({"hwm_bytes": hwm, "ru_maxrss_bytes": ru.ru_maxrss * 1024,
                    "cpu_seconds": ru.ru_utime + ru.ru_stime, "rc": rc, "mapped_files": mapped}, f)
 sys.exit(rc)
-"""
-
-# Imports what the stage drivers import and prints the files this process maps: the first set of files
-# the harness keeps in the page cache (see warm_page_cache).
-PREFLIGHT = r"""
-import importlib, json
-for name in ("influencespace.cli", "influencespace.stages", "influencespace.datasets.stage",
-             "influencespace.embed.stage", "influencespace.cluster.stage", "influencespace.influence.stage",
-             "influencespace.curate.stage", "influencespace.train.stage", "influencespace.evaluate.stage",
-             "influencespace.report.stage", "influencespace.export", "ray.train.torch", "ray.data", "faiss",
-             "torch", "pyarrow.dataset", "pyarrow.parquet"):
-    importlib.import_module(name)
-with open("/proc/self/maps") as f:
-    print(json.dumps(sorted({line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6})))
 """
 
 
@@ -360,7 +352,6 @@ def stage_command(stage: str, config_path: str, run_dir: str) -> list[str]:
 # Watching a stage's processes through /proc
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-MAPS_EVERY = 10  # a worker's /proc/PID/maps is read every 10th sample (2 s at the default interval)
 
 
 def _stat(pid: int) -> tuple[int, int, float] | None:
@@ -385,67 +376,6 @@ def _status_kib(pid: int, keys: tuple[str, ...] = ("VmHWM", "RssAnon")) -> dict[
     except (OSError, ValueError, IndexError):
         pass
     return out
-
-
-def _mapped_files(pid: int) -> set[str]:
-    """The regular files a process maps (shared libraries, memory-mapped inputs), from /proc/PID/maps."""
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            fields = [line.split(None, 5) for line in f]
-    except OSError:
-        return set()
-    return {entry[5].strip() for entry in fields if len(entry) == 6 and entry[5].startswith("/")}
-
-
-def warm_page_cache(paths: set[str], buffer: bytearray | None = None) -> int:
-    """Read every file of ``paths`` whole, so that all its pages are in the page cache; returns the bytes read.
-
-    Why: a process's RSS counts the file pages it maps (RssFile: the shared libraries, ≈ 400 MiB of a
-    driver that imports torch and Ray), and the kernel maps, on each page fault, the neighbouring pages
-    that happen to be in the page cache (fault-around). So the same driver's peak RSS moved by ±100 MiB
-    with what earlier processes had read of ``libtorch_cpu.so`` — a fresh clone's venv starts cold and
-    warms as the stages run, which made the first sizes' drivers look smaller (714 MiB at 100k against
-    823 MiB at 1M, the same 823 MiB when 100k was rerun; RssAnon 390 MiB throughout). With every mapped
-    file fully cached before each stage, that part of the RSS no longer depends on what ran before it.
-    Files that vanished or cannot be read (``/dev/shm`` objects, deleted files) are skipped."""
-    buffer = buffer if buffer is not None else bytearray(8 * MIB)
-    view, total = memoryview(buffer), 0
-    for path in sorted(paths):
-        if path.startswith(("/dev/", "/proc/", "/sys/")) or path.endswith("(deleted)"):
-            continue
-        try:
-            with open(path, "rb", buffering=0) as f:
-                while (n := f.readinto(view)) > 0:
-                    total += n
-        except OSError:
-            continue
-    return total
-
-
-class PageCache:
-    """The files the stages' processes have mapped so far, re-read (:func:`warm_page_cache`) before each stage.
-
-    It starts from what a process that imports every stage driver's modules maps (``PREFLIGHT``), so
-    the first stage measured is warmed like the last; then grows by each driver's maps at exit (the
-    wrapper writes them) and the workers' maps seen by the :class:`Watcher`."""
-
-    def __init__(self) -> None:
-        self.paths: set[str] = set()
-        self._buffer = bytearray(8 * MIB)
-
-    def preflight(self) -> None:
-        out = subprocess.run([sys.executable, "-c", PREFLIGHT], capture_output=True, text=True, cwd=REPO, check=True)
-        self.paths |= set(json.loads(out.stdout.strip().splitlines()[-1]))
-
-    def warm(self) -> tuple[int, float]:
-        """(bytes read, seconds) of reading every known mapped file whole."""
-        if not self.paths:
-            self.preflight()
-        t0 = time.perf_counter()
-        return warm_page_cache(self.paths, self._buffer), time.perf_counter() - t0
-
-
-PAGE_CACHE = PageCache()
 
 
 def _cmdline(pid: int) -> str:
@@ -489,8 +419,7 @@ class Watcher(threading.Thread):
         self.root_anon_peak_bytes = 0  # the driver's private memory (RssAnon), sampled: no object-store pages
         self.root_file_peak_bytes = 0  # … the file pages it maps (RssFile: shared libraries, mapped inputs)
         self.root_shmem_peak_bytes = 0  # … and the shared memory (RssShmem: Ray's object store)
-        self.mapped: set[str] = set()  # files the workers map (read every MAPS_EVERY samples): warm_page_cache
-        self._samples = 0
+        self.root_private_peak_bytes = 0  # … RssAnon + RssShmem at one sample: what data can make it hold
         self._halt = threading.Event()
 
     def stop(self) -> None:
@@ -526,6 +455,7 @@ class Watcher(threading.Thread):
         self.root_anon_peak_bytes = max(self.root_anon_peak_bytes, root.get("RssAnon", 0) * 1024)
         self.root_file_peak_bytes = max(self.root_file_peak_bytes, root.get("RssFile", 0) * 1024)
         self.root_shmem_peak_bytes = max(self.root_shmem_peak_bytes, root.get("RssShmem", 0) * 1024)
+        self.root_private_peak_bytes = max(self.root_private_peak_bytes, (root.get("RssAnon", 0) + root.get("RssShmem", 0)) * 1024)
         for pid, (_, start, cpu) in stats.items():
             key = (pid, start)
             if pid not in tree and key not in self.seen:
@@ -538,13 +468,10 @@ class Watcher(threading.Thread):
                 cmd = _cmdline(pid)
                 if cmd and _kind(cmd) == "worker":
                     record.cmd, record.kind = cmd[:200], "worker"
-            if record.kind == "worker" and self._samples % MAPS_EVERY == 0:
-                self.mapped |= _mapped_files(pid)
             status = _status_kib(pid)
             record.peak_bytes = max(record.peak_bytes, status.get("VmHWM", 0) * 1024)
             record.anon_peak_bytes = max(record.anon_peak_bytes, status.get("RssAnon", 0) * 1024)
             record.cpu_seconds = max(record.cpu_seconds, cpu)
-        self._samples += 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -562,6 +489,7 @@ class StageRecord:
     driver_anon_peak_bytes: int = 0  # sampled RssAnon: the driver's own memory, without the Ray object-store pages it maps
     driver_file_peak_bytes: int = 0  # sampled RssFile
     driver_shmem_peak_bytes: int = 0  # sampled RssShmem
+    driver_private_peak_bytes: int = 0  # sampled RssAnon + RssShmem (one sample): the driver's own memory
     worker_peak_bytes: int = 0
     worker_anon_peak_bytes: int = 0
     worker_peak_cmd: str = ""
@@ -574,8 +502,6 @@ class StageRecord:
     top_workers: list[dict[str, Any]] = field(default_factory=list)
     input_bytes: int = 0  # COUNTED_READS: the input's size on disk
     input_bytes_read: int = 0  # … and what the stage's processes read of it
-    page_cache_warmed_bytes: int = 0  # read before the stage started (warm_page_cache), not counted in it
-    page_cache_warm_seconds: float = 0.0
 
 
 def _stop_session(proc: subprocess.Popen) -> None:
@@ -604,7 +530,6 @@ def run_stage(stage: str, config_path: str, run_dir: str, scratch: str, args: ar
         shutil.rmtree(read_log, ignore_errors=True)
         env["INFLUENCESPACE_READ_LOG"] = read_log
     command = [sys.executable, "-c", WRAPPER, usage, *stage_command(stage, config_path, run_dir)]
-    warmed_bytes, warm_seconds = PAGE_CACHE.warm() if getattr(args, "warm_page_cache", True) else (0, 0.0)
     t0 = time.perf_counter()
     with open(stdout_path, "w") as out, open(stderr_path, "w") as err:
         proc = subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=REPO, start_new_session=True)
@@ -626,7 +551,6 @@ def run_stage(stage: str, config_path: str, run_dir: str, scratch: str, args: ar
     if os.path.exists(usage):
         with open(usage) as f:
             driver = json.load(f)
-    PAGE_CACHE.paths |= set(driver.get("mapped_files", [])) | watcher.mapped
     workers = [s for s in watcher.seen.values() if s.kind == "worker"]
     system = [s for s in watcher.seen.values() if s.kind != "worker"]
     top = max(workers, key=lambda s: s.peak_bytes, default=None)
@@ -640,6 +564,7 @@ def run_stage(stage: str, config_path: str, run_dir: str, scratch: str, args: ar
         driver_anon_peak_bytes=watcher.root_anon_peak_bytes,
         driver_file_peak_bytes=watcher.root_file_peak_bytes,
         driver_shmem_peak_bytes=watcher.root_shmem_peak_bytes,
+        driver_private_peak_bytes=watcher.root_private_peak_bytes,
         worker_peak_bytes=top.peak_bytes if top else 0,
         worker_anon_peak_bytes=max((s.anon_peak_bytes for s in workers), default=0),
         worker_peak_cmd=top.cmd if top else "",
@@ -650,8 +575,6 @@ def run_stage(stage: str, config_path: str, run_dir: str, scratch: str, args: ar
         log=os.path.join(run_dir, "logs", f"{stage}.log"),
         top_workers=[{"cmd": s.cmd, "peak_mib": round(s.peak_bytes / MIB, 1), "cpu_s": round(s.cpu_seconds, 1)}
                      for s in sorted(workers, key=lambda s: -s.peak_bytes)[:5]],
-        page_cache_warmed_bytes=warmed_bytes,
-        page_cache_warm_seconds=round(warm_seconds, 2),
     )
     record.cpu_seconds = round(record.driver_cpu_seconds + sum(s.cpu_seconds for s in watcher.seen.values()), 2)
     if stage in COUNTED_READS:
@@ -812,6 +735,8 @@ def figures(results: list[dict[str, Any]]) -> dict[str, Any]:
         entry: dict[str, Any] = {"driver_ratio": b["driver_peak_bytes"] / max(a["driver_peak_bytes"], 1)}
         if a.get("driver_anon_peak_bytes") and b.get("driver_anon_peak_bytes"):
             entry["driver_anon_ratio"] = b["driver_anon_peak_bytes"] / a["driver_anon_peak_bytes"]
+        if a.get("driver_private_peak_bytes") and b.get("driver_private_peak_bytes"):
+            entry["driver_private_ratio"] = b["driver_private_peak_bytes"] / a["driver_private_peak_bytes"]
         if a["worker_peak_bytes"] and b["worker_peak_bytes"]:
             entry["worker_ratio"] = b["worker_peak_bytes"] / a["worker_peak_bytes"]
         if a["cpu_seconds"] > 0:
@@ -821,6 +746,8 @@ def figures(results: list[dict[str, Any]]) -> dict[str, Any]:
     ns = [r["n"] for r in results]
     totals = [sum(by[n][s]["cpu_seconds"] for s in complete) for n in ns]
     worst_driver = max(per_stage.items(), key=lambda kv: kv[1]["driver_ratio"], default=(None, {}))
+    with_private = [(k, v) for k, v in per_stage.items() if "driver_private_ratio" in v]
+    worst_private = max(with_private, key=lambda kv: kv[1]["driver_private_ratio"], default=(None, {}))
     with_workers = [(k, v) for k, v in per_stage.items() if "worker_ratio" in v]
     worst_worker = max(with_workers, key=lambda kv: kv[1]["worker_ratio"], default=(None, {}))
     return {
@@ -829,6 +756,8 @@ def figures(results: list[dict[str, Any]]) -> dict[str, Any]:
         "cpu_totals": totals,
         "driver_rss_ratio": worst_driver[1].get("driver_ratio"),
         "driver_rss_ratio_stage": worst_driver[0],
+        "driver_private_ratio": worst_private[1].get("driver_private_ratio"),
+        "driver_private_ratio_stage": worst_private[0],
         "worker_rss_ratio": worst_worker[1].get("worker_ratio"),
         "worker_rss_ratio_stage": worst_worker[0],
         "cpu_slope": slope(ns, totals) if len(ns) > 1 and all(t > 0 for t in totals) else None,
@@ -871,8 +800,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of each stage's local Ray")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--interval", type=float, default=0.2, help="seconds between /proc samples")
-    parser.add_argument("--warm-page-cache", action=argparse.BooleanOptionalAction, default=True,
-                        help="read every file the stages map into the page cache before each stage (warm_page_cache)")
     parser.add_argument("--stage-timeout", type=float, default=3600.0, help="seconds before a stage is stopped")
     parser.add_argument("--workdir", default="/tmp/influencespace-bench/scale", help="data and run directories")
     parser.add_argument("--out", default=os.path.join(REPO, "runs", "scale", "scale.json"), help="results JSON")
@@ -926,7 +853,7 @@ def main(argv: list[str] | None = None) -> int:
     if fig.get("per_stage"):
         print(f"\nratios {results[0]['n']:,} -> {results[-1]['n']:,} (largest / smallest):")
         for stage, entry in fig["per_stage"].items():
-            print(f"  {stage:10s} driver x{entry['driver_ratio']:.2f} (private x{entry.get('driver_anon_ratio', float('nan')):.2f})  "
+            print(f"  {stage:10s} driver x{entry['driver_ratio']:.2f} (private x{entry.get('driver_private_ratio', float('nan')):.2f})  "
                   + (f"worker x{entry['worker_ratio']:.2f}  " if "worker_ratio" in entry else "worker -      ")
                   + (f"CPU x{entry['cpu_ratio']:.2f}" if "cpu_ratio" in entry else ""))
         print(f"  total CPU s over {', '.join(fig['stages_in_cpu_total'])}: "
@@ -955,7 +882,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1, default=str)
     print(f"results: {args.out}")
-    print(f"scale_driver_rss_ratio={_fmt(fig.get('driver_rss_ratio'))} scale_worker_rss_ratio={_fmt(fig.get('worker_rss_ratio'))} "
+    print(f"scale_driver_rss_ratio={_fmt(fig.get('driver_rss_ratio'))} scale_driver_private_ratio={_fmt(fig.get('driver_private_ratio'))} "
+          f"scale_worker_rss_ratio={_fmt(fig.get('worker_rss_ratio'))} "
           f"scale_cpu_slope={_fmt(fig.get('cpu_slope'))} "
           f"influence_bytes_read_ratio={_fmt(fig.get('influence_bytes_read_ratio'))} "
           f"loop_config_bytes={fig.get('loop_config_bytes') if fig.get('loop_config_bytes') is not None else 'nan'}")
