@@ -366,6 +366,9 @@ class EvaluateConfig(Section):
     positive_classes: tuple[int, ...] | None = Field(
         None, description="Labels that are positive in the binary fairness task (None: footwear_classes from classes.json)."
     )
+    fairness_resamples: int = Field(
+        1000, ge=1, description="Test-set bootstrap resamples for the DP / EO intervals (paired across policies and seeds)."
+    )
 
 
 class PipelineConfig(Section):

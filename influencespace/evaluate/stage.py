@@ -28,7 +28,8 @@ from influencespace.evaluate.curation import (
     curation_quality,
     quality_from_counts,
 )
-from influencespace.evaluate.summary import CURATION_STAGES, curation_cost, summarize
+from influencespace.evaluate.metrics import bootstrap_fairness
+from influencespace.evaluate.summary import CURATION_STAGES, add_fairness_intervals, curation_cost, summarize
 from influencespace.evaluate.zero_shot import read_test, score_features, score_model
 from influencespace.layout import (
     BASELINE,
@@ -92,6 +93,7 @@ class EvaluateStage(Stage):
                                   ctx.input_path("data", "ground_truth"), manifests, minority))
         runs: dict[str, dict[int, dict]] = {}
         volume: dict[str, dict] = {}
+        binary: dict[str, list] = {}  # per variant, each seed's binary predictions: the fairness bootstrap
         for variant in variants:
             metrics = storage.read_json(ctx.input_path("train", variant))
             train_dir = train["stage_dir"]
@@ -100,7 +102,9 @@ class EvaluateStage(Stage):
                 record = metrics["runs"][str(seed)]
                 model_uri = record["model"] if "://" in record["model"] or record["model"].startswith("/") \
                     else storage.join(train_dir, record["model"])
-                scores = score_model(load_state(model_uri), test, positive)
+                scores, predicted = score_model(load_state(model_uri), test, positive)
+                if predicted is not None:
+                    binary.setdefault(variant, []).append(predicted)
                 scores.update(train_seconds=record["train_seconds"], wall_seconds=record["wall_seconds"],
                               final_loss=record["final_loss"], steps=record["steps"])
                 runs[variant][seed] = scores
@@ -123,6 +127,10 @@ class EvaluateStage(Stage):
                                                                          cfg.seeds)
             summary["policies"][variant]["steps"] = train.get("extra", {}).get("steps", {}).get(variant)
         summary["budget_curve"] = budget_curve(summary["policies"], ctx.config.curate.keep_fraction)
+        if test.group is not None and len(binary) == len(variants) and len(np.unique(test.group)) > 1:
+            add_fairness_intervals(summary, bootstrap_fairness(
+                np.isin(test.label, np.asarray(sorted(positive))).astype(int), binary, test.group,
+                resamples=cfg.fairness_resamples, seed=0))
         manifests = {stage: read_manifest(ctx.config, stage) for stage in CURATION_STAGES}
         summary["curation_cost"] = curation_cost(
             {stage: (m or {}).get("seconds") for stage, m in manifests.items()},

@@ -112,3 +112,24 @@ def curation_cost(stage_seconds: dict[str, float | None], baseline_train_seconds
         "baseline_train_seconds": baseline,
         "ratio": _ratio(total, baseline),
     }
+
+
+def add_fairness_intervals(summary: dict, draws: dict[str, dict[str, np.ndarray]], confidence: float = 0.95) -> None:
+    """Per policy, the test-set bootstrap intervals of its seed-mean DP and EO differences
+    (``dp_diff_ci``, ``eo_diff_ci``), and of the paired statement the benchmark's goal makes:
+    ``eo_vs_half_baseline`` = EO − EO_baseline / 2 on the same resampled test rows (the goal "EO ≤ half
+    the baseline's" is shown when its upper bound is below 0). ``draws``: metrics.bootstrap_fairness."""
+    from influencespace.evaluate.metrics import percentile_interval
+
+    base = draws.get(summary["baseline"])
+    for name, entry in summary["policies"].items():
+        if name not in draws:
+            continue
+        entry["dp_diff_ci"] = list(percentile_interval(draws[name]["dp"], confidence))
+        entry["eo_diff_ci"] = list(percentile_interval(draws[name]["eo"], confidence))
+        if base is not None:
+            entry["eo_vs_half_baseline"] = {
+                "diff": float(np.mean(draws[name]["eo"] - base["eo"] / 2)),
+                "ci": list(percentile_interval(draws[name]["eo"] - base["eo"] / 2, confidence)),
+            }
+    summary["fairness_resamples"] = int(len(next(iter(draws.values()))["eo"])) if draws else 0

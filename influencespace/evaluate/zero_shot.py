@@ -58,6 +58,12 @@ def class_prompts(text_features: np.ndarray, labels: np.ndarray) -> tuple[np.nda
     return classes, prompts / np.maximum(np.linalg.norm(prompts, axis=1, keepdims=True), 1e-12)
 
 
+def zero_shot_classes(image_features: np.ndarray, text_features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The class each test image is closest to among the class prompts (zero-shot prediction)."""
+    classes, prompts = class_prompts(text_features, labels)
+    return classes[metrics.zero_shot_predictions(image_features, prompts)]
+
+
 def score_features(
     image_features: np.ndarray,
     text_features: np.ndarray,
@@ -66,8 +72,7 @@ def score_features(
     positive_classes: tuple[int, ...] | None,
 ) -> dict:
     """Every model metric of docs/evaluation.md from projected test features."""
-    classes, prompts = class_prompts(text_features, labels)
-    predicted = classes[metrics.zero_shot_predictions(image_features, prompts)]
+    predicted = zero_shot_classes(image_features, text_features, labels)
     recall = metrics.recall_at_k_distinct(image_features, text_features, (1, 5))
     out: dict = {
         "zero_shot_acc": metrics.accuracy(labels, predicted),
@@ -95,9 +100,14 @@ def score_features(
     return out
 
 
-def score_model(state: dict, test: TestSet, positive_classes: tuple[int, ...] | None) -> dict:
-    """Load trained weights (a state dict) and score them on ``test``."""
+def score_model(state: dict, test: TestSet, positive_classes: tuple[int, ...] | None) -> tuple[dict, np.ndarray | None]:
+    """Load trained weights (a state dict) and score them on ``test``: (metrics, the binary task's
+    predictions per test row, or None without positive classes — what the fairness bootstrap resamples)."""
     from influencespace.train.model import encode, load_model
 
     image_features, text_features = encode(load_model(state), test.image, test.text)
-    return score_features(image_features, text_features, test.label, test.group, positive_classes)
+    scores = score_features(image_features, text_features, test.label, test.group, positive_classes)
+    if not positive_classes:
+        return scores, None
+    predicted = zero_shot_classes(image_features, text_features, test.label)
+    return scores, np.isin(predicted, np.asarray(sorted(positive_classes))).astype(np.int8)

@@ -216,8 +216,15 @@ def goals(summary: dict) -> list[tuple[str, bool | None, str]]:
     ratio = ours["accuracy_ratio_pct"]
     check("accuracy ratio ≥ 100%", None if ratio is None else ratio >= 100.0, fmt(ratio, pct=True) + "%")
     eo, eo_base = ours["eo_diff"], base["eo_diff"]
-    check("EO difference ≤ half the baseline's", None if eo is None or eo_base is None else eo <= eo_base / 2,
-          f"{fmt(eo)} vs baseline {fmt(eo_base)}")
+    paired = ours.get("eo_vs_half_baseline")
+    if paired:  # the test-set bootstrap: shown only when EO − EO_baseline/2 is below 0 with 95% confidence
+        low, high = paired["ci"]
+        check("EO difference ≤ half the baseline's", high < 0,
+              f"{fmt(eo)} vs baseline {fmt(eo_base)}; EO − baseline/2 = {_signed(paired['diff'])} [{_signed(low)}, {_signed(high)}] "
+              f"(test-set bootstrap, {summary.get('fairness_resamples', 0)} resamples)")
+    else:
+        check("EO difference ≤ half the baseline's", None if eo is None or eo_base is None else eo <= eo_base / 2,
+              f"{fmt(eo)} vs baseline {fmt(eo_base)} (no interval)")
     others = [p for p in policies if p not in (BASELINE, CURATED)]
     for metric, label in (("accuracy_ratio_pct", "accuracy"), ("worst_group_acc", "worst-group accuracy")):
         goal = f"better than every comparison policy on {label}"

@@ -29,6 +29,13 @@ def test_evaluate_writes_the_benchmark_summary(tmp_path, make_config):
     cost = summary["curation_cost"]  # the curation stages ran elsewhere here: unknown, not zero
     assert cost["stage_seconds"] == dict.fromkeys(("embed", "cluster", "influence", "curate")) and cost["total_seconds"] is None
     assert cost["baseline_train_seconds"] == 8.0
+    assert summary["fairness_resamples"] == 1000
+    for name, entry in summary["policies"].items():  # test-set bootstrap intervals, paired with the baseline
+        low, high = entry["eo_diff_ci"]
+        assert 0 <= low <= high <= 1 and entry["dp_diff_ci"][0] <= entry["dp_diff_ci"][1], (name, entry["eo_diff_ci"])
+        assert entry["eo_vs_half_baseline"]["ci"][0] <= entry["eo_vs_half_baseline"]["diff"] <= entry["eo_vs_half_baseline"]["ci"][1]
+    base = summary["policies"]["baseline"]["eo_vs_half_baseline"]  # EO − EO/2 on the same draws: EO/2 ≥ 0
+    assert base["ci"][0] >= 0
     for entry in summary["policies"].values():
         for key in (*SEED_METRICS, "deltas_vs_baseline", "bias_reduction", "recall_at_1", "recall_at_5", "group_acc"):
             assert key in entry

@@ -123,3 +123,15 @@ def test_cost_table_shows_each_curation_stage_and_the_ratio():
     assert [row[0] for row in table.rows] == ["embed", "influence", "curation in all",
                                               "training the baseline once (mean over seeds)", "curation / baseline training"]
     assert table.rows[-1][1] == "5.00" and table.rows[2][1] == "100.0"
+
+
+def test_the_eo_goal_needs_the_paired_bootstrap_interval_below_zero():
+    summary = {"fairness_resamples": 1000, "policies": {
+        "baseline": _entry(0, [100, 100, 100], 0.04, [0.5, 0.5, 0.5]),
+        "influencespace": dict(_entry(40, [101, 102, 100], 0.015, [0.6, 0.6, 0.6]),
+                               eo_vs_half_baseline={"diff": -0.005, "ci": [-0.03, 0.02]})}}
+    checked = {goal: (ok, evidence) for goal, ok, evidence in goals(summary)}
+    ok, evidence = checked["EO difference ≤ half the baseline's"]
+    assert ok is False and "[-0.030, +0.020]" in evidence  # under half on the mean, not shown
+    summary["policies"]["influencespace"]["eo_vs_half_baseline"] = {"diff": -0.02, "ci": [-0.03, -0.01]}
+    assert {g: ok for g, ok, _ in goals(summary)}["EO difference ≤ half the baseline's"] is True
