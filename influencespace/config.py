@@ -283,9 +283,10 @@ class CurateConfig(Section):
         description="Thinning floor: a negligible or helpful cluster keeps at least this share of its rows while the budget allows.",
     )
     row_order: Literal["influence", "image_text", "random"] = Field(
-        "influence",
-        description="Which rows a thinned cluster drops first, after its near-duplicates: the lowest own influence "
-        "(needs influence.score_rows), the lowest image–text cosine, or a seeded random subset (duplicates not preferred).",
+        "image_text",
+        description="Which rows a thinned cluster drops first, after its near-duplicates: the lowest image–text cosine "
+        "(default: on the benchmark it separates planted caption noise at AUC 0.94, own influence at 0.47, "
+        "benchmarks/row_signals.py), the lowest own influence (needs influence.score_rows), or a seeded random subset.",
     )
     duplicate_threshold: float | None = Field(
         0.95, ge=-1.0, le=1.0,

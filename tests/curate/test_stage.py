@@ -83,23 +83,31 @@ def test_scores_without_intervals_are_a_clear_error(make_config, tmp_path):
         run_stage(make_config(), CurateStage(), upstream=upstream)
 
 
-def test_thinned_clusters_keep_the_rows_of_highest_own_influence(make_config, tmp_path):
+@pytest.mark.parametrize("order", ["influence", "image_text"])
+def test_thinned_clusters_keep_the_rows_of_highest_value(make_config, tmp_path, order):
+    """With row_order influence a thinned cluster keeps its rows of highest own influence; with
+    image_text (the default) those of highest image–text cosine."""
     upstream = _upstream(tmp_path)
-    run_stage(make_config("curate.keep_fraction=0.5", "curate.duplicate_threshold=1.0"), CurateStage(), upstream=upstream)
+    run_stage(make_config("curate.keep_fraction=0.5", "curate.duplicate_threshold=1.0", f"curate.row_order={order}",
+                          "curate.mismatch_iqr=null"), CurateStage(), upstream=upstream)
     manifest = storage.read_table(str(tmp_path / "run" / "curate" / "manifest")).to_pandas()
     rows = storage.read_table(str(tmp_path / "influence" / "row_scores")).to_pandas()
     merged = manifest.merge(rows, on="id")
     thinned = merged[merged.cluster == 1]  # the negligible cluster: 15 rows, thinned to its floor of 4
     assert thinned["keep"].sum() == 4 and set(thinned.loc[~thinned.keep, "reason"]) == {"negligible-thinned"}
-    assert thinned.loc[thinned.keep, "influence"].min() > thinned.loc[~thinned.keep, "influence"].max()
+    if order == "image_text":
+        pool = storage.read_table(str(tmp_path / "embed" / "pool")).to_pandas()[["id", "image_text_cosine"]]
+        thinned = thinned.merge(pool, on="id")
+    column = {"influence": "influence", "image_text": "image_text_cosine"}[order]
+    assert thinned.loc[thinned.keep, column].min() > thinned.loc[~thinned.keep, column].max()
 
 
 def test_influence_row_order_without_a_row_pass_is_a_clear_error(make_config, tmp_path):
     upstream = _upstream(tmp_path)
     upstream["influence"]["outputs"].pop("row_scores")
     with pytest.raises(Exception, match="influence.score_rows=true, or set curate.row_order=image_text or random"):
-        run_stage(make_config(), CurateStage(), upstream=upstream)
-    outcome = run_stage(make_config("curate.row_order=image_text", run_dir=str(tmp_path / "run2")), CurateStage(), upstream=upstream)
+        run_stage(make_config("curate.row_order=influence"), CurateStage(), upstream=upstream)
+    outcome = run_stage(make_config(run_dir=str(tmp_path / "run2")), CurateStage(), upstream=upstream)  # the default: image_text
     assert outcome.status == "ran"
 
 
@@ -242,7 +250,10 @@ def _reference(root, cfg, keep_fraction):
     params = policy.PolicyParams(keep_fraction=keep_fraction, min_weight=cfg.min_weight, max_weight=cfg.max_weight,
                                  fairness_weight=cfg.fairness_weight, upweight_power=cfg.upweight_power,
                                  min_cluster_keep=cfg.min_cluster_keep, duplicate_threshold=cfg.duplicate_threshold, seed=cfg.seed)
-    value = rows["influence"].to_numpy() + cfg.fairness_weight * rows["influence_group_inverted"].to_numpy()
+    if cfg.row_order == "influence":
+        value = rows["influence"].to_numpy() + cfg.fairness_weight * rows["influence_group_inverted"].to_numpy()
+    else:
+        value = cosine
     manifest, decisions = policy.influence_policy(assignments, scores, params, "inverted", row_value=value,
                                                   duplicate_scores=duplicate, mismatch=policy.mismatch_outliers(cosine, cfg.mismatch_iqr))
     return {
@@ -253,9 +264,11 @@ def _reference(root, cfg, keep_fraction):
     }, decisions
 
 
-@pytest.mark.parametrize("runner", ["local", "local-one-cluster-a-bucket", pytest.param("ray", marks=pytest.mark.ray)])
-def test_streaming_curate_equals_the_in_memory_reference_row_for_row(make_config, tmp_path, runner, request, monkeypatch):
-    """Every policy, at a budget the tiers meet and at one that needs the whole-cluster fallback."""
+@pytest.mark.parametrize("runner,order", [("local", "influence"), ("local", "image_text"), ("local-one-cluster-a-bucket", "influence"),
+                                          pytest.param("ray", "image_text", marks=pytest.mark.ray)])
+def test_streaming_curate_equals_the_in_memory_reference_row_for_row(make_config, tmp_path, runner, order, request, monkeypatch):
+    """Every policy, at a budget the tiers meet and at one that needs the whole-cluster fallback, for
+    both row orders of the influence policy."""
     if runner == "ray":
         request.getfixturevalue("ray_cluster")
     if runner == "local-one-cluster-a-bucket":  # the shuffle with as many buckets as clusters
@@ -265,7 +278,7 @@ def test_streaming_curate_equals_the_in_memory_reference_row_for_row(make_config
         runner = "local"
     upstream, rejected_id = _sharded_upstream(tmp_path)
     config = make_config(f"runtime.runner={runner}", "curate.keep_fraction=0.6", "curate.curve_keep_fractions=[0.12]",
-                         "curate.duplicate_threshold=0.99", "curate.seed=5")
+                         "curate.duplicate_threshold=0.99", "curate.seed=5", f"curate.row_order={order}")
     outcome = run_stage(config, CurateStage(), upstream=upstream)
     outputs = outcome.manifest["outputs"]
     for fraction, key_of in ((0.6, layout_key_main), (0.12, lambda n: f"curve_keep-0.12_{n}")):
@@ -325,6 +338,7 @@ def test_fairness_upweight_reads_the_influence_stages_own_group_intervals(make_c
     runs = {}
     for fairness in (1.0, 0.0):
         config = make_config("curate.keep_fraction=0.7", f"curate.fairness_weight={fairness}", "curate.comparison_policies=[]",
+                             "curate.row_order=influence",  # the synthetic pool has no image–text cosine
                              run_dir=str(tmp_path / f"run-{fairness}"))
         outcome = run_stage(config, CurateStage(), upstream={**upstream, "influence": influence.manifest})
         assert outcome.manifest["extra"]["worst_group"] == worst
