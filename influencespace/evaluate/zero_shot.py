@@ -70,9 +70,11 @@ def score_features(
     labels: np.ndarray,
     groups: np.ndarray | None,
     positive_classes: tuple[int, ...] | None,
+    predicted: np.ndarray | None = None,
 ) -> dict:
-    """Every model metric of docs/evaluation.md from projected test features."""
-    predicted = zero_shot_classes(image_features, text_features, labels)
+    """Every model metric of docs/evaluation.md from projected test features (``predicted``: the
+    zero-shot classes when the caller has them already)."""
+    predicted = zero_shot_classes(image_features, text_features, labels) if predicted is None else predicted
     recall = metrics.recall_at_k_distinct(image_features, text_features, (1, 5))
     out: dict = {
         "zero_shot_acc": metrics.accuracy(labels, predicted),
@@ -106,8 +108,8 @@ def score_model(state: dict, test: TestSet, positive_classes: tuple[int, ...] | 
     from influencespace.train.model import encode, load_model
 
     image_features, text_features = encode(load_model(state), test.image, test.text)
-    scores = score_features(image_features, text_features, test.label, test.group, positive_classes)
+    predicted = zero_shot_classes(image_features, text_features, test.label)
+    scores = score_features(image_features, text_features, test.label, test.group, positive_classes, predicted)
     if not positive_classes:
         return scores, None
-    predicted = zero_shot_classes(image_features, text_features, test.label)
     return scores, np.isin(predicted, np.asarray(sorted(positive_classes))).astype(np.int8)
