@@ -246,6 +246,12 @@ class InfluenceConfig(Section):
         description="Row pass: also score every pool row's own influence (one proxy gradient per row and checkpoint); "
         "curation uses it to choose which rows a thinned cluster keeps.",
     )
+    placebo: bool = Field(
+        True,
+        description="Also score every cluster against a random validation direction of the real one's norm "
+        "(placebo_scores.parquet; the same sampled gradients, one more solve): the placebo ablation of curation "
+        "(curate.influence_source=placebo) and a check that the real direction carries signal.",
+    )
     seed: int = Field(0, description="Seed of the projector and the sampling.")
     dtype: Literal["float32", "float64"] = Field("float32", description="Gradient and sketch precision.")
     fisher: Literal["ggn", "empirical"] = Field(
@@ -284,9 +290,21 @@ class CurateConfig(Section):
     )
     row_order: Literal["influence", "image_text", "random"] = Field(
         "image_text",
-        description="Which rows a thinned cluster drops first, after its near-duplicates: the lowest image–text cosine "
+        description="Which rows of a tier a thinned cluster drops first: the lowest image–text cosine "
         "(default: on the benchmark it separates planted caption noise at AUC 0.94, own influence at 0.47, "
-        "benchmarks/row_signals.py), the lowest own influence (needs influence.score_rows), or a seeded random subset.",
+        "benchmarks/row_signals.py), the lowest own influence (needs influence.score_rows), or a seeded random order "
+        "(the mismatch and near-duplicate tiers still go first; set their keys to null to drop them).",
+    )
+    influence_source: Literal["validation", "placebo", "none"] = Field(
+        "validation",
+        description="Which cluster scores call clusters harmful / helpful: the influence stage's (validation), its "
+        "placebo_scores (a random validation direction: an ablation), or none (no cluster is called: nothing pruned "
+        "or up-weighted, the heuristics alone).",
+    )
+    ablations: tuple[Literal["tiers_random_order", "heuristics_only", "placebo", "influence_only"], ...] = Field(
+        (),
+        description="Ablations of the InfluenceSpace policy curated beside it at every budget, each under its own name "
+        "(curate.policy.ABLATIONS: the settings each changes; docs/curation.md).",
     )
     duplicate_threshold: float | None = Field(
         0.95, ge=-1.0, le=1.0,
@@ -301,8 +319,10 @@ class CurateConfig(Section):
     worst_group: str | None = Field(
         None, description="Group whose validation loss counts extra (None: the highest-loss group the influence stage measured)."
     )
-    comparison_policies: tuple[Literal["random", "dedup", "clipscore"], ...] = Field(
-        ("random", "dedup", "clipscore"), description="Comparison policies curated at the same budget."
+    comparison_policies: tuple[Literal["random", "dedup", "clipscore", "clipscore_dedup"], ...] = Field(
+        ("random", "dedup", "clipscore"),
+        description="Comparison policies curated at the same budget (clipscore_dedup: near-duplicates out first, then "
+        "the lowest image–text cosine, at curate.duplicate_threshold).",
     )
     seed: int = Field(0, description="Seed for the random policy and tie-breaks.")
     curve_keep_fractions: tuple[float, ...] = Field(
@@ -323,6 +343,9 @@ class CurateConfig(Section):
     def _weights_ordered(self) -> CurateConfig:
         if self.min_weight > 1.0 or self.min_weight > self.max_weight:
             raise ValueError("curate.min_weight must be ≤ 1 ≤ curate.max_weight")
+        if "clipscore_dedup" in self.comparison_policies and self.duplicate_threshold is None:
+            raise ValueError("curate.comparison_policies has clipscore_dedup, which needs curate.duplicate_threshold "
+                             "(the near-duplicate cut); set one or remove clipscore_dedup")
         return self
 
 

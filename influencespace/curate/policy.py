@@ -31,13 +31,21 @@ which rows leave first:
 
 Comparison policies at the same budget: ``random``; ``dedup`` (SemDeDup-style: within each cluster,
 rows most similar to a more prototypical-distant kept row are removed first); ``clipscore`` (keep the
-highest image–text cosine). All return the same manifest columns.
+highest image–text cosine); ``clipscore_dedup`` (what a practitioner runs: near-duplicates out first,
+then the lowest cosine). All return the same manifest columns.
+
+**Ablations** (:data:`ABLATIONS`) are named settings of this same policy — not copies of it — curated
+beside it at every budget (``curate.ablations``), so a benchmark can tell which signal does the work:
+the same tiers with a random order inside each; the heuristics without influence (no cluster is
+called, so nothing is pruned or up-weighted); influence against a random validation direction (the
+placebo); influence without the heuristic tiers. Each is also a plain configuration a user can run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -77,6 +85,36 @@ class PolicyParams:
     duplicate_threshold: float | None = 0.95  # None: no near-duplicate step
     seed: int = 0
     fdr: float | None = 0.05  # BH level of the harmful / helpful calls; None: each cluster's own interval
+
+
+# Each ablation: the curate settings it changes (curate.ablations; the rest of the configuration stays).
+ABLATIONS: dict[str, dict[str, Any]] = {
+    # The same tiers and floors, a seeded random order inside each tier (what the row signal adds).
+    "tiers_random_order": {"row_order": "random"},
+    # No influence: no cluster is called harmful or helpful, so nothing is pruned or up-weighted;
+    # the mismatch and near-duplicate tiers, the row order and the floors stay (what influence adds).
+    "heuristics_only": {"influence_source": "none"},
+    # Influence against a random validation direction of the real one's norm (what the validation
+    # objective adds beyond the estimator's own noise and the clusters' sizes).
+    "placebo": {"influence_source": "placebo"},
+    # Influence alone: clusters called and thinned by influence, rows ordered by their own influence,
+    # no mismatch or near-duplicate tier (what the heuristics add).
+    "influence_only": {"row_order": "influence", "mismatch_iqr": None, "duplicate_threshold": None},
+}
+
+
+def ablation_settings(name: str, row_order: str = "image_text") -> dict[str, Any]:
+    """The curate settings ablation ``name`` changes, given the configured ``row_order``.
+
+    Rows ordered by their own influence carry the validation objective too, so an ablation that
+    removes it (``heuristics_only``, ``placebo``) orders rows by their image–text cosine instead.
+    """
+    if name not in ABLATIONS:
+        raise ValueError(f"unknown ablation {name!r}; expected one of {sorted(ABLATIONS)}")
+    settings = dict(ABLATIONS[name])
+    if settings.get("influence_source", "validation") != "validation" and row_order == "influence":
+        settings["row_order"] = "image_text"
+    return settings
 
 
 def budget_rows(n_rows: int, keep_fraction: float) -> int:
@@ -424,17 +462,29 @@ def mismatch_outliers(image_text_cosine: np.ndarray, iqr_multiple: float) -> np.
 # --------------------------------------------------------------------------------------------------
 # Comparison policies at the same budget: each keeps the first ``budget`` rows in one key's order.
 
-COMPARISON_REASONS = {"random": RANDOM_DROP, "clipscore": LOW_SIMILARITY, "dedup": DUPLICATE}
+COMPARISON_REASONS = {"random": RANDOM_DROP, "clipscore": LOW_SIMILARITY, "dedup": DUPLICATE,
+                      "clipscore_dedup": LOW_SIMILARITY}
+COMPARISON_BITS = {"clipscore_dedup": [16, 64, 64]}  # key widths (curate.select); the others [64, 64]
+
+
+def comparison_bits(name: str) -> list[int]:
+    return COMPARISON_BITS.get(name, [64, 64])
 
 
 def comparison_key(name: str, ids: np.ndarray, seed: int, image_text_cosine: np.ndarray | None = None,
-                   duplicate_scores: np.ndarray | None = None) -> Key:
+                   duplicate_scores: np.ndarray | None = None, duplicate_threshold: float | None = None) -> Key:
     """The order a comparison policy keeps rows in (first kept first), ties by the seeded hash, then the id.
 
     ``random``: a seeded hash of the id; ``clipscore``: highest image–text cosine first (NaN last);
-    ``dedup``: lowest SemDeDup score first (the most redundant rows go).
+    ``dedup``: lowest SemDeDup score first (the most redundant rows go); ``clipscore_dedup``: rows
+    that are not near-duplicates (SemDeDup score < ``duplicate_threshold``) first, then by cosine.
     """
     hashes = tie_hash(ids, seed)
+    if name == "clipscore_dedup":
+        if duplicate_threshold is None:
+            raise ValueError("the clipscore_dedup policy needs curate.duplicate_threshold (the near-duplicate cut)")
+        duplicate = np.asarray(duplicate_scores, dtype=np.float64) >= duplicate_threshold
+        return Key([duplicate.astype(np.uint64), sortable(-np.asarray(image_text_cosine, dtype=np.float64)), hashes], [16, 64, 64])
     if name == "random":
         return Key([id_hash(ids, seed, RANDOM_SALT), hashes], [64, 64])
     if name == "clipscore":
@@ -444,20 +494,23 @@ def comparison_key(name: str, ids: np.ndarray, seed: int, image_text_cosine: np.
     raise ValueError(f"unknown comparison policy {name!r}; expected one of {sorted(COMPARISON_REASONS)}")
 
 
-def comparison_rows(name: str, ids: np.ndarray, cluster: np.ndarray, keep: np.ndarray) -> pd.DataFrame:
+def comparison_rows(name: str, ids: np.ndarray, cluster: np.ndarray, keep: np.ndarray, key: Key | None = None) -> pd.DataFrame:
+    reason = np.full(len(ids), COMPARISON_REASONS[name], dtype=object)
+    if name == "clipscore_dedup" and key is not None:
+        reason[np.asarray(key.words[0]) == 1] = DUPLICATE  # it left as a near-duplicate, not for its cosine
     return pd.DataFrame({"id": ids, "cluster": cluster, "keep": keep, "weight": keep.astype(np.float64),
-                         "reason": np.where(keep, KEPT, COMPARISON_REASONS[name])})[KEEP_COLUMNS]
+                         "reason": np.where(keep, KEPT, reason)})[KEEP_COLUMNS]
 
 
 def comparison_policy(name: str, assignments: pd.DataFrame, keep_fraction: float, seed: int = 0,
                       image_text_cosine: np.ndarray | None = None,
-                      duplicate_scores: np.ndarray | None = None) -> pd.DataFrame:
+                      duplicate_scores: np.ndarray | None = None, duplicate_threshold: float | None = None) -> pd.DataFrame:
     """A comparison policy in memory (the reference of the stage's passes): the budget's first rows kept."""
     ids = assignments["id"].to_numpy()
-    key = comparison_key(name, ids, seed, image_text_cosine, duplicate_scores)
+    key = comparison_key(name, ids, seed, image_text_cosine, duplicate_scores, duplicate_threshold)
     keep = np.zeros(len(ids), dtype=bool)
     keep[lex_order(*key.words, ids=ids)[:budget_rows(len(ids), keep_fraction)]] = True
-    return comparison_rows(name, ids, assignments["cluster"].to_numpy(), keep)
+    return comparison_rows(name, ids, assignments["cluster"].to_numpy(), keep, key)
 
 
 def random_policy(assignments: pd.DataFrame, keep_fraction: float, seed: int) -> pd.DataFrame:

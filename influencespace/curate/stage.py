@@ -171,13 +171,17 @@ def candidate_key(shard: Shard) -> tuple[select.Key, np.ndarray]:
     return key, rows["id"].to_numpy()[mask]
 
 
-COMPARISON_COLUMNS = {"random": [], "clipscore": ["cosine"], "dedup": ["duplicate"]}  # scratch columns each key needs
+# Scratch columns each comparison key needs.
+COMPARISON_COLUMNS = {"random": [], "clipscore": ["cosine"], "dedup": ["duplicate"], "clipscore_dedup": ["cosine", "duplicate"]}
 
 
-def comparison_key(name: str, seed: int, shard: Shard) -> tuple[select.Key, np.ndarray]:
+def _comparison_key(name: str, seed: int, duplicate_threshold: float | None, rows: pd.DataFrame) -> select.Key:
+    return policy.comparison_key(name, rows["id"].to_numpy(), seed, rows.get("cosine"), rows.get("duplicate"), duplicate_threshold)
+
+
+def comparison_key(name: str, seed: int, duplicate_threshold: float | None, shard: Shard) -> tuple[select.Key, np.ndarray]:
     rows = _table(shard.scratch, ["id", *COMPARISON_COLUMNS[name]]).to_pandas()
-    ids = rows["id"].to_numpy()
-    return policy.comparison_key(name, ids, seed, rows.get("cosine"), rows.get("duplicate")), ids
+    return _comparison_key(name, seed, duplicate_threshold, rows), rows["id"].to_numpy()
 
 
 def select_step(source: Callable[[Shard], tuple[select.Key, np.ndarray]], mode: str,
@@ -457,11 +461,13 @@ def write_curated(selection: policy.Selection, decisions: pd.DataFrame, cut: sel
     return _write_part(policy.manifest_rows(ids, cluster, keep, reason, decisions, position), shard, directory)
 
 
-def write_comparison(name: str, seed: int, cut: select.Cut, directory: str, shard: Shard) -> dict[str, Any]:
+def write_comparison(name: str, seed: int, duplicate_threshold: float | None, cut: select.Cut, directory: str,
+                     shard: Shard) -> dict[str, Any]:
     rows = _table(shard.scratch, ["id", "cluster", *COMPARISON_COLUMNS[name]]).to_pandas()
     ids = rows["id"].to_numpy()
-    key = policy.comparison_key(name, ids, seed, rows.get("cosine"), rows.get("duplicate"))
-    return _write_part(policy.comparison_rows(name, ids, rows["cluster"].to_numpy(), cut.inside(key, ids)), shard, directory)
+    key = _comparison_key(name, seed, duplicate_threshold, rows)
+    frame = policy.comparison_rows(name, ids, rows["cluster"].to_numpy(), cut.inside(key, ids), key)
+    return _write_part(frame, shard, directory)
 
 
 def write_rejected(directory: str, item: tuple[int, str]) -> dict[str, Any]:
@@ -515,15 +521,52 @@ class CurateStage(Stage):
         import pyarrow as pa
 
         cfg = ctx.config.curate
-        scores = storage.read_table(ctx.input_path("influence", "scores")).to_pandas()  # k rows
-        missing = {"cluster", "influence", "ci_low", "ci_high"} - set(scores.columns)
-        if missing:
-            raise StageStateError(f"influence scores lack column(s) {', '.join(sorted(missing))}; rerun the influence stage")
         worst_group = _worst_group(ctx)
         log.info("curate: worst-off group for fairness: %s", worst_group or "none measured")
-        signals = self._signals(ctx, worst_group)
+        summary: dict[str, Any] = {"worst_group": worst_group, "curve": {}}
+        outputs: dict[str, str] = {}
+        curve_fractions = [f for f in cfg.curve_keep_fractions if f != cfg.keep_fraction]
+        # The policy as configured, then each ablation: the same policy with the settings it changes.
+        variants = [(layout.CURATED, cfg, self._comparisons(cfg))]
+        variants += [(name, cfg.model_copy(update=policy.ablation_settings(name, cfg.row_order)), []) for name in cfg.ablations]
+        decisions = None
+        n_rows = 0
+        for name, variant_cfg, comparisons in variants:
+            if len(variants) > 1:
+                log.info("curate: policy %s", name)
+            entries, variant_decisions, n_rows = self._curate(ctx, variant_cfg, name, comparisons, worst_group)
+            decisions = variant_decisions if decisions is None else decisions  # the configured policy's
+            for fraction, entry in entries.items():
+                if fraction == cfg.keep_fraction:
+                    summary.update(entry)
+                    outputs.update({layout.policy_output(n): layout.manifest_dir(n) for n in entry})
+                else:
+                    label = layout.curve_label(fraction)
+                    summary["curve"].setdefault(label, {}).update(entry)
+                    outputs.update({layout.curve_output(label, n): layout.curve_dir(label, n) for n in entry})
+        summary["budget_rows"] = policy.budget_rows(n_rows, cfg.keep_fraction)
+        storage.write_table(pa.Table.from_pandas(decisions, preserve_index=False), ctx.path("cluster_decisions.parquet"))
+        storage.write_json(ctx.path("summary.json"), summary)
+        outputs.update({"decisions": "cluster_decisions.parquet", "summary": "summary.json"})
+        ours = summary[layout.CURATED]
+        unassigned = ours["rows"] - n_rows
+        return StageResult(
+            counts={"rows": ours["rows"], "kept": ours["kept"], "removed": ours["removed"], "rejected": int(unassigned),
+                    "harmful_clusters": int((decisions["dropped_reason"] == policy.HARMFUL).sum())},
+            outputs=outputs,
+            extra={"worst_group": worst_group, "worst_group_upweighted_clusters": int(decisions["helps_worst_group"].sum()),
+                   "policies": sorted(k for k in summary if k not in ("worst_group", "budget_rows", "curve")),
+                   "ablations": list(cfg.ablations), "curve_keep_fractions": curve_fractions},
+        )
+
+    def _curate(self, ctx: StageContext, cfg: Any, name: str, comparisons: list[str],
+                worst_group: str | None) -> tuple[dict[float, dict[str, Any]], pd.DataFrame, int]:
+        """One InfluenceSpace policy (``cfg``: the configured one or an ablation) written under ``name``, and the
+        ``comparisons`` on the same scratch, at every budget: ({keep fraction: {policy: summary}}, decisions, rows)."""
+        scores = self._scores(ctx, cfg)
+        signals = self._signals(ctx, cfg, worst_group, comparisons)
         shards = self._shards(ctx, signals)
-        storage.remove_tree(ctx.path(WORK_DIR))  # what an interrupted attempt left: every pass below rewrites it
+        storage.remove_tree(ctx.path(WORK_DIR))  # what an earlier policy or an interrupted attempt left
         passes = Passes(ctx.config.runtime, shards)
 
         sizes = None
@@ -558,49 +601,32 @@ class CurateStage(Stage):
                                   f"{n_rows}; rerun the stage")
 
         rejected = self._write_rejected(ctx, passes)
-        summary: dict[str, Any] = {"worst_group": worst_group, "budget_rows": policy.budget_rows(n_rows, cfg.keep_fraction)}
-        outputs: dict[str, str] = {}
+        entries: dict[float, dict[str, Any]] = {}
         decisions = None
-        summary["curve"] = {}
-        curve_fractions = [f for f in cfg.curve_keep_fractions if f != cfg.keep_fraction]
-        for fraction in [cfg.keep_fraction, *curve_fractions]:
+        for fraction in dict.fromkeys([cfg.keep_fraction, *cfg.curve_keep_fractions]):
             label = layout.curve_label(fraction)
             main = fraction == cfg.keep_fraction
 
-            def directory(name: str, main: bool = main, label: str = label) -> str:
-                return layout.manifest_dir(name) if main else layout.curve_dir(label, name)
+            def directory(policy_name: str, main: bool = main, label: str = label) -> str:
+                return layout.manifest_dir(policy_name) if main else layout.curve_dir(label, policy_name)
 
             entry: dict[str, Any] = {}
             selection, fraction_decisions, cut = self._select(passes, clusters, n_rows, self._params(cfg, fraction), worst_group)
-            write = functools.partial(write_curated, selection, fraction_decisions, cut, ctx.path(directory(layout.CURATED)))
-            entry[layout.CURATED] = combine([*passes.map(write, f"writing {label} {layout.CURATED}"),
-                                             *rejected(ctx.path(directory(layout.CURATED)))])
-            for name in self._comparisons(cfg):
+            write = functools.partial(write_curated, selection, fraction_decisions, cut, ctx.path(directory(name)))
+            entry[name] = combine([*passes.map(write, f"writing {label} {name}"), *rejected(ctx.path(directory(name)))])
+            for comparison in comparisons:
                 budget = policy.budget_rows(n_rows, fraction)
-                (kept,) = passes.select(functools.partial(comparison_key, name, cfg.seed), [budget], n_rows, [64, 64])
-                write = functools.partial(write_comparison, name, cfg.seed, kept, ctx.path(directory(name)))
-                entry[name] = combine([*passes.map(write, f"writing {label} {name}"), *rejected(ctx.path(directory(name)))])
+                source = functools.partial(comparison_key, comparison, cfg.seed, cfg.duplicate_threshold)
+                (kept,) = passes.select(source, [budget], n_rows, policy.comparison_bits(comparison))
+                write = functools.partial(write_comparison, comparison, cfg.seed, cfg.duplicate_threshold, kept,
+                                          ctx.path(directory(comparison)))
+                entry[comparison] = combine([*passes.map(write, f"writing {label} {comparison}"),
+                                             *rejected(ctx.path(directory(comparison)))])
             if main:
                 decisions = fraction_decisions
-                summary.update(entry)
-                outputs.update({layout.policy_output(n): layout.manifest_dir(n) for n in entry})
-            else:
-                summary["curve"][label] = entry
-                outputs.update({layout.curve_output(label, n): layout.curve_dir(label, n) for n in entry})
-        storage.write_table(pa.Table.from_pandas(decisions, preserve_index=False), ctx.path("cluster_decisions.parquet"))
-        storage.write_json(ctx.path("summary.json"), summary)
+            entries[fraction] = entry
         storage.remove_tree(ctx.path(WORK_DIR))
-        outputs.update({"decisions": "cluster_decisions.parquet", "summary": "summary.json"})
-        ours = summary[layout.CURATED]
-        unassigned = ours["rows"] - n_rows
-        return StageResult(
-            counts={"rows": ours["rows"], "kept": ours["kept"], "removed": ours["removed"], "rejected": int(unassigned),
-                    "harmful_clusters": int((decisions["dropped_reason"] == policy.HARMFUL).sum())},
-            outputs=outputs,
-            extra={"worst_group": worst_group, "worst_group_upweighted_clusters": int(decisions["helps_worst_group"].sum()),
-                   "policies": sorted(k for k in summary if k not in ("worst_group", "budget_rows", "curve")),
-                   "curve_keep_fractions": curve_fractions},
-        )
+        return entries, decisions, n_rows
 
     # -- the pieces ---------------------------------------------------------------------------------
 
@@ -615,40 +641,59 @@ class CurateStage(Stage):
 
     @staticmethod
     def _comparisons(cfg: Any) -> list[str]:
-        return [name for name in ("random", "clipscore", "dedup") if name in set(cfg.comparison_policies)]
+        return [name for name in ("random", "clipscore", "dedup", "clipscore_dedup") if name in set(cfg.comparison_policies)]
 
-    def _signals(self, ctx: StageContext, worst_group: str | None) -> Signals:
+    @staticmethod
+    def _scores(ctx: StageContext, cfg: Any) -> pd.DataFrame:
+        """The k-row cluster scores the policy calls clusters on (curate.influence_source)."""
+        columns = ["cluster", "influence", "ci_low", "ci_high"]
+        if cfg.influence_source == "none":  # no cluster is called: every one negligible (policy.cluster_table)
+            return pd.DataFrame({c: pd.Series(dtype=np.int64 if c == "cluster" else np.float64) for c in columns})
+        key = "scores" if cfg.influence_source == "validation" else "placebo_scores"
+        if key not in ctx.input_manifests["influence"].get("outputs", {}):
+            raise StageStateError("curate.influence_source=placebo needs the influence stage's placebo scores: rerun "
+                                  "influence with influence.placebo=true")
+        scores = storage.read_table(ctx.input_path("influence", key)).to_pandas()  # k rows
+        missing = set(columns) - set(scores.columns)
+        if missing:
+            raise StageStateError(f"influence {key} lack column(s) {', '.join(sorted(missing))}; rerun the influence stage")
+        return scores
+
+    def _signals(self, ctx: StageContext, cfg: Any, worst_group: str | None, comparisons: list[str]) -> Signals:
         from influencespace.layout import group_column
 
-        cfg = ctx.config.curate
-        wanted = set(cfg.comparison_policies)
+        wanted = set(comparisons)
         available = set(storage.schema(ctx.input_path("embed", "pool")).names)
         has_cosine = "image_text_cosine" in available
-        if "clipscore" in wanted and not has_cosine:
+        needs_cosine = sorted(wanted & {"clipscore", "clipscore_dedup"})
+        if needs_cosine and not has_cosine:
             raise InputDataError(
-                "curate.comparison_policies has 'clipscore' but the embedded pool has no image_text_cosine column "
-                "(embeddings brought without separate image and text vectors); remove 'clipscore' from the list"
+                f"curate.comparison_policies has {', '.join(needs_cosine)} but the embedded pool has no image_text_cosine "
+                "column (embeddings brought without separate image and text vectors); remove it from the list"
             )
         if cfg.row_order == "image_text" and not has_cosine:
             raise InputDataError("curate.row_order=image_text needs an image_text_cosine column in the embedded pool; "
                                  "use curate.row_order=influence or random")
         fair = None
         if cfg.row_order == "influence":
+            if cfg.influence_source != "validation":
+                raise InputDataError(f"curate.row_order=influence orders rows by their influence on the validation objective, "
+                                     f"which curate.influence_source={cfg.influence_source} leaves out; use image_text or random")
             if "row_scores" not in ctx.input_manifests["influence"].get("outputs", {}):
                 raise StageStateError("curate.row_order=influence needs the influence stage's row pass: rerun influence with "
                                       "influence.score_rows=true, or set curate.row_order=image_text or random")
             row_files = storage.parquet_files(ctx.input_path("influence", "row_scores"))
             names = set(storage.schema(row_files[0]).names) if row_files else set()
             fair = group_column(worst_group) if worst_group and group_column(worst_group) in names else None
-        use_mismatch = cfg.mismatch_iqr is not None and cfg.row_order != "random"
+        use_mismatch = cfg.mismatch_iqr is not None
         if use_mismatch and not has_cosine:
             log.warning("curate: the pool has no image_text_cosine column; no image–text mismatch step")
             use_mismatch = False
-        use_duplicates = cfg.row_order != "random" and cfg.duplicate_threshold is not None
+        use_duplicates = cfg.duplicate_threshold is not None
         return Signals(
             value=cfg.row_order, fair_column=fair, fairness_weight=cfg.fairness_weight,
-            cosine=has_cosine and ("clipscore" in wanted or cfg.row_order == "image_text" or use_mismatch),
-            duplicates="dedup" in wanted or use_duplicates, use_duplicates=use_duplicates,
+            cosine=has_cosine and (bool(needs_cosine) or cfg.row_order == "image_text" or use_mismatch),
+            duplicates=bool(wanted & {"dedup", "clipscore_dedup"}) or use_duplicates, use_duplicates=use_duplicates,
             use_mismatch=use_mismatch, seed=cfg.seed,
         )
 

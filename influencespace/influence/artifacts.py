@@ -5,7 +5,8 @@
 ``ci_low_group_<name>``, ``ci_high_group_<name>``: :func:`influencespace.layout.group_column`), ``curvature/``
 (per checkpoint: ``eigenvalues.npy``, ``eigenvectors.npy``, ``validation_sketch.npy``; and
 ``curvature.json`` with damping, rank, projector kind/seed/dim/fingerprint) and ``summary.json``.
-The row pass's ``row_scores/`` and ``curvature/row_directions.npy``: :mod:`.rows`.
+With ``influence.placebo``, ``placebo_scores.parquet`` has the same columns for a random validation
+direction (engine.placebo_directions). The row pass's ``row_scores/`` and ``curvature/row_directions.npy``: :mod:`.rows`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from influencespace import storage
 
 SCORES_FILE = "cluster_scores.parquet"
+PLACEBO_SCORES_FILE = "placebo_scores.parquet"
 CURVATURE_DIR = "curvature"
 SUMMARY_FILE = "summary.json"
 
@@ -36,6 +38,8 @@ def write_outputs(stage_dir: str, result: Any, inputs: Any, cfg: Any, task: Any,
     from influencespace.influence.projector import RandomProjector
 
     storage.write_table(pa.table(result.scores), storage.join(stage_dir, SCORES_FILE))
+    if result.placebo_scores is not None:
+        storage.write_table(pa.table(result.placebo_scores), storage.join(stage_dir, PLACEBO_SCORES_FILE))
     names = task.tracked_parameters(model)
     projector = RandomProjector(flat_tracked(model, names), cfg.projection_dim, cfg.seed, cfg.projection)
     checkpoints = []

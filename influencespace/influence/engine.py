@@ -11,6 +11,11 @@ proxy checkpoint:
    overall and each group's validation gradient; one ``broadcast`` sends the (1+G) × k matrix u;
 5. each rank forms the per-example terms t_i = uᵀ φ_i of its examples.
 
+With ``settings.placebo``, rank 0 also solves for ũ = (H + λI)⁻¹ r, r a seeded random direction of the
+same norm as each validation sketch (:func:`placebo_directions`), sent in the same broadcast; the
+terms ũᵀ φ_i become ``InfluenceResult.placebo_scores`` — what the real estimator reports for a
+validation objective that carries no information about the data (the placebo ablation of curation).
+
 Terms are averaged over checkpoints, each rank turns its clusters' terms into score columns
 (:func:`cluster_statistics`; a cluster never straddles ranks), and rank 0 gathers them. With an
 ensemble (``settings.ensemble`` E independently trained proxies, their states member after member),
@@ -113,6 +118,7 @@ class InfluenceResult:
     curvatures: list[Curvature] = field(default_factory=list)  # rank 0 only, one per checkpoint
     validation_sketches: list[np.ndarray] = field(default_factory=list)  # rank 0: (1+G) × k mean φ_val
     directions: list[np.ndarray] = field(default_factory=list)  # every rank: u = (H + λI)⁻¹ φ_val per checkpoint
+    placebo_scores: dict[str, np.ndarray] | None = None  # rank 0, with settings.placebo: the same columns for ũ
     sketcher: GradientSketcher | None = None  # every rank: the one projector and sketcher (rows.parameter_directions)
     summary: dict[str, Any] = field(default_factory=dict)
 
@@ -125,6 +131,23 @@ def to_tensors(features: dict[str, np.ndarray], dtype: torch.dtype, device) -> d
         else:
             out[name] = torch.as_tensor(np.array(values, dtype=np.float64), device=device).to(dtype)
     return out
+
+
+PLACEBO_SALT = 0x706C6163  # "plac": the placebo direction's own random stream
+
+
+def placebo_directions(validation_sketches: np.ndarray, seed: int) -> np.ndarray:
+    """Random stand-ins r_g for the validation sketches φ_val,g (rows: overall, then each group).
+
+    r_g is Gaussian in the sketch space, scaled to ‖φ_val,g‖: a Gaussian direction in parameter space
+    projects to a Gaussian one under P, so this is a random validation gradient of the real one's
+    size. The draw depends only on ``seed`` and the shape, so every checkpoint and ensemble member
+    measures the same random objective.
+    """
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, PLACEBO_SALT])
+    r = rng.standard_normal(validation_sketches.shape)
+    scale = np.linalg.norm(validation_sketches, axis=1, keepdims=True) / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-300)
+    return r * scale
 
 
 def compute_influence(
@@ -165,7 +188,9 @@ def compute_influence(
     members = int(getattr(settings, "ensemble", 1))
     if len(states) % members:
         raise InfluenceError(f"{len(states)} proxy states do not split into {members} ensemble members evenly")
-    member_terms = np.zeros((members, n_rows, 1 + groups))  # member e: its checkpoints' mean terms
+    placebo = bool(getattr(settings, "placebo", False))
+    objectives = 2 if placebo else 1  # the validation direction, and the placebo's
+    member_terms = np.zeros((objectives, members, n_rows, 1 + groups))  # [objective, member e]: its checkpoints' mean terms
     finite_all = np.ones(n_rows, dtype=bool)
     result = InfluenceResult(scores=None, sketcher=sketcher)
     fingerprints = comm.all_gather(projector.fingerprint())
@@ -209,7 +234,7 @@ def compute_influence(
         val_means = (val_sums / val_counts[:, None]).numpy()
 
         # Rank 0 decomposes; a failure there is broadcast as a NaN flag so every rank stops.
-        status = torch.zeros(1 + (1 + groups) * k, dtype=torch.float64)
+        status = torch.zeros(1 + objectives * (1 + groups) * k, dtype=torch.float64)
         error: InfluenceError | None = None
         if comm.rank == 0:
             try:
@@ -222,7 +247,8 @@ def compute_influence(
                     log.warning("influence: influence.rank %d would drop eigenvalues above the damping λ = %.3g; "
                                 "kept %d of %d eigenpairs instead (the truncation rule, docs/influence.md)",
                                 curvature.rank_configured, curvature.damping, curvature.rank, k)
-                u = curvature.inverse_apply(val_means.T).T
+                targets = np.concatenate([val_means, placebo_directions(val_means, settings.seed)]) if placebo else val_means
+                u = curvature.inverse_apply(targets.T).T
                 status[1:] = torch.as_tensor(u.reshape(-1))
                 result.curvatures.append(curvature)
                 result.validation_sketches.append(val_means)
@@ -231,24 +257,33 @@ def compute_influence(
         status = comm.broadcast(status.to(device)).cpu()
         if status[0] != 0:
             raise error or InfluenceError("the curvature eigendecomposition failed on rank 0; see its log for the reason")
-        u = status[1:].reshape(1 + groups, k)
-        result.directions.append(u.numpy().copy())
+        u = status[1:].reshape(objectives, 1 + groups, k)
+        result.directions.append(u[0].numpy().copy())
         if n_rows:
-            member_terms[j * members // len(states)] += (train.phi.to(torch.float64).cpu() @ u.T).numpy()
+            phi = train.phi.to(torch.float64).cpu()
+            for o in range(objectives):
+                member_terms[o, j * members // len(states)] += (phi @ u[o].T).numpy()
         result.summary.setdefault("checkpoints", []).append(
             {"checkpoint": j, "total_weight": total_weight, "dropped_nonfinite": int(dropped)}
         )
 
     member_terms /= max(len(states) // members, 1)
     statistics = functools.partial(cluster_statistics, shard.cluster, shard.stratum, shard.stratum_size, finite_all)
-    cols = statistics(member_terms.mean(axis=0), cluster_sizes, n_total, settings.confidence, group_names)
-    if members > 1:
-        each = [statistics(t, cluster_sizes, n_total, settings.confidence, group_names) for t in member_terms]
-        cols = with_model_variance(cols, each, settings.confidence, group_names)
+
+    def columns(terms: np.ndarray) -> dict[str, np.ndarray]:
+        cols = statistics(terms.mean(axis=0), cluster_sizes, n_total, settings.confidence, group_names)
+        if members > 1:
+            each = [statistics(t, cluster_sizes, n_total, settings.confidence, group_names) for t in terms]
+            cols = with_model_variance(cols, each, settings.confidence, group_names)
+        return cols
+
+    cols = [columns(member_terms[o]) for o in range(objectives)]
     seconds = time.perf_counter() - t0
     parts = comm.gather((cols, n_rows, seconds))
     if comm.rank == 0:
-        result.scores = merge_scores([p[0] for p in parts], cluster_ids, cluster_sizes, group_names)
+        merged = [merge_scores([p[0][o] for p in parts], cluster_ids, cluster_sizes, group_names) for o in range(objectives)]
+        result.scores = merged[0]
+        result.placebo_scores = merged[1] if placebo else None
         sampled = sum(p[1] for p in parts)
         result.summary.update(
             n=n_total,

@@ -27,7 +27,14 @@ import numpy as np
 
 from influencespace import storage
 from influencespace.errors import StageStateError
-from influencespace.influence.artifacts import CURVATURE_DIR, SCORES_FILE, SUMMARY_FILE, npy_bytes, write_outputs
+from influencespace.influence.artifacts import (
+    CURVATURE_DIR,
+    PLACEBO_SCORES_FILE,
+    SCORES_FILE,
+    SUMMARY_FILE,
+    npy_bytes,
+    write_outputs,
+)
 from influencespace.influence.errors import InfluenceError
 from influencespace.influence.inputs import (
     BANK_DIR,
@@ -299,6 +306,7 @@ class InfluenceStage(Stage):
         return StageResult(
             counts=counts,
             outputs={"scores": SCORES_FILE, "curvature": CURVATURE_DIR, "summary": SUMMARY_FILE, "sample": "sample",
-                     **({"row_scores": ROW_SCORES_DIR} if cfg.score_rows else {})},
+                     **({"row_scores": ROW_SCORES_DIR} if cfg.score_rows else {}),
+                     **({"placebo_scores": PLACEBO_SCORES_FILE} if cfg.placebo else {})},
             extra=extra,
         )

@@ -223,13 +223,20 @@ def _sharded_upstream(root, shard_rows=(70, 0, 55, 95), k=7, dim=6):
         "ci_low": [-3.0, -0.9, 0.1, 2.0, -0.5, 1.0, 0.1], "ci_high": [-1.0, 1.1, 1.9, 4.0, 0.9, 3.0, 0.9],
         "influence_group_inverted": [0.0, 0.0, 1.0, -1.0, 0.0, 0.5, 2.0], "ci_low_group_inverted": [0.0, 0.0, 0.2, -2.0, 0.0, 0.1, 1.0],
     }), str(dirs["influence"] / "cluster_scores.parquet"))
+    storage.write_table(pa.table({  # the placebo: other calls (cluster 3 harmful, 0 helpful), other group terms
+        "cluster": list(range(k)), "size": [0] * k, "n_sampled": [3] * k,
+        "influence": [2.0, 0.1, -0.2, -3.0, 1.2, 0.3, 0.5], "stderr": [0.5] * k,
+        "ci_low": [1.0, -0.9, -1.1, -4.0, 0.2, -0.6, -0.4], "ci_high": [3.0, 1.1, 0.7, -2.0, 2.2, 1.2, 1.4],
+        "influence_group_inverted": [1.0, 0.0, 0.0, -1.0, 0.5, 0.0, 0.0], "ci_low_group_inverted": [0.5, 0.0, -1.0, -2.0, 0.1, 0.0, 0.0],
+    }), str(dirs["influence"] / "placebo_scores.parquet"))
     storage.write_table(pa.table({"id": ["pool-bad1"], "split": ["pool"], "reason": ["undecodable image"]}),
                         str(dirs["embed"] / "rejects" / "part-00000.parquet"))
     manifest = lambda d, outputs, **extra: {"fingerprint": str(d)[-6:], "stage_dir": str(d), "outputs": outputs, **extra}  # noqa: E731
     return {
         "embed": manifest(dirs["embed"], {"pool": "pool", "rejects": "rejects"}),
         "cluster": manifest(dirs["cluster"], {"assignments": "assignments", "rejects": "rejects"}),
-        "influence": manifest(dirs["influence"], {"scores": "cluster_scores.parquet", "row_scores": "row_scores"},
+        "influence": manifest(dirs["influence"], {"scores": "cluster_scores.parquet", "row_scores": "row_scores",
+                                                  "placebo_scores": "placebo_scores.parquet"},
                               extra={"group_validation_loss": {"regular": 0.4, "inverted": 0.9}}),
     }, rejected_id
 
@@ -247,28 +254,38 @@ def _reference(root, cfg, keep_fraction):
     for _, index in assignments.groupby("cluster").indices.items():
         duplicate[index] = policy.semdedup_scores(np.stack(pool["embedding"].to_numpy()[index]),
                                                   assignments["distance"].to_numpy()[index], ids=assignments["id"].to_numpy()[index])
-    params = policy.PolicyParams(keep_fraction=keep_fraction, min_weight=cfg.min_weight, max_weight=cfg.max_weight,
-                                 fairness_weight=cfg.fairness_weight, upweight_power=cfg.upweight_power,
-                                 min_cluster_keep=cfg.min_cluster_keep, duplicate_threshold=cfg.duplicate_threshold, seed=cfg.seed)
-    if cfg.row_order == "influence":
-        value = rows["influence"].to_numpy() + cfg.fairness_weight * rows["influence_group_inverted"].to_numpy()
-    else:
-        value = cosine
-    manifest, decisions = policy.influence_policy(assignments, scores, params, "inverted", row_value=value,
-                                                  duplicate_scores=duplicate, mismatch=policy.mismatch_outliers(cosine, cfg.mismatch_iqr))
-    return {
+    scores_of = {"validation": scores, "none": scores.iloc[:0],
+                 "placebo": storage.read_table(str(root / "influence" / "placebo_scores.parquet")).to_pandas()}
+
+    def influence_policy(c):  # c: the configured curate settings, or an ablation's
+        params = policy.PolicyParams(keep_fraction=keep_fraction, min_weight=c.min_weight, max_weight=c.max_weight,
+                                     fairness_weight=c.fairness_weight, upweight_power=c.upweight_power,
+                                     min_cluster_keep=c.min_cluster_keep, duplicate_threshold=c.duplicate_threshold, seed=c.seed)
+        value = {"influence": rows["influence"].to_numpy() + c.fairness_weight * rows["influence_group_inverted"].to_numpy(),
+                 "image_text": cosine, "random": None}[c.row_order]
+        mismatch = policy.mismatch_outliers(cosine, c.mismatch_iqr) if c.mismatch_iqr is not None else None
+        return policy.influence_policy(assignments, scores_of[c.influence_source], params, "inverted", row_value=value,
+                                       duplicate_scores=duplicate, mismatch=mismatch)
+
+    manifest, decisions = influence_policy(cfg)
+    expected = {
         "influencespace": manifest,
         "random": policy.random_policy(assignments, keep_fraction, cfg.seed),
         "clipscore": policy.clipscore_policy(assignments, cosine, keep_fraction, cfg.seed),
         "dedup": policy.dedup_policy(assignments, duplicate, keep_fraction, cfg.seed),
-    }, decisions
+        "clipscore_dedup": policy.comparison_policy("clipscore_dedup", assignments, keep_fraction, cfg.seed, cosine, duplicate,
+                                                    cfg.duplicate_threshold),
+    }
+    for name in cfg.ablations:
+        expected[name] = influence_policy(cfg.model_copy(update=policy.ablation_settings(name, cfg.row_order)))[0]
+    return expected, decisions
 
 
 @pytest.mark.parametrize("runner,order", [("local", "influence"), ("local", "image_text"), ("local-one-cluster-a-bucket", "influence"),
                                           pytest.param("ray", "image_text", marks=pytest.mark.ray)])
 def test_streaming_curate_equals_the_in_memory_reference_row_for_row(make_config, tmp_path, runner, order, request, monkeypatch):
-    """Every policy, at a budget the tiers meet and at one that needs the whole-cluster fallback, for
-    both row orders of the influence policy."""
+    """Every policy and every ablation, at a budget the tiers meet and at one that needs the whole-cluster
+    fallback, for both row orders of the influence policy."""
     if runner == "ray":
         request.getfixturevalue("ray_cluster")
     if runner == "local-one-cluster-a-bucket":  # the shuffle with as many buckets as clusters
@@ -278,7 +295,9 @@ def test_streaming_curate_equals_the_in_memory_reference_row_for_row(make_config
         runner = "local"
     upstream, rejected_id = _sharded_upstream(tmp_path)
     config = make_config(f"runtime.runner={runner}", "curate.keep_fraction=0.6", "curate.curve_keep_fractions=[0.12]",
-                         "curate.duplicate_threshold=0.99", "curate.seed=5", f"curate.row_order={order}")
+                         "curate.duplicate_threshold=0.99", "curate.seed=5", f"curate.row_order={order}",
+                         "curate.comparison_policies=[random,dedup,clipscore,clipscore_dedup]",
+                         "curate.ablations=[tiers_random_order,heuristics_only,placebo,influence_only]")
     outcome = run_stage(config, CurateStage(), upstream=upstream)
     outputs = outcome.manifest["outputs"]
     for fraction, key_of in ((0.6, layout_key_main), (0.12, lambda n: f"curve_keep-0.12_{n}")):
@@ -287,6 +306,10 @@ def test_streaming_curate_equals_the_in_memory_reference_row_for_row(make_config
             got_decisions = storage.read_table(f"{config.run_dir}/curate/cluster_decisions.parquet").to_pandas()
             pd.testing.assert_frame_equal(got_decisions.reset_index(drop=True), decisions.reset_index(drop=True), check_dtype=False)
         reasons = set()
+        full_kept = set(expected["influencespace"].loc[expected["influencespace"]["keep"], "id"])
+        for name in config.curate.ablations:  # each ablation changes the selection here: the comparison can fail
+            kept = set(expected[name].loc[expected[name]["keep"], "id"])
+            assert kept != full_kept, f"ablation {name} keeps exactly the full policy's rows at keep {fraction}"
         for name, frame in expected.items():
             got = storage.read_table(f"{config.run_dir}/curate/{outputs[key_of(name)]}").to_pandas()
             extra = got[got["cluster"] == -1]

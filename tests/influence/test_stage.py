@@ -99,6 +99,45 @@ def test_an_ensemble_of_proxies_widens_the_intervals_by_their_disagreement(make_
     assert ((scored["ci_low"] <= scored["influence"]) & (scored["influence"] <= scored["ci_high"])).all()
 
 
+def placebo_scores(config):
+    return pq.read_table(storage.join(config.run_dir, "influence", "placebo_scores.parquet")).to_pandas()
+
+
+def test_placebo_directions_keep_each_norm_and_are_one_draw_per_seed():
+    from influencespace.influence.engine import placebo_directions
+
+    sketches = np.random.default_rng(0).normal(size=(3, 256)) * np.array([[1.0], [5.0], [0.1]])
+    r = placebo_directions(sketches, seed=7)
+    np.testing.assert_allclose(np.linalg.norm(r, axis=1), np.linalg.norm(sketches, axis=1), rtol=1e-12)
+    np.testing.assert_array_equal(r, placebo_directions(2 * sketches, seed=7) / 2)  # the draw depends on the seed only
+    assert not np.allclose(r, placebo_directions(sketches, seed=8))
+    cosine = np.sum(r * sketches, axis=1) / np.linalg.norm(r, axis=1) / np.linalg.norm(sketches, axis=1)
+    assert (np.abs(cosine) < 4 / np.sqrt(256)).all(), cosine  # random directions: |cos| ~ 1/√k (4 sd bound)
+
+
+def test_placebo_scores_are_the_same_estimator_on_another_direction(make_config, upstream, monkeypatch):
+    """With the placebo direction replaced by the validation sketch itself, placebo_scores must equal
+    cluster_scores column for column (the same solve, terms, ensemble and intervals); with the real
+    draw, the calls differ and the real scores are unchanged by computing it."""
+    from influencespace.influence import engine
+
+    args = ("runtime.runner=local", "influence.ensemble=2", *BASE)
+    real = make_config(*args, run_dir=None)
+    outcome = run_stage(real, InfluenceStage(), upstream=upstream)
+    assert outcome.manifest["outputs"]["placebo_scores"] == "placebo_scores.parquet"
+    truth, placebo = pd.DataFrame(scores(real)), placebo_scores(real)
+    assert list(placebo.columns) == list(truth.columns)
+    assert not np.allclose(placebo["influence"], truth["influence"]), (placebo["influence"], truth["influence"])
+    without = make_config(*args, "influence.placebo=false", run_dir=str(real.run_dir) + "-without")
+    assert run_stage(without, InfluenceStage(), upstream=upstream).manifest["outputs"].get("placebo_scores") is None
+    pd.testing.assert_frame_equal(pd.DataFrame(scores(without)), truth)
+
+    monkeypatch.setattr(engine, "placebo_directions", lambda sketches, seed: sketches)
+    same = make_config(*args, run_dir=str(real.run_dir) + "-identity")
+    run_stage(same, InfluenceStage(), upstream=upstream)
+    pd.testing.assert_frame_equal(placebo_scores(same), pd.DataFrame(scores(same)))
+
+
 def test_checkpoint_averaging_runs(make_config, upstream):
     config = make_config("runtime.runner=local", "influence.checkpoints=2", *BASE)
     run_stage(config, InfluenceStage(), upstream=upstream)
