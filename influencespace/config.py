@@ -301,21 +301,32 @@ class CurateConfig(Section):
         "placebo_scores (a random validation direction: an ablation), or none (no cluster is called: nothing pruned "
         "or up-weighted, the heuristics alone).",
     )
-    ablations: tuple[Literal["tiers_random_order", "heuristics_only", "placebo", "influence_only"], ...] = Field(
+    ablations: tuple[Literal["tiers_random_order", "heuristics_only", "placebo", "influence_only", "fixed_thresholds"], ...] = Field(
         (),
         description="Ablations of the InfluenceSpace policy curated beside it at every budget, each under its own name "
         "(curate.policy.ABLATIONS: the settings each changes; docs/curation.md).",
     )
-    duplicate_threshold: float | None = Field(
-        0.95, ge=-1.0, le=1.0,
-        description="SemDeDup cosine at or above which a row counts as a near-duplicate of a row that stays "
-        "(null: no near-duplicate step; the pool's embeddings are then read only for the 'dedup' comparison).",
+    duplicate_threshold: float | Literal["fitted"] | None = Field(
+        "fitted",
+        description="SemDeDup cosine at or above which a row counts as a near-duplicate of a row that stays. 'fitted': set "
+        "on the trusted validation set, the (1 − duplicate_rate) quantile of each validation row's highest cosine to a "
+        "pool row of its cluster (what distinct samples reach; docs/curation.md). null: no near-duplicate step (the "
+        "pool's embeddings are then read only for the 'dedup' comparisons).",
     )
-    mismatch_iqr: float | None = Field(
-        1.5, gt=0.0,
-        description="Image–text mismatch rule: a row whose image–text cosine is below Q1 − k·IQR of the pool's leaves first "
-        "(Tukey's k; null: no mismatch step).",
+    duplicate_rate: float = Field(
+        0.05, gt=0.0, lt=1.0,
+        description="duplicate_threshold 'fitted': the share of distinct (validation) samples that would count as duplicates.",
     )
+    mismatch_fence: Literal["fitted", "tukey"] | None = Field(
+        "fitted",
+        description="Image–text mismatch rule: a row whose image–text cosine is below the fence leaves first. 'fitted': the "
+        "mismatch_rate-quantile of the trusted validation pairs' cosines; 'tukey': Q1 − mismatch_iqr·IQR of the pool's. "
+        "null: no mismatch step.",
+    )
+    mismatch_rate: float = Field(
+        0.05, gt=0.0, lt=1.0, description="mismatch_fence 'fitted': the share of clean (validation) pairs the rule flags."
+    )
+    mismatch_iqr: float = Field(1.5, gt=0.0, description="mismatch_fence 'tukey': Tukey's k.")
     worst_group: str | None = Field(
         None, description="Group whose validation loss counts extra (None: the highest-loss group the influence stage measured)."
     )

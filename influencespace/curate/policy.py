@@ -9,9 +9,11 @@ which rows leave first:
    or, with ``fdr`` None or scores without q-values, ``ci_high < 0``: confidently raise the validation
    loss) are pruned, always. **Helpful** is the same call with influence > 0 (or ``ci_low > 0``).
 2. Rows of the other clusters leave, until the budget ``keep_fraction × N`` is met, in tiers of
-   evidence (:func:`select_rows`): image–text **mismatches** (cosine a Tukey outlier of the pool's,
-   :func:`mismatch_outliers`), **near-duplicates** of a row that stays (SemDeDup score ≥
-   ``duplicate_threshold`` — first-order influence is additive, so it cannot see redundancy), rows of
+   evidence (:func:`select_rows`): image–text **mismatches** (cosine below a fence fitted on the
+   trusted validation set, :func:`validation_fence`, or Tukey's on the pool, :func:`mismatch_outliers`),
+   **near-duplicates** of a row that stays (SemDeDup score ≥ a threshold fitted on the validation set,
+   :func:`fitted_duplicate_threshold`, or a fixed one — first-order influence is additive, so it cannot
+   see redundancy), rows of
    **negligible** clusters (not called either way), and last rows of **helpful** clusters. Within a
    tier the row of lowest value goes first: its own influence from the influence stage's row pass
    (+ fairness_weight × the worst-off group's), or its image–text cosine.
@@ -99,7 +101,10 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "placebo": {"influence_source": "placebo"},
     # Influence alone: clusters called and thinned by influence, rows ordered by their own influence,
     # no mismatch or near-duplicate tier (what the heuristics add).
-    "influence_only": {"row_order": "influence", "mismatch_iqr": None, "duplicate_threshold": None},
+    "influence_only": {"row_order": "influence", "mismatch_fence": None, "duplicate_threshold": None},
+    # The tiers' thresholds as fixed numbers — SemDeDup cosine 0.95 and Tukey's fence on the pool — instead of
+    # fitted on the trusted validation set (what fitting them adds; the policy's settings before they were fitted).
+    "fixed_thresholds": {"duplicate_threshold": 0.95, "mismatch_fence": "tukey"},
 }
 
 
@@ -449,6 +454,62 @@ def tukey_fence(order_statistic: Callable[[int], float], n_finite: int, iqr_mult
 
     q1, q3 = quartile(0.25), quartile(0.75)
     return q1 - iqr_multiple * (q3 - q1)
+
+
+def validation_fence(validation_cosines: np.ndarray, rate: float) -> float:
+    """The mismatch fence fitted on the trusted validation pairs: their ``rate``-quantile of image–text cosine.
+
+    A pool row below it is flagged; ``rate`` is then the share of trusted (clean) pairs the rule would
+    flag, whatever the embedder's cosine scale — a rate carries over to another embedding space, an
+    absolute cosine or an IQR multiple of a contaminated pool does not. NaN cosines are left out.
+    """
+    cos = np.asarray(validation_cosines, dtype=np.float64)
+    cos = cos[np.isfinite(cos)]
+    if not len(cos):
+        raise ValueError("the validation set has no finite image–text cosine to fit the mismatch fence on")
+    return float(np.quantile(cos, rate))
+
+
+def validation_neighbour_cosines(validation: np.ndarray, validation_cluster: np.ndarray, rows: np.ndarray,
+                                 cluster: np.ndarray) -> np.ndarray:
+    """Per validation row, its highest cosine to any of ``rows`` in the same cluster (−inf where it has none).
+
+    The maximum over pool shards of these is each trusted row's nearest pool neighbour within its
+    cluster: what a *distinct* sample reaches, the null distribution of the SemDeDup score
+    (:func:`fitted_duplicate_threshold`). Work O(V·n/k·d) per shard, not O(V·n·d): only a validation
+    row's own cluster is searched.
+    """
+    out = np.full(len(validation), -np.inf)
+    if not len(rows) or not len(validation):
+        return out
+    v = np.asarray(validation, dtype=np.float32)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    x = np.asarray(rows, dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    order = np.argsort(cluster, kind="stable")
+    sorted_cluster = np.asarray(cluster)[order]
+    validation_cluster = np.asarray(validation_cluster)
+    for c in np.unique(validation_cluster):
+        lo, hi = np.searchsorted(sorted_cluster, c, "left"), np.searchsorted(sorted_cluster, c, "right")
+        if hi > lo:
+            mine = np.flatnonzero(validation_cluster == c)
+            out[mine] = (v[mine] @ x[order[lo:hi]].T).max(axis=1)
+    return out
+
+
+def fitted_duplicate_threshold(neighbour_cosines: np.ndarray, rate: float) -> float:
+    """The SemDeDup threshold fitted on the trusted validation set: the (1 − ``rate``) quantile of its rows'
+    nearest-pool-neighbour cosines (:func:`validation_neighbour_cosines`).
+
+    A validation row is a distinct sample, so at most ``rate`` of distinct pairs reach the threshold.
+    The SemDeDup score compares a row with the rows *before* it in its cluster, the validation row
+    with the whole cluster, so the null is if anything set high: the rule errs towards keeping rows.
+    """
+    found = np.asarray(neighbour_cosines, dtype=np.float64)
+    found = found[np.isfinite(found)]
+    if not len(found):
+        raise ValueError("no validation row shares a cluster with a pool row: the duplicate threshold cannot be fitted")
+    return float(np.quantile(found, 1.0 - rate))
 
 
 def mismatch_outliers(image_text_cosine: np.ndarray, iqr_multiple: float) -> np.ndarray:

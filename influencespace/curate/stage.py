@@ -13,11 +13,14 @@ work runs in tasks over shard i of each per-row input (assignments, pool signals
 through :func:`influencespace.runtime.map_tasks` (Ray tasks, or a loop for ``runtime.runner: local``):
 
 1. *sizes*: each shard counts its rows per cluster → the k-row cluster table (policy.cluster_table);
-2. *fence*: the Tukey fence of the image–text cosine from its exact quartiles (curate.select, radix
+2. *fence*: the mismatch fence — the validation pairs' cosine quantile (``mismatch_fence: fitted``,
+   V rows in the driver), or Tukey's from the pool's exact quartiles (curate.select, radix
    selection: two or three passes over one column);
 3. *order within clusters*: rows meet their cluster in a shuffle through files — each shard task
    writes its rows to the bucket of their cluster (whole clusters packed into buckets of ~8 MiB,
-   at most 1,024 buckets), each bucket task scores its clusters (SemDeDup tile by tile; each row's
+   at most 1,024 buckets; with ``duplicate_threshold: fitted`` each shard task also returns each
+   validation row's highest cosine to its rows of that row's cluster, and the driver fits the
+   threshold from their maxima), each bucket task scores its clusters (SemDeDup tile by tile; each row's
    place in the leaving order, policy.order_cluster) and writes them back per shard, and each shard
    task puts its rows back in assignment order as a scratch part aligned with assignment part i
    (``_work/rows/``);
@@ -29,8 +32,10 @@ Ties are broken by a seeded hash of the id, then the id, so a manifest never dep
 shard count or worker count; the result equals the in-memory reference (policy.influence_policy and
 policy.comparison_policy) row for row (tests/curate/test_stage.py).
 
-Memory: the driver O(k + 65,536 × quantiles) plus at most ``select.COLLECT_LIMIT`` keys; a shard task
-one shard's columns (~50 bytes per row, plus the embeddings when SemDeDup is on); a bucket task one
+Memory: the driver O(k + 65,536 × quantiles) plus at most ``select.COLLECT_LIMIT`` keys, and with the
+fitted thresholds the validation set's V × d embeddings and k × d centroids; a shard task one shard's
+columns (~50 bytes per row, plus the embeddings when SemDeDup is on; plus V × d validation embeddings
+and a V × (rows of one cluster) similarity block when the threshold is fitted); a bucket task one
 bucket (max(8 MiB, the pool's bytes / 1,024), or one larger cluster) plus one similarity tile
 (policy.TILE_ELEMENTS). The local runner runs the same tasks one after another in this process.
 """
@@ -38,6 +43,7 @@ bucket (max(8 MiB, the pool's bytes / 1,024), or one larger cluster) plus one si
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -87,7 +93,7 @@ class Signals:
     cosine: bool  # read image_text_cosine from the pool
     duplicates: bool  # compute SemDeDup scores (needs the embeddings)
     use_duplicates: bool  # near-duplicates form a tier of the InfluenceSpace policy
-    use_mismatch: bool  # Tukey outliers of the cosine form a tier
+    use_mismatch: bool  # rows below the mismatch fence form a tier
     seed: int
 
 
@@ -370,12 +376,26 @@ def _read_rows(uris: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def split_shard(signals: Signals, fence: float | None, bucket_of: np.ndarray, work: str, shard: Shard) -> int:
-    """Map step: one shard's rows, written to the bucket of their cluster (``<work>/buckets/bucket-B/<shard>``)."""
+@dataclass(frozen=True)
+class Validation:
+    """The trusted validation rows the fitted thresholds are set on (V rows: bounded, broadcast to tasks)."""
+
+    embedding: np.ndarray  # V × d
+    cluster: np.ndarray  # each row's nearest centroid (the cluster stage's assignment rule)
+    cosine: np.ndarray | None  # image–text cosine
+
+
+def split_shard(signals: Signals, fence: float | None, bucket_of: np.ndarray, work: str, validation: Validation | None,
+                shard: Shard) -> tuple[int, np.ndarray | None]:
+    """Map step: one shard's rows, written to the bucket of their cluster (``<work>/buckets/bucket-B/<shard>``);
+    with ``validation``, also each validation row's highest cosine to this shard's rows of its cluster."""
     rows = group_rows(signals, fence, shard)
     bucket = bucket_of[rows["cluster"]]
     storage.write_partitions(_rows_table(rows), bucket, storage.join(work, "buckets"), "bucket", shard.name)
-    return len(bucket)
+    neighbours = None
+    if validation is not None and "embedding" in rows:
+        neighbours = policy.validation_neighbour_cosines(validation.embedding, validation.cluster, rows["embedding"], rows["cluster"])
+    return len(bucket), neighbours
 
 
 def order_bucket(clusters: dict[str, np.ndarray], signals: Signals, duplicate_threshold: float | None, work: str,
@@ -531,6 +551,7 @@ class CurateStage(Stage):
         variants += [(name, cfg.model_copy(update=policy.ablation_settings(name, cfg.row_order)), []) for name in cfg.ablations]
         decisions = None
         n_rows = 0
+        self.fitted: dict[str, dict[str, float | None]] = {}  # per policy: the fence and threshold it used
         for name, variant_cfg, comparisons in variants:
             if len(variants) > 1:
                 log.info("curate: policy %s", name)
@@ -545,6 +566,7 @@ class CurateStage(Stage):
                     summary["curve"].setdefault(label, {}).update(entry)
                     outputs.update({layout.curve_output(label, n): layout.curve_dir(label, n) for n in entry})
         summary["budget_rows"] = policy.budget_rows(n_rows, cfg.keep_fraction)
+        summary["thresholds"] = self.fitted
         storage.write_table(pa.Table.from_pandas(decisions, preserve_index=False), ctx.path("cluster_decisions.parquet"))
         storage.write_json(ctx.path("summary.json"), summary)
         outputs.update({"decisions": "cluster_decisions.parquet", "summary": "summary.json"})
@@ -555,7 +577,8 @@ class CurateStage(Stage):
                     "harmful_clusters": int((decisions["dropped_reason"] == policy.HARMFUL).sum())},
             outputs=outputs,
             extra={"worst_group": worst_group, "worst_group_upweighted_clusters": int(decisions["helps_worst_group"].sum()),
-                   "policies": sorted(k for k in summary if k not in ("worst_group", "budget_rows", "curve")),
+                   "policies": sorted(k for k in summary if k not in ("worst_group", "budget_rows", "curve", "thresholds")),
+                   "thresholds": self.fitted[layout.CURATED],
                    "ablations": list(cfg.ablations), "curve_keep_fractions": curve_fractions},
         )
 
@@ -580,15 +603,35 @@ class CurateStage(Stage):
         params = self._params(cfg, cfg.keep_fraction)
         clusters = policy.cluster_table(pd.Series(sizes[present], index=present), scores, params, worst_group)
 
-        fence = self._fence(passes, signals, cfg) if signals.use_mismatch else None
+        fit_fence = signals.use_mismatch and cfg.mismatch_fence == "fitted"
+        fit_duplicates = signals.use_duplicates and cfg.duplicate_threshold == "fitted"
+        validation = self._validation(ctx, cfg, fit_fence) if (fit_fence or fit_duplicates) else None
+        fence = None
+        if fit_fence:
+            fence = policy.validation_fence(validation.cosine, cfg.mismatch_rate)
+            log.info("curate: image–text mismatch fence %.4f (the %s-quantile of %d validation pairs)", fence,
+                     cfg.mismatch_rate, len(validation.cosine))
+        elif signals.use_mismatch:
+            fence = self._fence(passes, signals, cfg)
         broadcast = {c: clusters[c].to_numpy() for c in ("cluster", "helpful", "harmful", "room")}
         row_bytes = 96 + (4 * self._dim(ctx) if signals.duplicates else 0)
         work = ctx.path(WORK_DIR)
         bucket_of = plan_buckets(sizes, row_bytes, max(BUCKET_BYTES, math.ceil(n_rows * row_bytes / MAX_BUCKETS)))
-        split = functools.partial(split_shard, signals, fence, bucket_of, work)
-        if sum(passes.map(split, "grouping rows by cluster")) != n_rows:
+        split = functools.partial(split_shard, signals, fence, bucket_of, work, validation if fit_duplicates else None)
+        split_rows, neighbours = 0, None
+        for rows, found in passes.map(split, "grouping rows by cluster"):
+            split_rows += rows
+            if found is not None:
+                neighbours = found if neighbours is None else np.maximum(neighbours, found)
+        if split_rows != n_rows:
             raise StageStateError("curate split a different number of rows than the assignments hold; rerun the stage")
-        order = functools.partial(order_bucket, broadcast, signals, cfg.duplicate_threshold, work, [s.name for s in shards])
+        threshold = None if cfg.duplicate_threshold == "fitted" else cfg.duplicate_threshold
+        if fit_duplicates:
+            threshold = policy.fitted_duplicate_threshold(neighbours, cfg.duplicate_rate)
+            log.info("curate: near-duplicate threshold %.4f (the %s-quantile of %d validation rows' nearest pool "
+                     "neighbour in their cluster)", threshold, 1 - cfg.duplicate_rate, int(np.isfinite(neighbours).sum()))
+        self.fitted[name] = {"mismatch_fence": fence, "duplicate_threshold": threshold}
+        order = functools.partial(order_bucket, broadcast, signals, threshold, work, [s.name for s in shards])
         buckets = int(bucket_of.max()) + 1
         ordered = 0
         with progress.track("curate: ordering clusters (SemDeDup)", total=buckets, unit="buckets") as bar:
@@ -616,9 +659,9 @@ class CurateStage(Stage):
             entry[name] = combine([*passes.map(write, f"writing {label} {name}"), *rejected(ctx.path(directory(name)))])
             for comparison in comparisons:
                 budget = policy.budget_rows(n_rows, fraction)
-                source = functools.partial(comparison_key, comparison, cfg.seed, cfg.duplicate_threshold)
+                source = functools.partial(comparison_key, comparison, cfg.seed, threshold)
                 (kept,) = passes.select(source, [budget], n_rows, policy.comparison_bits(comparison))
-                write = functools.partial(write_comparison, comparison, cfg.seed, cfg.duplicate_threshold, kept,
+                write = functools.partial(write_comparison, comparison, cfg.seed, threshold, kept,
                                           ctx.path(directory(comparison)))
                 entry[comparison] = combine([*passes.map(write, f"writing {label} {comparison}"),
                                              *rejected(ctx.path(directory(comparison)))])
@@ -632,11 +675,11 @@ class CurateStage(Stage):
 
     @staticmethod
     def _params(cfg: Any, keep_fraction: float) -> policy.PolicyParams:
+        """The k-row decisions' settings (the near-duplicate threshold is the stage's own: fixed or fitted)."""
         return policy.PolicyParams(
             keep_fraction=keep_fraction, min_weight=cfg.min_weight, max_weight=cfg.max_weight,
             fairness_weight=cfg.fairness_weight, upweight_power=cfg.upweight_power,
-            min_cluster_keep=cfg.min_cluster_keep, duplicate_threshold=cfg.duplicate_threshold, seed=cfg.seed,
-            fdr=cfg.fdr,
+            min_cluster_keep=cfg.min_cluster_keep, duplicate_threshold=None, seed=cfg.seed, fdr=cfg.fdr,
         )
 
     @staticmethod
@@ -685,7 +728,7 @@ class CurateStage(Stage):
             row_files = storage.parquet_files(ctx.input_path("influence", "row_scores"))
             names = set(storage.schema(row_files[0]).names) if row_files else set()
             fair = group_column(worst_group) if worst_group and group_column(worst_group) in names else None
-        use_mismatch = cfg.mismatch_iqr is not None
+        use_mismatch = cfg.mismatch_fence is not None
         if use_mismatch and not has_cosine:
             log.warning("curate: the pool has no image_text_cosine column; no image–text mismatch step")
             use_mismatch = False
@@ -711,6 +754,34 @@ class CurateStage(Stage):
                   cluster_rejects=reject_files.get(name), scratch=ctx.path(ROWS_DIR, name))
             for index, (name, pool, assignments) in enumerate(parts)
         ]
+
+    @staticmethod
+    def _validation(ctx: StageContext, cfg: Any, with_cosine: bool) -> Validation:
+        """The trusted validation rows (embed stage) and each one's cluster under the cluster stage's rule."""
+        from influencespace.cluster.assign import FlatSearcher, prepare_rows
+
+        columns = ["embedding"] + (["image_text_cosine"] if with_cosine else [])
+        missing = [f"{stage}/{output}" for stage, output in (("embed", "validation"), ("cluster", "centroids"))
+                   if output not in ctx.input_manifests[stage].get("outputs", {})]
+        if missing:
+            raise StageStateError(f"curate.duplicate_threshold / curate.mismatch_fence 'fitted' set the tiers' thresholds on "
+                                  f"the trusted validation set, but {' and '.join(missing)} is not recorded; rerun those "
+                                  "stages, or set a number for duplicate_threshold and mismatch_fence=tukey")
+        available = set(storage.schema(ctx.input_path("embed", "validation")).names)
+        if with_cosine and "image_text_cosine" not in available:
+            raise InputDataError("curate.mismatch_fence=fitted sets the fence on the validation set's image_text_cosine, "
+                                 "which the embedded validation set lacks; set curate.mismatch_fence=tukey")
+        table = storage.read_table(ctx.input_path("embed", "validation"), columns=columns)
+        column = table.column("embedding").combine_chunks()
+        width = column.type.list_size if hasattr(column.type, "list_size") else len(column[0])
+        embedding = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), width)
+        rows, keep, _ = prepare_rows(embedding, ctx.config.cluster.spherical)
+        centroids = np.load(io.BytesIO(storage.read_bytes(ctx.input_path("cluster", "centroids"))), allow_pickle=False)
+        cluster, _ = FlatSearcher(ctx.config.cluster.spherical).search(rows, centroids)
+        cosine = None
+        if "image_text_cosine" in columns:
+            cosine = table.column("image_text_cosine").to_numpy(zero_copy_only=False).astype(np.float64)
+        return Validation(embedding=embedding[keep], cluster=cluster, cosine=cosine)
 
     @staticmethod
     def _dim(ctx: StageContext) -> int:

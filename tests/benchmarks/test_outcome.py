@@ -46,7 +46,8 @@ def test_the_full_policy_wins_only_where_the_paired_interval_excludes_zero():
     goal = result["goals"]["0.6"]
     assert goal["beats_all"], goal["beats"]
     assert goal["eo_goal_met"]  # 0.005 + |noise| vs half of 0.02
-    assert outcome.final_line(result) == "outcome_wins=48/48 eo_goal=3/3"
+    comparisons = len(outcome.ABLATIONS + outcome.COMPARISONS) * 2 * 3  # policies × (accuracy, worst group) × budgets
+    assert outcome.final_line(result) == f"outcome_wins={comparisons}/{comparisons} eo_goal=3/3"
 
 
 def test_a_tie_is_not_a_win():

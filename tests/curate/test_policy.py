@@ -224,3 +224,31 @@ def test_calls_follow_the_false_discovery_rate_when_q_values_are_there():
     assert intervals["helpful"].tolist() == [False, False, True, True]
     old = policy.classify_clusters(scores.drop(columns="q_value"), PolicyParams(keep_fraction=0.5))
     assert old[["harmful", "helpful"]].equals(intervals[["harmful", "helpful"]])
+
+
+def test_validation_neighbours_are_the_brute_force_nearest_pool_row_of_the_same_cluster():
+    rng = np.random.default_rng(5)
+    rows, cluster = rng.normal(size=(300, 8)), rng.integers(0, 6, 300)
+    cluster[cluster == 4] = 5  # cluster 4 has no pool row: its validation rows find nothing
+    validation, validation_cluster = rng.normal(size=(40, 8)), rng.integers(0, 6, 40)
+    got = policy.validation_neighbour_cosines(validation, validation_cluster, rows, cluster)
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    sims = unit(validation) @ unit(rows).T
+    want = np.array([sims[i, cluster == c].max() if (cluster == c).any() else -np.inf for i, c in enumerate(validation_cluster)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.isneginf(got[validation_cluster == 4]).all() and (validation_cluster == 4).any()
+    # over shards: the maximum of the shards' answers is the answer on the whole pool
+    halves = [policy.validation_neighbour_cosines(validation, validation_cluster, rows[s], cluster[s])
+              for s in (slice(0, 120), slice(120, None))]
+    np.testing.assert_allclose(np.maximum(*halves), got, rtol=1e-6)
+
+
+def test_fitted_thresholds_are_quantiles_of_the_trusted_set():
+    cosines = np.array([0.1, 0.2, np.nan, 0.3, 0.4, 0.5])
+    assert policy.validation_fence(cosines, 0.25) == pytest.approx(np.quantile([0.1, 0.2, 0.3, 0.4, 0.5], 0.25))
+    neighbours = np.array([0.9, 0.95, -np.inf, 0.97, 0.99])
+    assert policy.fitted_duplicate_threshold(neighbours, 0.25) == pytest.approx(np.quantile([0.9, 0.95, 0.97, 0.99], 0.75))
+    with pytest.raises(ValueError, match="no validation row shares a cluster"):
+        policy.fitted_duplicate_threshold(np.array([-np.inf]), 0.01)
+    with pytest.raises(ValueError, match="no finite image–text cosine"):
+        policy.validation_fence(np.array([np.nan]), 0.01)

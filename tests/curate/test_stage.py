@@ -14,6 +14,17 @@ def make_config(make_config):
     return lambda *overrides, **kw: make_config("runtime.runner=local", *overrides, **kw)
 
 
+def _write_validation(embed_dir, cluster_dir, centres, rng, rows=40):
+    """The trusted validation set the fitted thresholds are set on, and the centroids that place it in clusters."""
+    k, dim = centres.shape
+    val = (centres[rng.integers(0, k, rows)] + 0.3 * rng.normal(size=(rows, dim))).astype(np.float32)
+    storage.write_table(pa.table({"id": [f"val-{i}" for i in range(rows)],
+                                  "embedding": pa.FixedSizeListArray.from_arrays(pa.array(val.ravel()), dim),
+                                  "image_text_cosine": rng.normal(0.3, 0.05, rows)}), f"{embed_dir}/validation/part-00000.parquet")
+    unit_centres = centres / np.linalg.norm(centres, axis=1, keepdims=True)
+    storage.write_bytes(f"{cluster_dir}/centroids.npy", _npy(unit_centres.astype(np.float32)))
+
+
 def _upstream(root, n=60, k=4, dim=8, with_rejects=True):
     rng = np.random.default_rng(0)
     ids = [f"pool-{i:04d}" for i in range(n)]
@@ -30,6 +41,7 @@ def _upstream(root, n=60, k=4, dim=8, with_rejects=True):
                                       "reason": ["undecodable image", "empty caption"]}),
                             f"{embed_dir}/rejects/part-00000.parquet")
     clusters = np.arange(n) % k
+    _write_validation(embed_dir, cluster_dir, rng.normal(size=(k, dim)), rng)
     storage.write_table(pa.table({"id": ids, "cluster": clusters.astype(np.int32),
                                   "distance": rng.random(n).astype(np.float32)}),
                         f"{cluster_dir}/assignments/part-00000.parquet")
@@ -43,8 +55,8 @@ def _upstream(root, n=60, k=4, dim=8, with_rejects=True):
                         f"{influence_dir}/row_scores/part-00000.parquet")
     manifest = lambda d, outputs, **extra: {"fingerprint": d[-6:], "stage_dir": d, "outputs": outputs, **extra}  # noqa: E731
     return {
-        "embed": manifest(embed_dir, {"pool": "pool", "rejects": "rejects"}),
-        "cluster": manifest(cluster_dir, {"assignments": "assignments"}),
+        "embed": manifest(embed_dir, {"pool": "pool", "rejects": "rejects", "validation": "validation"}),
+        "cluster": manifest(cluster_dir, {"assignments": "assignments", "centroids": "centroids.npy"}),
         "influence": manifest(influence_dir, {"scores": "cluster_scores.parquet", "row_scores": "row_scores"},
                               extra={"group_validation_loss": {"regular": 0.4, "inverted": 0.9}}),
     }
@@ -89,7 +101,7 @@ def test_thinned_clusters_keep_the_rows_of_highest_value(make_config, tmp_path, 
     image_text (the default) those of highest image–text cosine."""
     upstream = _upstream(tmp_path)
     run_stage(make_config("curate.keep_fraction=0.5", "curate.duplicate_threshold=1.0", f"curate.row_order={order}",
-                          "curate.mismatch_iqr=null"), CurateStage(), upstream=upstream)
+                          "curate.mismatch_fence=null"), CurateStage(), upstream=upstream)
     manifest = storage.read_table(str(tmp_path / "run" / "curate" / "manifest")).to_pandas()
     rows = storage.read_table(str(tmp_path / "influence" / "row_scores")).to_pandas()
     merged = manifest.merge(rows, on="id")
@@ -229,16 +241,44 @@ def _sharded_upstream(root, shard_rows=(70, 0, 55, 95), k=7, dim=6):
         "ci_low": [1.0, -0.9, -1.1, -4.0, 0.2, -0.6, -0.4], "ci_high": [3.0, 1.1, 0.7, -2.0, 2.2, 1.2, 1.4],
         "influence_group_inverted": [1.0, 0.0, 0.0, -1.0, 0.5, 0.0, 0.0], "ci_low_group_inverted": [0.5, 0.0, -1.0, -2.0, 0.1, 0.0, 0.0],
     }), str(dirs["influence"] / "placebo_scores.parquet"))
+    _write_validation(str(dirs["embed"]), str(dirs["cluster"]), centres, rng)
     storage.write_table(pa.table({"id": ["pool-bad1"], "split": ["pool"], "reason": ["undecodable image"]}),
                         str(dirs["embed"] / "rejects" / "part-00000.parquet"))
     manifest = lambda d, outputs, **extra: {"fingerprint": str(d)[-6:], "stage_dir": str(d), "outputs": outputs, **extra}  # noqa: E731
     return {
-        "embed": manifest(dirs["embed"], {"pool": "pool", "rejects": "rejects"}),
-        "cluster": manifest(dirs["cluster"], {"assignments": "assignments", "rejects": "rejects"}),
+        "embed": manifest(dirs["embed"], {"pool": "pool", "rejects": "rejects", "validation": "validation"}),
+        "cluster": manifest(dirs["cluster"], {"assignments": "assignments", "rejects": "rejects", "centroids": "centroids.npy"}),
         "influence": manifest(dirs["influence"], {"scores": "cluster_scores.parquet", "row_scores": "row_scores",
                                                   "placebo_scores": "placebo_scores.parquet"},
                               extra={"group_validation_loss": {"regular": 0.4, "inverted": 0.9}}),
     }, rejected_id
+
+
+def _npy(array):
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _fitted_thresholds(root, assignments, pool, cfg):
+    """(mismatch fence, duplicate threshold) the fitted rules give, by brute force: every validation row against
+    every pool row of its cluster (the nearest centroid by cosine), and the validation cosines' quantile."""
+    val = storage.read_table(str(root / "embed" / "validation")).to_pandas()
+    v = np.stack(val["embedding"].to_numpy()).astype(np.float64)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    centroids = np.load(str(root / "cluster" / "centroids.npy"))
+    val_cluster = np.argmax(v @ centroids.T, axis=1)
+    x = np.stack(pool["embedding"].to_numpy()).astype(np.float64)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cluster = assignments["cluster"].to_numpy()
+    nearest = [max((v[i] @ x[cluster == c].T), default=-np.inf) for i, c in enumerate(val_cluster)]
+    fence = np.quantile(val["image_text_cosine"], cfg.mismatch_rate) if cfg.mismatch_fence == "fitted" else None
+    threshold = cfg.duplicate_threshold
+    if threshold == "fitted":
+        threshold = np.quantile(np.array(nearest)[np.isfinite(nearest)], 1 - cfg.duplicate_rate)
+    return fence, threshold
 
 
 def _reference(root, cfg, keep_fraction):
@@ -258,12 +298,16 @@ def _reference(root, cfg, keep_fraction):
                  "placebo": storage.read_table(str(root / "influence" / "placebo_scores.parquet")).to_pandas()}
 
     def influence_policy(c):  # c: the configured curate settings, or an ablation's
+        fence, threshold = _fitted_thresholds(root, assignments, pool, c)
         params = policy.PolicyParams(keep_fraction=keep_fraction, min_weight=c.min_weight, max_weight=c.max_weight,
                                      fairness_weight=c.fairness_weight, upweight_power=c.upweight_power,
-                                     min_cluster_keep=c.min_cluster_keep, duplicate_threshold=c.duplicate_threshold, seed=c.seed)
+                                     min_cluster_keep=c.min_cluster_keep, seed=c.seed,
+                                     duplicate_threshold=threshold)
         value = {"influence": rows["influence"].to_numpy() + c.fairness_weight * rows["influence_group_inverted"].to_numpy(),
                  "image_text": cosine, "random": None}[c.row_order]
-        mismatch = policy.mismatch_outliers(cosine, c.mismatch_iqr) if c.mismatch_iqr is not None else None
+        mismatch = policy.mismatch_outliers(cosine, c.mismatch_iqr) if c.mismatch_fence == "tukey" else None
+        if fence is not None:
+            mismatch = ~(cosine >= fence)
         return policy.influence_policy(assignments, scores_of[c.influence_source], params, "inverted", row_value=value,
                                        duplicate_scores=duplicate, mismatch=mismatch)
 
@@ -274,16 +318,18 @@ def _reference(root, cfg, keep_fraction):
         "clipscore": policy.clipscore_policy(assignments, cosine, keep_fraction, cfg.seed),
         "dedup": policy.dedup_policy(assignments, duplicate, keep_fraction, cfg.seed),
         "clipscore_dedup": policy.comparison_policy("clipscore_dedup", assignments, keep_fraction, cfg.seed, cosine, duplicate,
-                                                    cfg.duplicate_threshold),
+                                                    _fitted_thresholds(root, assignments, pool, cfg)[1]),
     }
     for name in cfg.ablations:
         expected[name] = influence_policy(cfg.model_copy(update=policy.ablation_settings(name, cfg.row_order)))[0]
     return expected, decisions
 
 
-@pytest.mark.parametrize("runner,order", [("local", "influence"), ("local", "image_text"), ("local-one-cluster-a-bucket", "influence"),
-                                          pytest.param("ray", "image_text", marks=pytest.mark.ray)])
-def test_streaming_curate_equals_the_in_memory_reference_row_for_row(make_config, tmp_path, runner, order, request, monkeypatch):
+@pytest.mark.parametrize("runner,order,fitted", [("local", "influence", False), ("local", "image_text", False),
+                                                 ("local", "image_text", True), ("local-one-cluster-a-bucket", "influence", True),
+                                                 pytest.param("ray", "image_text", True, marks=pytest.mark.ray)])
+def test_streaming_curate_equals_the_in_memory_reference_row_for_row(make_config, tmp_path, runner, order, fitted, request,
+                                                                     monkeypatch):
     """Every policy and every ablation, at a budget the tiers meet and at one that needs the whole-cluster
     fallback, for both row orders of the influence policy."""
     if runner == "ray":
@@ -295,10 +341,21 @@ def test_streaming_curate_equals_the_in_memory_reference_row_for_row(make_config
         runner = "local"
     upstream, rejected_id = _sharded_upstream(tmp_path)
     config = make_config(f"runtime.runner={runner}", "curate.keep_fraction=0.6", "curate.curve_keep_fractions=[0.12]",
-                         "curate.duplicate_threshold=0.99", "curate.seed=5", f"curate.row_order={order}",
+                         "curate.seed=5", f"curate.row_order={order}",
                          "curate.comparison_policies=[random,dedup,clipscore,clipscore_dedup]",
-                         "curate.ablations=[tiers_random_order,heuristics_only,placebo,influence_only]")
+                         "curate.ablations=[tiers_random_order,heuristics_only,placebo,influence_only,fixed_thresholds]",
+                         *(["curate.duplicate_rate=0.2", "curate.mismatch_rate=0.1"] if fitted
+                           else ["curate.duplicate_threshold=0.99", "curate.mismatch_fence=tukey"]))
     outcome = run_stage(config, CurateStage(), upstream=upstream)
+    thresholds = outcome.manifest["extra"]["thresholds"]
+    if fitted:  # the fitted values are the brute-force ones, and differ from the fixed settings
+        assignments = storage.read_table(str(tmp_path / "cluster" / "assignments")).to_pandas()
+        pool = storage.read_table(str(tmp_path / "embed" / "pool")).to_pandas().set_index("id").loc[assignments["id"]]
+        fence, threshold = _fitted_thresholds(tmp_path, assignments, pool, config.curate)
+        assert thresholds["mismatch_fence"] == pytest.approx(fence) and thresholds["duplicate_threshold"] == pytest.approx(threshold)
+        assert threshold != pytest.approx(0.99) and fence != pytest.approx(-0.4), (threshold, fence)
+    else:
+        assert thresholds["duplicate_threshold"] == config.curate.duplicate_threshold
     outputs = outcome.manifest["outputs"]
     for fraction, key_of in ((0.6, layout_key_main), (0.12, lambda n: f"curve_keep-0.12_{n}")):
         expected, decisions = _reference(tmp_path, config.curate, fraction)
