@@ -6,7 +6,7 @@
 
 For each benchmark seed b (``data.benchmark.seed``: other images, captions and planted defects; seed 0
 shaped the policy, so it is not evidence) it runs the demo pipeline once (``influencespace run demo``,
-into ``<out>/benchmark-seed-<b>``; a rerun resumes where it stopped), with every policy curated at
+into ``<out>/benchmark-seed-<b>``; a rerun resumes where it stopped, and replaces the stages whose settings changed), with every policy curated at
 keep fractions 0.8, 0.6 and 0.4 (20/40/60 % removed) and each trained with every training seed:
 
 - ``influencespace``: the full policy, as configured;
@@ -82,7 +82,7 @@ def overrides(out: str, benchmark_seed: int, train_seeds: list[int], extra: list
 
 def run_pipeline(out: str, benchmark_seed: int, train_seeds: list[int], extra: list[str]) -> None:
     """One benchmark seed's pipeline through the CLI, exactly as a user runs it (resumes a finished stage)."""
-    command = [sys.executable, "-m", "influencespace", "run", "demo"]
+    command = [sys.executable, "-m", "influencespace", "run", "demo", "--overwrite"]  # a changed policy replaces its stages
     for item in overrides(out, benchmark_seed, train_seeds, extra):
         command += ["--set", item]
     print(f"[outcome] benchmark seed {benchmark_seed}: {' '.join(command[1:])}", flush=True)
