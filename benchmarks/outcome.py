@@ -91,21 +91,22 @@ def run_pipeline(out: str, benchmark_seed: int, train_seeds: list[int], extra: l
     print(f"[outcome] benchmark seed {benchmark_seed} done in {time.perf_counter() - started:.0f} s", flush=True)
 
 
-def variant_name(policy: str, keep: float) -> str:
-    """The train / evaluate variant of ``policy`` at keep fraction ``keep`` (influencespace.layout's names)."""
+def seed_rows(summary: dict, policy: str, keep: float) -> dict[str, dict]:
+    """Training seed → metrics of ``policy`` at ``keep`` in one evaluate summary: the main budget (and the
+    baseline) from ``policies``, the other budgets from the ``budget_curve`` points."""
     if policy == BASELINE or keep == MAIN_KEEP:
-        return policy
-    return f"curve-keep-{keep:.2f}-{policy}"
+        return (summary["policies"].get(policy) or {}).get("per_seed") or {}
+    for point in summary.get("budget_curve") or []:
+        if point["policy"] == policy and abs(point["keep_fraction"] - keep) < 1e-9:
+            return point.get("per_seed") or {}
+    return {}
 
 
 def per_pair(summaries: dict[int, dict], policy: str, keep: float, metric: str) -> dict[tuple[int, int], float]:
     """(benchmark seed, training seed) → the metric of ``policy`` at ``keep`` (pairs where it was measured)."""
     values = {}
     for b, summary in summaries.items():
-        entry = summary["policies"].get(variant_name(policy, keep))
-        if entry is None:
-            continue
-        for s, row in entry["per_seed"].items():
+        for s, row in seed_rows(summary, policy, keep).items():
             value = row.get(metric)
             if value is not None and np.isfinite(value):
                 values[(b, int(s))] = float(value)

@@ -293,8 +293,11 @@ def budget_curve(policies: dict[str, dict], keep_fraction: float) -> list[dict]:
 
 
 def _curve_point(policy: str, keep_fraction: float, entry: dict) -> dict:
+    """One curve point: the means, the accuracy ratio's sd and each seed's values of the same fields (what a
+    paired comparison across budgets needs, benchmarks/outcome.py)."""
     point = {"policy": policy, "keep_fraction": round(keep_fraction, 4), **{k: entry.get(k) for k in CURVE_FIELDS}}
     point["accuracy_ratio_pct_sd"] = entry.get("sd", {}).get("accuracy_ratio_pct")
+    point["per_seed"] = {seed: {k: row.get(k) for k in CURVE_FIELDS} for seed, row in (entry.get("per_seed") or {}).items()}
     return point
 
 

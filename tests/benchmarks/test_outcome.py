@@ -11,7 +11,7 @@ def _summaries(effect: dict[str, float], benchmark_seeds=(1, 2), train_seeds=(0,
     rng = np.random.default_rng(0)
     out = {}
     for b in benchmark_seeds:
-        policies = {}
+        policies, curve = {}, []
         for policy in [outcome.FULL, *outcome.ABLATIONS, *outcome.COMPARISONS, outcome.BASELINE]:
             for keep in (outcome.MAIN_KEEP, *outcome.CURVE_KEEPS):
                 per_seed = {}
@@ -20,8 +20,11 @@ def _summaries(effect: dict[str, float], benchmark_seeds=(1, 2), train_seeds=(0,
                     per_seed[str(s)] = {"accuracy_ratio_pct": 100 + shift + noise * rng.normal(),
                                         "worst_group_acc": 0.8 + shift / 100 + noise / 100 * rng.normal(),
                                         "eo_diff": 0.02 if policy == outcome.BASELINE else 0.005 + abs(noise / 100 * rng.normal())}
-                policies[outcome.variant_name(policy, keep)] = {"per_seed": per_seed}
-        out[b] = {"policies": policies}
+                if policy == outcome.BASELINE or keep == outcome.MAIN_KEEP:
+                    policies[policy] = {"per_seed": per_seed}
+                if policy != outcome.BASELINE:  # evaluate's curve points: every budget, the main one too
+                    curve.append({"policy": policy, "keep_fraction": keep, "per_seed": per_seed})
+        out[b] = {"policies": policies, "budget_curve": curve}
     return out
 
 

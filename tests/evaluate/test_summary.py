@@ -82,7 +82,9 @@ def test_budget_curve_moves_curve_variants_out_of_the_policy_table():
     from influencespace.evaluate.stage import budget_curve
 
     entry = lambda reduction, acc: {"volume_reduction_pct": reduction, "accuracy_ratio_pct": acc, "worst_group_acc": 0.7,  # noqa: E731
-                                    "eo_diff": 0.01, "dp_diff": 0.0, "time_ratio": 1.0, "sd": {"accuracy_ratio_pct": 0.5}}
+                                    "eo_diff": 0.01, "dp_diff": 0.0, "time_ratio": 1.0, "sd": {"accuracy_ratio_pct": 0.5},
+                                    "per_seed": {"0": {"accuracy_ratio_pct": acc - 1, "eo_diff": 0.02, "steps": 9},
+                                                 "1": {"accuracy_ratio_pct": acc + 1, "eo_diff": 0.0}}}
     policies = {"baseline": entry(0.0, 100.0), "influencespace": entry(40.0, 101.0), "random": entry(40.0, 98.0),
                 "curve-keep-0.40-influencespace": entry(60.0, 97.0), "curve-keep-0.80-random": entry(20.0, 99.5)}
     curve = budget_curve(policies, keep_fraction=0.6)
@@ -90,6 +92,8 @@ def test_budget_curve_moves_curve_variants_out_of_the_policy_table():
     assert [(p["policy"], p["keep_fraction"], p["accuracy_ratio_pct"]) for p in curve] == [
         ("influencespace", 0.6, 101.0), ("influencespace", 0.4, 97.0), ("random", 0.8, 99.5), ("random", 0.6, 98.0)]
     assert curve[0]["accuracy_ratio_pct_sd"] == 0.5
+    assert curve[1]["per_seed"]["0"]["accuracy_ratio_pct"] == 96.0 and curve[1]["per_seed"]["1"]["eo_diff"] == 0.0
+    assert "steps" not in curve[1]["per_seed"]["0"]  # the curve's fields only
     assert budget_curve({"baseline": entry(0.0, 100.0), "random": entry(40.0, 98.0)}, 0.6) == []
 
 
