@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="run directory (local or s3://) with a finished curate stage")
     p.add_argument("--format", required=True, choices=["uids", "webdataset", "parquet"])
     p.add_argument("--out", required=True, help="output directory (local or s3://)")
-    p.add_argument("--policy", default="influencespace", help="which manifest: influencespace (default), random, dedup, clipscore")
+    p.add_argument("--policy", default="influencespace", help="which manifest: influencespace (default), a comparison (random, dedup, clipscore, clipscore_dedup) or an ablation curated beside it")
     p.add_argument("--weights", default="field", choices=["field", "repeats"],
                    help="WebDataset: weight as a JSON field (default) or as max(1, round(weight)) repeats")
     p.add_argument("--rows-per-file", type=int, default=10_000, help="rows per output file (default 10000)")

@@ -289,11 +289,12 @@ class CurateConfig(Section):
         description="Thinning floor: a negligible or helpful cluster keeps at least this share of its rows while the budget allows.",
     )
     row_order: Literal["influence", "image_text", "random"] = Field(
-        "image_text",
-        description="Which rows of a tier a thinned cluster drops first: the lowest image–text cosine "
-        "(default: on the benchmark it separates planted caption noise at AUC 0.94, own influence at 0.47, "
-        "benchmarks/row_signals.py), the lowest own influence (needs influence.score_rows), or a seeded random order "
-        "(the mismatch and near-duplicate tiers still go first; set their keys to null to drop them).",
+        "random",
+        description="Which rows of a tier a thinned cluster drops first: a seeded random order (default: over benchmark "
+        "seeds 1–3 it trained better than the lowest image–text cosine first at every budget, benchmarks/outcome.py; "
+        "the mismatch and near-duplicate tiers still go first — set their keys to null to drop them), the lowest "
+        "image–text cosine (image_text; it separates planted caption noise best, AUC 0.94, benchmarks/row_signals.py, "
+        "but also drops hard clean pairs), or the lowest own influence (influence; needs influence.score_rows).",
     )
     influence_source: Literal["validation", "placebo", "none"] = Field(
         "validation",
@@ -301,7 +302,7 @@ class CurateConfig(Section):
         "placebo_scores (a random validation direction: an ablation), or none (no cluster is called: nothing pruned "
         "or up-weighted, the heuristics alone).",
     )
-    ablations: tuple[Literal["tiers_random_order", "heuristics_only", "placebo", "influence_only", "fixed_thresholds"], ...] = Field(
+    ablations: tuple[Literal["tiers_random_order", "tiers_cosine_order", "heuristics_only", "placebo", "influence_only", "fixed_thresholds"], ...] = Field(
         (),
         description="Ablations of the InfluenceSpace policy curated beside it at every budget, each under its own name "
         "(curate.policy.ABLATIONS: the settings each changes; docs/curation.md).",
@@ -357,6 +358,13 @@ class CurateConfig(Section):
         if "clipscore_dedup" in self.comparison_policies and self.duplicate_threshold is None:
             raise ValueError("curate.comparison_policies has clipscore_dedup, which needs curate.duplicate_threshold "
                              "(the near-duplicate cut); set one or remove clipscore_dedup")
+        from influencespace.curate.policy import ABLATIONS, ablation_settings  # pure logic; imports no config
+
+        same = [name for name in self.ablations if not ablation_settings(name, self.model_dump())]
+        if same:
+            raise ValueError(f"curate.ablations {same} change only settings the configured policy already has "
+                             f"({', '.join(f'{n}: {ABLATIONS[n]}' for n in same)}), so each would be the policy itself; "
+                             "leave them out of curate.ablations")
         return self
 
 

@@ -43,6 +43,10 @@ def test_cross_field_rules():
         load_config("test", ["data.source=parquet"])
     with pytest.raises(ConfigError, match="min_weight"):
         load_config("test", ["curate.min_weight=2.0"])
+    # an ablation that changes nothing would curate a copy of the policy under another name
+    with pytest.raises(ConfigError, match=r"\['tiers_random_order'\] change only settings .*row_order': 'random'"):
+        load_config("test", ["curate.row_order=random", "curate.ablations=[tiers_random_order,heuristics_only]"])
+    assert load_config("test", ["curate.row_order=image_text", "curate.ablations=[tiers_random_order]"]).curate.ablations
 
 
 def test_malformed_override_and_missing_file():

@@ -38,14 +38,14 @@ then the lowest cosine). All return the same manifest columns.
 
 **Ablations** (:data:`ABLATIONS`) are named settings of this same policy — not copies of it — curated
 beside it at every budget (``curate.ablations``), so a benchmark can tell which signal does the work:
-the same tiers with a random order inside each; the heuristics without influence (no cluster is
+the same tiers with a random or a cosine order inside each; the heuristics without influence (no cluster is
 called, so nothing is pruned or up-weighted); influence against a random validation direction (the
 placebo); influence without the heuristic tiers. Each is also a plain configuration a user can run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,8 +91,11 @@ class PolicyParams:
 
 # Each ablation: the curate settings it changes (curate.ablations; the rest of the configuration stays).
 ABLATIONS: dict[str, dict[str, Any]] = {
-    # The same tiers and floors, a seeded random order inside each tier (what the row signal adds).
+    # The same tiers and floors, a seeded random order inside each tier (what a row signal adds).
     "tiers_random_order": {"row_order": "random"},
+    # The same tiers and floors, the lowest image–text cosine first inside each tier (what the cosine as a
+    # row signal adds; the default order before benchmarks/outcome.py measured the random one ahead).
+    "tiers_cosine_order": {"row_order": "image_text"},
     # No influence: no cluster is called harmful or helpful, so nothing is pruned or up-weighted;
     # the mismatch and near-duplicate tiers, the row order and the floors stay (what influence adds).
     "heuristics_only": {"influence_source": "none"},
@@ -108,18 +111,20 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def ablation_settings(name: str, row_order: str = "image_text") -> dict[str, Any]:
-    """The curate settings ablation ``name`` changes, given the configured ``row_order``.
+def ablation_settings(name: str, current: Mapping[str, Any]) -> dict[str, Any]:
+    """The curate settings ablation ``name`` changes, relative to the configured settings ``current``.
 
-    Rows ordered by their own influence carry the validation objective too, so an ablation that
-    removes it (``heuristics_only``, ``placebo``) orders rows by their image–text cosine instead.
+    Only the settings that differ from ``current`` are returned: empty when the ablation *is* the
+    configured policy (say ``tiers_random_order`` under ``row_order: random``). Rows ordered by their own
+    influence carry the validation objective too, so an ablation that removes it (``heuristics_only``,
+    ``placebo``) orders rows by their image–text cosine instead.
     """
     if name not in ABLATIONS:
         raise ValueError(f"unknown ablation {name!r}; expected one of {sorted(ABLATIONS)}")
     settings = dict(ABLATIONS[name])
-    if settings.get("influence_source", "validation") != "validation" and row_order == "influence":
+    if settings.get("influence_source", "validation") != "validation" and current.get("row_order") == "influence":
         settings["row_order"] = "image_text"
-    return settings
+    return {key: value for key, value in settings.items() if current.get(key) != value}
 
 
 def budget_rows(n_rows: int, keep_fraction: float) -> int:

@@ -548,7 +548,8 @@ class CurateStage(Stage):
         curve_fractions = [f for f in cfg.curve_keep_fractions if f != cfg.keep_fraction]
         # The policy as configured, then each ablation: the same policy with the settings it changes.
         variants = [(layout.CURATED, cfg, self._comparisons(cfg))]
-        variants += [(name, cfg.model_copy(update=policy.ablation_settings(name, cfg.row_order)), []) for name in cfg.ablations]
+        # (config validation refuses an ablation that changes nothing)
+        variants += [(name, cfg.model_copy(update=policy.ablation_settings(name, cfg.model_dump())), []) for name in cfg.ablations]
         decisions = None
         n_rows = 0
         self.fitted: dict[str, dict[str, float | None]] = {}  # per policy: the fence and threshold it used
