@@ -552,11 +552,11 @@ class CurateStage(Stage):
         variants += [(name, cfg.model_copy(update=policy.ablation_settings(name, cfg.model_dump())), []) for name in cfg.ablations]
         decisions = None
         n_rows = 0
-        self.fitted: dict[str, dict[str, float | None]] = {}  # per policy: the fence and threshold it used
+        thresholds: dict[str, dict[str, float | None]] = {}  # per policy: the fence and near-duplicate cut it used
         for name, variant_cfg, comparisons in variants:
             if len(variants) > 1:
                 log.info("curate: policy %s", name)
-            entries, variant_decisions, n_rows = self._curate(ctx, variant_cfg, name, comparisons, worst_group)
+            entries, variant_decisions, n_rows, thresholds[name] = self._curate(ctx, variant_cfg, name, comparisons, worst_group)
             decisions = variant_decisions if decisions is None else decisions  # the configured policy's
             for fraction, entry in entries.items():
                 if fraction == cfg.keep_fraction:
@@ -567,7 +567,7 @@ class CurateStage(Stage):
                     summary["curve"].setdefault(label, {}).update(entry)
                     outputs.update({layout.curve_output(label, n): layout.curve_dir(label, n) for n in entry})
         summary["budget_rows"] = policy.budget_rows(n_rows, cfg.keep_fraction)
-        summary["thresholds"] = self.fitted
+        summary["thresholds"] = thresholds
         storage.write_table(pa.Table.from_pandas(decisions, preserve_index=False), ctx.path("cluster_decisions.parquet"))
         storage.write_json(ctx.path("summary.json"), summary)
         outputs.update({"decisions": "cluster_decisions.parquet", "summary": "summary.json"})
@@ -579,14 +579,15 @@ class CurateStage(Stage):
             outputs=outputs,
             extra={"worst_group": worst_group, "worst_group_upweighted_clusters": int(decisions["helps_worst_group"].sum()),
                    "policies": sorted(k for k in summary if k not in ("worst_group", "budget_rows", "curve", "thresholds")),
-                   "thresholds": self.fitted[layout.CURATED],
+                   "thresholds": thresholds[layout.CURATED],
                    "ablations": list(cfg.ablations), "curve_keep_fractions": curve_fractions},
         )
 
     def _curate(self, ctx: StageContext, cfg: Any, name: str, comparisons: list[str],
-                worst_group: str | None) -> tuple[dict[float, dict[str, Any]], pd.DataFrame, int]:
+                worst_group: str | None) -> tuple[dict[float, dict[str, Any]], pd.DataFrame, int, dict[str, float | None]]:
         """One InfluenceSpace policy (``cfg``: the configured one or an ablation) written under ``name``, and the
-        ``comparisons`` on the same scratch, at every budget: ({keep fraction: {policy: summary}}, decisions, rows)."""
+        ``comparisons`` on the same scratch, at every budget: ({keep fraction: {policy: summary}}, decisions, rows,
+        the thresholds it used)."""
         scores = self._scores(ctx, cfg)
         signals = self._signals(ctx, cfg, worst_group, comparisons)
         shards = self._shards(ctx, signals)
@@ -631,7 +632,6 @@ class CurateStage(Stage):
             threshold = policy.fitted_duplicate_threshold(neighbours, cfg.duplicate_rate)
             log.info("curate: near-duplicate threshold %.4f (the %s-quantile of %d validation rows' nearest pool "
                      "neighbour in their cluster)", threshold, 1 - cfg.duplicate_rate, int(np.isfinite(neighbours).sum()))
-        self.fitted[name] = {"mismatch_fence": fence, "duplicate_threshold": threshold}
         order = functools.partial(order_bucket, broadcast, signals, threshold, work, [s.name for s in shards])
         buckets = int(bucket_of.max()) + 1
         ordered = 0
@@ -670,7 +670,7 @@ class CurateStage(Stage):
                 decisions = fraction_decisions
             entries[fraction] = entry
         storage.remove_tree(ctx.path(WORK_DIR))
-        return entries, decisions, n_rows
+        return entries, decisions, n_rows, {"mismatch_fence": fence, "duplicate_threshold": threshold}
 
     # -- the pieces ---------------------------------------------------------------------------------
 
