@@ -264,7 +264,21 @@ class InfluenceConfig(Section):
     proxy_lr: float = Field(1e-2, gt=0.0, description="Adam learning rate of the proxy warm start.")
     negatives: int = Field(31, ge=1, description="contrastive task: size of the fixed negative bank drawn from the pool.")
     head_dim: int = Field(64, ge=1, description="contrastive task: width of the trainable projection heads.")
-    logit_scale: float = Field(10.0, gt=0.0, description="contrastive task: fixed inverse temperature of the logits.")
+    logit_scale: float | Literal["learned"] = Field(
+        10.0,
+        description="contrastive task: inverse temperature of the logits, fixed (a number > 0) or 'learned' as the train "
+        "stage's heads learn it (exp of a tracked parameter, capped at 100, from logit_scale_init).",
+    )
+    logit_scale_init: float = Field(
+        1 / 0.07, gt=0.0, description="contrastive task, logit_scale 'learned': the initial inverse temperature (CLIP's)."
+    )
+
+    @field_validator("logit_scale")
+    @classmethod
+    def _positive_scale(cls, value: float | str) -> float | str:
+        if not isinstance(value, str) and value <= 0:
+            raise ValueError(f"influence.logit_scale must be a number > 0 or 'learned', got {value}")
+        return value
     batch_size: int = _execution_only(default=32, ge=1, description="Examples per vmapped gradient chunk.")
     num_workers: int = _execution_only(default=2, ge=1, description="Ray Train workers.")
 

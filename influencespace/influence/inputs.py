@@ -512,7 +512,8 @@ def plan_inputs(runtime: Any, cfg: Any, task: Any, *, pool_uri: str, validation_
     if "label" in columns:
         label_values = tuple(sorted(labels | {str(v) for v in val["label"].to_pylist() if v is not None}))
     dims = {f: column_to_numpy(val[c]).shape[1] for f, c in zip(task.features, columns, strict=True) if c != "label"}
-    options = {"negatives": cfg.negatives, "head_dim": cfg.head_dim, "logit_scale": cfg.logit_scale}
+    options = {"negatives": cfg.negatives, "head_dim": cfg.head_dim, "logit_scale": cfg.logit_scale,
+               "logit_scale_init": cfg.logit_scale_init}
     spec = DataSpec(dims=dims, num_classes=len(label_values) if label_values else None, options=options)
     bank_size = task.bank_size(spec)
     if bank_size and bank_size >= n:

@@ -21,7 +21,9 @@ Built-in tasks:
     of B pool pairs drawn once (a buffer, not trained data), so the loss of example i depends on i
     alone and the training objective is a sum over examples, which influence functions need.
     Row 0 scores the image against its caption and the B bank captions, row 1 the caption against
-    its image and the B bank images; the target of both rows is 0 (the true partner).
+    its image and the B bank images; the target of both rows is 0 (the true partner). The logits'
+    inverse temperature is fixed (``influence.logit_scale``: a number) or learned like the target's
+    (``learned``, from ``influence.logit_scale_init``).
 ``probe``
     A linear classifier (weights and bias) over the fused embedding predicting ``label``. Linear in
     its parameters, so its Gauss–Newton matrix *is* its Hessian: the exact reference in the tests.
@@ -31,6 +33,7 @@ Register your own with :func:`register_task` (a ``Task`` subclass or a zero-argu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,6 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from influencespace.influence.errors import InfluenceError
+
+LEARNED = "learned"  # influence.logit_scale: the temperature is a trained parameter, as in the train stage's model
+MAX_LOGIT_SCALE = 100.0  # the train stage's cap on exp(τ) (CLIP's); tests/influence/test_tasks.py keeps them equal
 
 
 @dataclass(frozen=True)
@@ -83,15 +89,31 @@ class Task:
 
 
 class ContrastiveHeads(nn.Module):
-    """Trainable projection heads over frozen image/text embeddings, scored against a fixed bank."""
+    """Trainable projection heads over frozen image/text embeddings, scored against a fixed bank.
 
-    def __init__(self, image_dim: int, text_dim: int, head_dim: int, scale: float, bank_image, bank_text, generator):
+    ``scale`` is the inverse temperature s of the logits: a fixed number, or ``learned`` — then, as in
+    the train stage's ClipHeads, s = min(exp(τ), MAX_LOGIT_SCALE) with τ = log(``scale_init``) a
+    tracked parameter, so the warm start learns the temperature and every per-example gradient,
+    sketch and curvature term carries ∂ℓ/∂τ beside the heads'.
+    """
+
+    def __init__(self, image_dim: int, text_dim: int, head_dim: int, scale: float | str, bank_image, bank_text, generator,
+                 scale_init: float = 1 / 0.07):
         super().__init__()
         self.image_head = nn.Parameter(torch.randn(head_dim, image_dim, generator=generator) / image_dim**0.5)
         self.text_head = nn.Parameter(torch.randn(head_dim, text_dim, generator=generator) / text_dim**0.5)
         self.register_buffer("bank_image", bank_image)
         self.register_buffer("bank_text", bank_text)
-        self.scale = scale
+        if scale == LEARNED:
+            self.log_scale = nn.Parameter(torch.full((1,), math.log(scale_init), dtype=self.image_head.dtype))
+            self.scale = None
+        else:
+            self.scale = float(scale)
+
+    def logit_scale(self) -> torch.Tensor | float:
+        if self.scale is not None:
+            return self.scale
+        return self.log_scale.exp().clamp(max=MAX_LOGIT_SCALE)[0]
 
     def forward(self, example: dict[str, torch.Tensor]) -> torch.Tensor:
         z_img = F.normalize(self.image_head @ example["image"], dim=-1)
@@ -101,7 +123,7 @@ class ContrastiveHeads(nn.Module):
         pair = (z_img @ z_txt).reshape(1)
         image_row = torch.cat([pair, bank_txt @ z_img])
         text_row = torch.cat([pair, bank_img @ z_txt])
-        return self.scale * torch.stack([image_row, text_row])
+        return self.logit_scale() * torch.stack([image_row, text_row])
 
 
 class ContrastiveTask(Task):
@@ -118,10 +140,11 @@ class ContrastiveTask(Task):
             spec.dims["image"],
             spec.dims["text"],
             int(spec.options.get("head_dim", 64)),
-            float(spec.options.get("logit_scale", 10.0)),
+            spec.options.get("logit_scale", 10.0),
             bank["image"],
             bank["text"],
             generator,
+            scale_init=float(spec.options.get("logit_scale_init", 1 / 0.07)),
         )
 
     def targets(self, example):

@@ -139,11 +139,16 @@ def test_truncated_rank_with_complement_keeps_the_ranking(probe):
     assert spearmanr(ours, probe.exact)[0] >= 0.95
 
 
-def test_contrastive_sketch_equals_exact_gauss_newton():
-    options = {"negatives": 5, "head_dim": 2, "logit_scale": 5.0}
-    env = setup("contrastive", dim=3, classes=3, clusters=8, n=120, options=options, converge=False)  # p = 2·(2·3) = 12
+@pytest.mark.parametrize("scale", [5.0, "learned"])
+def test_contrastive_sketch_equals_exact_gauss_newton(scale):
+    options = {"negatives": 5, "head_dim": 2, "logit_scale": scale, "logit_scale_init": 5.0}
+    env = setup("contrastive", dim=3, classes=3, clusters=8, n=120, options=options, converge=False)
+    p = sum(env.state[n].numel() for n in env.names)
+    assert p == (12 if scale == 5.0 else 13)  # 2·(2·3) head weights, and the temperature's τ when it is learned
+    if scale == "learned":  # the warm start trained the temperature too
+        assert float(env.state["log_scale"]) != pytest.approx(np.log(5.0), abs=1e-3), float(env.state["log_scale"])
     exact = exact_influence(env, "ggn")
-    ours = sketched(env, 12, damping=1e-12)
+    ours = sketched(env, p, damping=1e-12)
     assert np.abs(ours - exact).max() / np.abs(exact).max() < 1e-6
 
 

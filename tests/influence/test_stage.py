@@ -50,6 +50,16 @@ def test_local_run_writes_scores_and_curvature(make_config, upstream, task):
     assert run_stage(config, InfluenceStage(), upstream=upstream).status == "skipped"
 
 
+def test_a_learned_temperature_reaches_the_proxy(make_config, upstream, tmp_path):
+    """influence.logit_scale=learned from the configuration to the scores: another model, so other scores."""
+    fixed = make_config("runtime.runner=local", *BASE, run_dir=str(tmp_path / "fixed"))
+    learned = make_config("runtime.runner=local", *BASE, "influence.logit_scale=learned", run_dir=str(tmp_path / "learned"))
+    for config in (fixed, learned):
+        assert run_stage(config, InfluenceStage(), upstream=upstream).status == "ran"
+    a, b = scores(fixed)["influence"], scores(learned)["influence"]
+    assert np.isfinite(b).all() and not np.allclose(a, b), (a, b)
+
+
 def test_nan_embeddings_are_reported_not_propagated(make_config, tmp_path):
     data = make_data()
     data.pool["image_embedding"][[3, 100]] = np.nan
