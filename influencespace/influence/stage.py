@@ -92,6 +92,18 @@ def _finite_rows(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v[ok] for k, v in features.items()}
 
 
+def plan_from_upstream(ctx: StageContext, cfg: Any, task: Any) -> Inputs:
+    """Step 1 on the embed and cluster stages' outputs: the sample plan, written under ``ctx.stage_dir``."""
+    cluster_outputs = ctx.input_manifests["cluster"].get("outputs", {})
+    return plan_inputs(
+        ctx.config.runtime, cfg, task, pool_uri=ctx.input_path("embed", "pool"),
+        validation_uri=ctx.input_path("embed", "validation"), assign_uri=ctx.input_path("cluster", "assignments"),
+        centroids_uri=ctx.input_path("cluster", "centroids") if "centroids" in cluster_outputs else None,
+        stage_dir=ctx.stage_dir,
+        rejects_uri=ctx.input_path("cluster", "rejects") if "rejects" in cluster_outputs else None,
+    )
+
+
 def build_proxy(inputs: Inputs, task: Any, cfg: Any) -> tuple[Any, list]:
     """Build the task's model (negative bank from the pool) and warm-start ``cfg.ensemble`` independent
     proxies of it (seed, seed + 1, …: own initialisation and minibatch order, the same proxy rows);
@@ -266,15 +278,7 @@ class InfluenceStage(Stage):
 
         cfg = ctx.config.influence
         task = get_task(cfg.task)
-        centroids = ctx.input_path("cluster", "centroids") if "centroids" in ctx.input_manifests["cluster"].get("outputs", {}) \
-            else None
-        inputs = plan_inputs(
-            ctx.config.runtime, cfg, task, pool_uri=ctx.input_path("embed", "pool"),
-            validation_uri=ctx.input_path("embed", "validation"), assign_uri=ctx.input_path("cluster", "assignments"),
-            centroids_uri=centroids, stage_dir=ctx.stage_dir,
-            rejects_uri=ctx.input_path("cluster", "rejects") if "rejects" in ctx.input_manifests["cluster"].get("outputs", {})
-            else None,
-        )
+        inputs = plan_from_upstream(ctx, cfg, task)
         model, states = build_proxy(inputs, task, cfg)
         job = Job(inputs, task, cfg, model, states, ctx.stage_dir)
         config_bytes = None
