@@ -254,8 +254,9 @@ class InfluenceConfig(Section):
     )
     seed: int = Field(0, description="Seed of the projector and the sampling.")
     dtype: Literal["float32", "float64"] = Field("float32", description="Gradient and sketch precision.")
-    fisher: Literal["ggn", "empirical"] = Field(
-        "ggn", description="Curvature: exact Gauss–Newton of the cross-entropy loss, or the empirical Fisher (any loss)."
+    fisher: Literal["ggn", "empirical", "identity"] = Field(
+        "ggn", description="Curvature: exact Gauss–Newton of the cross-entropy loss, the empirical Fisher (any loss), or "
+        "identity — no curvature, TracIn's gradient similarity averaged over the proxy's checkpoints.",
     )
     damping_floor: float = Field(1e-8, gt=0.0, description="Smallest λ, so an all-zero or singular curvature stays invertible.")
     weight_decay: float = Field(1e-4, ge=0.0, description="L2 coefficient of the proxy; part of its Hessian: its sketch wd·P Pᵀ is added to H (not to λ).")

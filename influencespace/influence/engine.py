@@ -238,10 +238,14 @@ def compute_influence(
         error: InfluenceError | None = None
         if comm.rank == 0:
             try:
-                # H = F/n + wd·PPᵀ: the sketched Hessian of the proxy's objective, L2 term included.
-                mean_curvature = curv.numpy() / total_weight
-                if settings.weight_decay:
-                    mean_curvature = mean_curvature + settings.weight_decay * projector.gram().cpu().numpy()
+                # H = F/n + wd·PPᵀ: the sketched Hessian of the proxy's objective, L2 term included
+                # (fisher: identity — TracIn's gradient similarity — takes H = I in the sketch space instead).
+                if settings.fisher == "identity":
+                    mean_curvature = np.eye(k)
+                else:
+                    mean_curvature = curv.numpy() / total_weight
+                    if settings.weight_decay:
+                        mean_curvature = mean_curvature + settings.weight_decay * projector.gram().cpu().numpy()
                 curvature = fit_curvature(mean_curvature, settings.rank, settings.damping, settings.damping_floor)
                 if curvature.rank > curvature.rank_configured:
                     log.warning("influence: influence.rank %d would drop eigenvalues above the damping λ = %.3g; "

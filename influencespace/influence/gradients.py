@@ -16,6 +16,10 @@ Curvature (``fisher``):
 ``empirical``
     The empirical Fisher ``G_i = ∇ℓ_i ∇ℓ_iᵀ``: one gradient per example, works for any
     ``train_loss``, but a poorer curvature model near a minimum.
+``identity``
+    No curvature: the engine uses H = I in the sketch space, so a term is φ_valᵀ φ_i / (1 + λ) — the
+    gradient similarity of TracIn (Pruthi et al. 2020), averaged over the proxy's checkpoints. The
+    sketches are the empirical path's; their outer products are accumulated but not used.
 
 Non-finite results are never accumulated: an example whose gradient, Jacobian or probabilities
 contain NaN/inf gets weight 0 and is reported through the returned mask.
@@ -33,7 +37,7 @@ from influencespace.influence.projector import RandomProjector
 from influencespace.influence.tasks import Task
 from influencespace.progress import NULL, Sink
 
-FISHERS = ("ggn", "empirical")
+FISHERS = ("ggn", "empirical", "identity")
 
 
 @dataclass
