@@ -167,6 +167,36 @@ def _wrap(action: str, uri: str, exc: Exception) -> StorageError:
     return StorageError(f"could not {action} '{uri}': {exc}")
 
 
+# S3 errors the AWS SDK does not retry although they are transient — the same list Ray Data retries on
+# (DataContext.retried_io_errors). The best known: a 5xx or SlowDown answer to a small ranged GetObject
+# whose error body does not fit the read buffer surfaces as INTERNAL_FAILURE "Failed to flush response
+# stream", which the SDK marks non-retryable (apache/doris#61636, milvus-io/milvus#49872); it is what a
+# read meets while an S3 server restarts (tests/faults/test_storage_faults.py).
+TRANSIENT_S3_ERRORS = ("AWS Error INTERNAL_FAILURE", "AWS Error NETWORK_CONNECTION", "AWS Error SLOW_DOWN",
+                       "AWS Error UNKNOWN (HTTP status 503)", "AWS Error SERVICE_UNAVAILABLE")
+RETRY_BASE_SECONDS, RETRY_MAX_SECONDS = 0.5, 8.0
+
+
+def _with_retries(uri: str, operation: Any) -> Any:
+    """``operation()``, tried again with exponential backoff (0.5 s, 1 s, 2 s, … at most 8 s) while it fails
+    with a transient S3 error, ``storage.retries`` attempts in all; local files and other errors are not retried."""
+    import logging
+    import time
+
+    attempts = max(1, _settings.retries) if is_s3(uri) else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            return operation()
+        except OSError as exc:
+            if attempt == attempts or not any(marker in str(exc) for marker in TRANSIENT_S3_ERRORS):
+                raise
+            delay = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (attempt - 1))
+            logging.getLogger(__name__).warning("storage: transient S3 error on '%s' (attempt %d of %d), retrying in "
+                                                "%.1f s: %s", uri, attempt, attempts, delay, exc)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
 def exists(uri: str) -> bool:
     import pyarrow.fs as pafs
 
@@ -209,9 +239,13 @@ def list_files(uri: str, suffix: str = "", recursive: bool = False) -> list[str]
 
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
-    try:
+
+    def read() -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
+
+    try:
+        return _with_retries(uri, read)
     except FileNotFoundError as exc:
         raise StorageError(f"'{uri}' does not exist") from exc
     except OSError as exc:
@@ -221,10 +255,14 @@ def read_bytes(uri: str) -> bytes:
 def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` so that ``uri`` appears complete or not at all."""
     fs, path = resolve(uri)
+
+    def upload() -> None:  # the whole object from memory: trying it again is safe
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
     try:
         if is_s3(uri):
-            with fs.open_output_stream(path) as f:
-                f.write(data)
+            _with_retries(uri, upload)
             return
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
@@ -293,8 +331,9 @@ def write_table(table: pa.Table, uri: str, compression: str = "zstd", row_group_
 
     fs, path = resolve(uri)
     try:
-        if is_s3(uri):
-            pq.write_table(table, path, filesystem=fs, compression=compression, row_group_size=row_group_size)
+        if is_s3(uri):  # the table is in memory: writing it again is safe
+            _with_retries(uri, lambda: pq.write_table(table, path, filesystem=fs, compression=compression,
+                                                      row_group_size=row_group_size))
             return
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
@@ -337,7 +376,7 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     for file_uri in files:
         fs, path = resolve(file_uri)
         try:
-            tables.append(pq.read_table(path, filesystem=fs, columns=columns))
+            tables.append(_with_retries(file_uri, lambda fs=fs, path=path: pq.read_table(path, filesystem=fs, columns=columns)))
         except (OSError, pa.ArrowInvalid) as exc:
             raise StorageError(f"could not read Parquet file '{file_uri}': {exc}") from exc
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
@@ -369,7 +408,7 @@ def parquet_rows(uri: str) -> int:
 
     fs, path = resolve(uri)
     try:
-        return pq.read_metadata(path, filesystem=fs).num_rows
+        return _with_retries(uri, lambda: pq.read_metadata(path, filesystem=fs)).num_rows
     except OSError as exc:
         raise InputDataError(f"'{uri}' is not a readable Parquet file: {exc}") from None
 
@@ -384,7 +423,7 @@ def schema(uri: str) -> pa.Schema:
         raise StorageError(f"no Parquet files at '{uri}'")
     fs, path = resolve(files[0])
     try:
-        return pq.read_schema(path, filesystem=fs)
+        return _with_retries(files[0], lambda: pq.read_schema(path, filesystem=fs))
     except (OSError, pa.ArrowInvalid) as exc:
         raise StorageError(f"could not read the schema of Parquet file '{files[0]}': {exc}") from exc
 

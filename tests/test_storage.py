@@ -125,3 +125,48 @@ def test_bad_endpoint_is_a_clear_error():
             storage.resolve("s3://bucket/x")
     finally:
         storage.configure()
+
+
+class _FlakyS3:
+    """A stand-in for pyarrow's S3 filesystem whose first ``failures`` reads fail with ``error``."""
+
+    def __init__(self, failures: int, error: str):
+        self.failures, self.error, self.calls = failures, error, 0
+
+    def open_input_stream(self, path):
+        import io
+
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise OSError(self.error)
+        return io.BytesIO(b"payload")
+
+
+FLUSH = "AWS Error INTERNAL_FAILURE during GetObject operation: Failed to flush response stream (eof: 0, bad: 1)"
+
+
+@pytest.mark.parametrize("failures,error,succeeds,calls", [
+    (2, FLUSH, True, 3),  # transient: tried again until it works
+    (5, FLUSH, False, 5),  # storage.retries attempts in all, then the error, naming the URI
+    (1, "AWS Error ACCESS_DENIED during GetObject operation", False, 1),  # not transient: at once
+])
+def test_transient_s3_read_errors_are_retried_with_backoff_and_others_are_not(monkeypatch, failures, error, succeeds, calls):
+    """The AWS SDK does not retry INTERNAL_FAILURE 'Failed to flush response stream' (a 5xx answer to a small
+    read); the storage layer does, as Ray Data does, and gives up after storage.retries attempts."""
+    fake = _FlakyS3(failures, error)
+    monkeypatch.setattr(storage, "resolve", lambda uri: (fake, "bucket/key"))
+    sleeps = []
+    monkeypatch.setattr("time.sleep", sleeps.append)
+    monkeypatch.setattr(storage, "_settings", storage.S3Settings(retries=5))
+    if succeeds:
+        assert storage.read_bytes("s3://bucket/key") == b"payload"
+    else:
+        with pytest.raises(StorageError, match="could not read 's3://bucket/key'"):
+            storage.read_bytes("s3://bucket/key")
+    assert fake.calls == calls, fake.calls
+    assert sleeps == [0.5 * 2**i for i in range(calls - 1)], sleeps  # none for an error that is not transient
+
+
+def test_local_reads_are_not_retried(tmp_path):
+    with pytest.raises(StorageError, match="does not exist"):
+        storage.read_bytes(str(tmp_path / "missing.bin"))
