@@ -231,14 +231,14 @@ class Bench:
     size: np.ndarray  # pool rows per scored cluster
 
 
-def check_run_dir(run_dir: str) -> None:
-    """Fail with what is missing and which stage writes it."""
+def check_run_dir(run_dir: str, stages: tuple[str, ...] = ("embed", "cluster", "influence")) -> None:
+    """Fail with what is missing (of ``stages``' outputs) and which stage writes it."""
     if not os.path.isdir(run_dir):
         raise SystemExit(f"error: run directory {run_dir!r} does not exist; run the built-in benchmark first "
                          "(`.venv/bin/influencespace demo`, or `influencespace run demo --stages data,embed,cluster,influence`), "
                          "then pass its run directory")
-    missing = [(p, stage) for p, stage in REQUIRED.items() if not os.path.exists(os.path.join(run_dir, p))]
-    for stage in ("embed", "cluster", "influence"):
+    missing = [(p, stage) for p, stage in REQUIRED.items() if stage in stages and not os.path.exists(os.path.join(run_dir, p))]
+    for stage in stages:
         if os.path.isdir(os.path.join(run_dir, stage)) and not os.path.exists(os.path.join(run_dir, stage, "_SUCCESS.json")):
             missing.append((f"{stage}/_SUCCESS.json (the stage did not finish)", stage))
     if missing:
@@ -249,13 +249,13 @@ def check_run_dir(run_dir: str) -> None:
                          "e.g. `.venv/bin/influencespace run demo --stages data,embed,cluster,influence` with run_dir set to it")
 
 
-def load_bench(run_dir: str) -> Bench:
+def load_bench(run_dir: str, scores_file: str | None = None) -> Bench:
     import pandas as pd
     import pyarrow.parquet as pq
 
     from influencespace.train.data import fixed_size_matrix
 
-    check_run_dir(run_dir)
+    check_run_dir(run_dir, ("embed", "cluster") if scores_file else ("embed", "cluster", "influence"))
 
     def files(path: str) -> list[str]:
         found = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".parquet"))
@@ -280,7 +280,7 @@ def load_bench(run_dir: str) -> Bench:
 
     val = pq.read_table(files(os.path.join(run_dir, "embed", "validation")),
                         columns=["image_embedding", "text_embedding"])
-    scores = pq.read_table(os.path.join(run_dir, "influence", "cluster_scores.parquet"),
+    scores = pq.read_table(scores_file or os.path.join(run_dir, "influence", "cluster_scores.parquet"),
                            columns=["cluster", "influence"]).to_pandas().sort_values("cluster")
     clusters = scores["cluster"].to_numpy().astype(int)
     size = np.array([(cluster == c).sum() for c in clusters])
@@ -385,6 +385,19 @@ def run_benchmark(bench: Bench, train: Callable[[np.ndarray, int], float], seeds
     full = losses[0]
     loco_change = losses[1:1 + len(left_out)] - full  # paired by seed
     lds_change = losses[1 + len(left_out):] - full
+    kept = [int(keep.sum()) for _, keep in configs[1:]]
+    return {
+        "seeds": list(range(seeds)),
+        "train_seconds": train_seconds,
+        "seconds_per_training": train_seconds / total,
+        "full_loss": full.tolist(),
+        **evaluate(bench, left_out, halves, loco_change, lds_change, kept[:len(left_out)], kept[len(left_out):], subset_seed),
+    }
+
+
+def evaluate(bench: Bench, left_out: np.ndarray, halves: list[np.ndarray], loco_change: np.ndarray, lds_change: np.ndarray,
+             loco_kept: list[int], lds_kept: list[int], subset_seed: int) -> dict:
+    """The statistics of the influence scores and the naive predictors against the measured changes."""
     position = {c: i for i, c in enumerate(bench.clusters)}
     picked = np.array([position[c] for c in left_out])
     naive = naive_scores(bench)
@@ -394,20 +407,28 @@ def run_benchmark(bench: Bench, train: Callable[[np.ndarray, int], float], seeds
     loco_summary = summarize(loco_predictors, loco_change, seed=1)
     lds_summary = summarize(lds_predictors, lds_change, seed=2)
     return {
-        "seeds": list(range(seeds)),
-        "train_seconds": train_seconds,
-        "seconds_per_training": train_seconds / total,
-        "full_loss": full.tolist(),
-        "loco": {**loco_summary, "clusters": left_out.tolist(),
+        "loco": {**loco_summary, "clusters": np.asarray(left_out).tolist(),
                  "predicted": {k: v.tolist() for k, v in loco_predictors.items()},
-                 "actual": loco_change.mean(1).tolist(), "per_seed_change": loco_change.tolist(),
-                 "kept_rows": [int(configs[1 + i][1].sum()) for i in range(len(left_out))]},
-        "lds": {**lds_summary, "subsets": [s.tolist() for s in halves], "subset_seed": subset_seed,
+                 "actual": loco_change.mean(1).tolist(), "per_seed_change": loco_change.tolist(), "kept_rows": loco_kept},
+        "lds": {**lds_summary, "subsets": [np.asarray(s).tolist() for s in halves], "subset_seed": subset_seed,
                 "predicted": {k: v.tolist() for k, v in lds_predictors.items()},
-                "actual": lds_change.mean(1).tolist(), "per_seed_change": lds_change.tolist(),
-                "kept_rows": [int(configs[1 + len(left_out) + i][1].sum()) for i in range(len(halves))]},
+                "actual": lds_change.mean(1).tolist(), "per_seed_change": lds_change.tolist(), "kept_rows": lds_kept},
         "goals": goals(loco_summary, lds_summary),
     }
+
+
+def rescore(bench: Bench, earlier: dict) -> dict:
+    """``bench``'s scores against the retrainings of an ``earlier`` result on the same pool: the same
+    left-out clusters and half-subsets, so predictors are compared on the very same measured changes
+    (paired). The left-out clusters were picked at ranks of the earlier scores, not of these."""
+    loco, lds = earlier["loco"], earlier["lds"]
+    unknown = sorted(set(loco["clusters"]) - set(bench.clusters.tolist()))
+    if unknown:
+        raise SystemExit(f"error: the earlier result left out cluster(s) {unknown}, which these scores do not have: "
+                         "it belongs to another run")
+    return {key: earlier[key] for key in ("seeds", "train_seconds", "seconds_per_training", "full_loss")} | evaluate(
+        bench, np.array(loco["clusters"]), [np.array(s) for s in lds["subsets"]], np.array(loco["per_seed_change"]),
+        np.array(lds["per_seed_change"]), loco["kept_rows"], lds["kept_rows"], lds["subset_seed"])
 
 
 def report_lines(result: dict) -> list[str]:
@@ -445,6 +466,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--preset", default="demo", help="config preset whose train settings are used")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     parser.add_argument("--out", default="runs/influence_counterfactual.json")
+    parser.add_argument("--scores", help="a Parquet file (columns cluster, influence) to evaluate instead of the run's "
+                        "influence/cluster_scores.parquet (say, the scores of another influence setting)")
+    parser.add_argument("--reuse", metavar="RESULT_JSON", help="an earlier result on the same run: no training; these "
+                        "scores against its retrainings (the same left-out clusters and subsets, so paired)")
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.loco < 3 or args.subsets < 3:
         parser.error("need --seeds >= 1, --loco >= 3 and --subsets >= 3 for a rank correlation")
@@ -455,8 +480,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     logging.getLogger("influencespace").setLevel(logging.WARNING)  # the recipe logs every epoch at INFO
-    bench = load_bench(args.run_dir)
+    bench = load_bench(args.run_dir, args.scores)
     train_cfg = load_config(args.preset).train
+    if args.reuse:
+        with open(args.reuse) as f:
+            earlier = json.load(f)
+        result = rescore(bench, earlier) | {"run_dir": os.path.abspath(args.run_dir), "reused": os.path.abspath(args.reuse),
+                                            "scores": os.path.abspath(args.scores) if args.scores else None}
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.out} (the retrainings of {args.reuse})")
+        for line in report_lines(result):
+            print(line)
+        return result
     print(f"{args.run_dir}: pool {len(bench.ids)} rows, {len(bench.clusters)} clusters, validation "
           f"{len(bench.val_image)} rows; train: {train_cfg.epochs} epochs, batch {train_cfg.batch_size}, "
           f"lr {train_cfg.lr}, {train_cfg.optimizer}, head_dim {train_cfg.head_dim}, {train_cfg.step_policy}; "
