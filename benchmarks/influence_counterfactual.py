@@ -2,6 +2,12 @@
 
     .venv/bin/python benchmarks/influence_counterfactual.py RUN_DIR [--seeds 5] [--loco 24] [--subsets 30]
                                                                   [--out runs/influence_counterfactual.json]
+    .venv/bin/python benchmarks/influence_counterfactual.py RUN_DIR --reuse EARLIER.json --scores OTHER.parquet
+
+The second form trains nothing: it scores another set of cluster scores (``--scores``: columns
+``cluster``, ``influence``; say, another influence setting's ``cluster_scores.parquet``) against the
+retrainings of an earlier result on the same run — the same left-out clusters and subsets, so every
+predictor is compared on the very same measured changes.
 
 ``RUN_DIR`` is a finished run of the built-in benchmark; only its ``embed/`` (pool, validation),
 ``cluster/`` (assignments) and ``influence/`` (cluster_scores.parquet) outputs are read. The influence
