@@ -493,13 +493,7 @@ def main(argv: list[str] | None = None) -> dict:
             earlier = json.load(f)
         result = rescore(bench, earlier) | {"run_dir": os.path.abspath(args.run_dir), "reused": os.path.abspath(args.reuse),
                                             "scores": os.path.abspath(args.scores) if args.scores else None}
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {args.out} (the retrainings of {args.reuse})")
-        for line in report_lines(result):
-            print(line)
-        return result
+        return write_result(result, args.out, f"the retrainings of {args.reuse}")
     print(f"{args.run_dir}: pool {len(bench.ids)} rows, {len(bench.clusters)} clusters, validation "
           f"{len(bench.val_image)} rows; train: {train_cfg.epochs} epochs, batch {train_cfg.batch_size}, "
           f"lr {train_cfg.lr}, {train_cfg.optimizer}, head_dim {train_cfg.head_dim}, {train_cfg.step_policy}; "
@@ -513,10 +507,14 @@ def main(argv: list[str] | None = None) -> dict:
         "measure": "clip_loss of the trained heads on embed/validation as one batch",
         "wall_seconds": time.perf_counter() - started, "torch_threads": args.threads,
     })
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    return write_result(result, args.out, f"{result['wall_seconds']:.0f}s, {result['seconds_per_training']:.2f}s per training")
+
+
+def write_result(result: dict, out: str, what: str) -> dict:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"wrote {args.out} ({result['wall_seconds']:.0f}s, {result['seconds_per_training']:.2f}s per training)")
+    print(f"wrote {out} ({what})")
     for line in report_lines(result):
         print(line)
     return result
