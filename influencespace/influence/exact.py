@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from influencespace.influence.errors import InfluenceError
 from influencespace.influence.gradients import fixed_inputs
@@ -129,14 +129,11 @@ def validation_gradients(proxy: FlatProxy, val_features: Features, val_group: np
     if (counts == 0).any():
         raise InfluenceError("the validation set is empty (or a group has no validation rows); the measurement needs it")
     for start, stop, part in _chunks(val_features, chunk):
-        selector = torch.zeros(1 + groups, stop - start, dtype=torch.float64)
-        selector[0] = 1.0
-        for g in range(groups):
-            selector[1 + g] = (codes[start:stop] == g).to(torch.float64)
+        # rows: every example, then each group's — the (1 + G) sums of one forward pass, differentiated together
+        rows = torch.cat([torch.ones(1, stop - start), codes[start:stop][None] == torch.arange(groups)[:, None]])
+        selector = rows.to(torch.float64)
         losses = functools.partial(proxy.losses, features=part, measurement=True)
-        for row in range(1 + groups):
-            if selector[row].any():
-                out[row] += grad(lambda t, s=selector[row], f=losses: (f(t) * s).sum())(proxy.theta)
+        out += jacrev(lambda t, f=losses, s=selector: s @ f(t))(proxy.theta)
     return out / counts[:, None]
 
 
@@ -162,15 +159,13 @@ def exact_terms(task: Task, model: torch.nn.Module, state: State, features: dict
         return ggn_product(proxy, feats, w, v, chunk) + shift * v
 
     targets = validation_gradients(proxy, vfeats, val_group, groups)
-    solves, directions = [], []
-    for g_val in targets:
-        u, solve = conjugate_gradient(apply, g_val, tolerance, max_iter)
-        directions.append(u)
-        solves.append(solve)
+    solved = [conjugate_gradient(apply, g_val, tolerance, max_iter) for g_val in targets]
+    directions = torch.stack([u for u, _ in solved])  # (1 + G, p)
     terms = np.zeros((len(weights), len(targets)))
-    for start, stop, part in _chunks(feats, chunk):
-        for j, u in enumerate(directions):
-            _, along = jvp(functools.partial(proxy.losses, features=part), (proxy.theta,), (u,))
-            terms[start:stop, j] = along.numpy()
+    for start, stop, part in _chunks(feats, chunk):  # ∇ℓ_iᵀ u_g for every direction at once: one jvp, vmapped over them
+        losses = functools.partial(proxy.losses, features=part)
+        along = vmap(lambda u, f=losses: jvp(f, (proxy.theta,), (u,))[1])(directions)  # (1 + G, b)
+        terms[start:stop] = along.T.numpy()
     terms[~finite] = 0.0
+    solves = [solve for _, solve in solved]
     return terms, solves

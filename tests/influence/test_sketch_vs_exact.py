@@ -199,3 +199,22 @@ def test_identity_curvature_is_the_sketched_gradient_similarity(probe):
     expected = np.array([float(terms[probe.data.cluster == c].sum()) / n for c in probe.plan.clusters])
     assert np.abs(ours - expected).max() / np.abs(expected).max() < 1e-8, (ours, expected)
     assert spearmanr(ours, probe.exact)[0] < 0.999  # not the inverse-curvature scores: the test can tell them apart
+
+
+def test_exact_validation_gradients_per_group_are_the_groups_own_mean_gradients():
+    """influence.exact forms the overall and every group's validation gradient in one pass per chunk."""
+    import copy
+
+    from influencespace.influence.exact import FlatProxy, validation_gradients
+
+    options = {"negatives": 5, "head_dim": 2, "logit_scale": "learned", "logit_scale_init": 5.0}
+    env = setup("contrastive", dim=3, classes=3, clusters=8, n=120, options=options, converge=False)
+    proxy = FlatProxy(env.task, copy.deepcopy(env.model), env.state)
+    val = to_tensors(env.val, torch.float64, "cpu")
+    codes = np.arange(len(env.data.validation["id"])) % 2
+    got = validation_gradients(proxy, val, codes, groups=2, chunk=7)  # chunks that split the groups
+    want = [grad(lambda t: proxy.losses(t, val, measurement=True).mean())(proxy.theta)]
+    for g in range(2):
+        rows = torch.as_tensor(codes == g)
+        want.append(grad(lambda t, r=rows: proxy.losses(t, {k: v[r] for k, v in val.items()}, measurement=True).mean())(proxy.theta))
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-10, atol=1e-14)
