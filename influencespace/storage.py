@@ -17,8 +17,10 @@ upload completes. Stages build on this: a shard that exists is complete.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +44,7 @@ class S3Settings:
 
 
 _settings = S3Settings()
+log = logging.getLogger(__name__)
 
 
 def configure(endpoint_url: str | None = None, region: str | None = None, retries: int = 5) -> None:
@@ -180,21 +183,18 @@ RETRY_BASE_SECONDS, RETRY_MAX_SECONDS = 0.5, 8.0
 def _with_retries(uri: str, operation: Any) -> Any:
     """``operation()``, tried again with exponential backoff (0.5 s, 1 s, 2 s, … at most 8 s) while it fails
     with a transient S3 error, ``storage.retries`` attempts in all; local files and other errors are not retried."""
-    import logging
-    import time
-
     attempts = max(1, _settings.retries) if is_s3(uri) else 1
-    for attempt in range(1, attempts + 1):
+    for attempt in range(1, attempts):
         try:
             return operation()
         except OSError as exc:
-            if attempt == attempts or not any(marker in str(exc) for marker in TRANSIENT_S3_ERRORS):
+            if not any(marker in str(exc) for marker in TRANSIENT_S3_ERRORS):
                 raise
             delay = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (attempt - 1))
-            logging.getLogger(__name__).warning("storage: transient S3 error on '%s' (attempt %d of %d), retrying in "
-                                                "%.1f s: %s", uri, attempt, attempts, delay, exc)
+            log.warning("storage: transient S3 error on '%s' (attempt %d of %d), retrying in %.1f s: %s",
+                        uri, attempt, attempts, delay, exc)
             time.sleep(delay)
-    raise AssertionError("unreachable")
+    return operation()  # the last attempt: its error is the caller's
 
 
 def exists(uri: str) -> bool:
