@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{run_dir}: {len(inputs.clusters)} clusters, {len(shard.cluster)} sampled rows, {len(states)} proxy states, "
           f"p = {p} tracked parameters, k = {ks}, rank {cfg.rank or 'k'}, damping {cfg.damping}", flush=True)
 
-    sketches, lambdas = {}, None
+    sketches = {}
     for k in ks:
         t0 = time.perf_counter()
         settings = cfg.model_copy(update={"projection_dim": k, "placebo": False})
@@ -108,16 +108,16 @@ def main(argv: list[str] | None = None) -> dict:
                                    cluster_ids=inputs.clusters, cluster_sizes=inputs.sizes, settings=settings)
         sketches[k] = {"scores": result.scores["influence"], "seconds": time.perf_counter() - t0,
                        "lambda": [c.damping for c in result.curvatures], "rank": [c.rank for c in result.curvatures]}
-        lambdas = lambdas or sketches[k]["lambda"]
         print(f"  sketch k = {k}: {sketches[k]['seconds']:.0f} s, λ = {np.mean(sketches[k]['lambda']):.3g}", flush=True)
 
     exact_runs = {}
-    for name, damping_of in (("exact", lambda j: 0.0), ("exact_damped", lambda j: lambdas[j])):
+    first_lambdas = sketches[ks[0]]["lambda"]  # per proxy state: the damped reference uses the first k's λ
+    for name, dampings in (("exact", [0.0] * len(states)), ("exact_damped", first_lambdas)):
         t0 = time.perf_counter()
         terms, solves = np.zeros((len(shard.cluster), 1)), []
         for j, state in enumerate(states):
             t, s = exact_terms(task, model, state, shard.features, shard.weight, shard.val_features, shard.val_group,
-                               groups=0, weight_decay=cfg.weight_decay, damping=damping_of(j), chunk=cfg.batch_size * 8,
+                               groups=0, weight_decay=cfg.weight_decay, damping=dampings[j], chunk=cfg.batch_size * 8,
                                tolerance=args.tolerance, max_iter=args.max_iter)
             terms += t / len(states)
             solves += s
