@@ -373,6 +373,11 @@ class CurateConfig(Section):
         if "clipscore_dedup" in self.comparison_policies and self.duplicate_threshold is None:
             raise ValueError("curate.comparison_policies has clipscore_dedup, which needs curate.duplicate_threshold "
                              "(the near-duplicate cut); set one or remove clipscore_dedup")
+        if self.ablations:
+            self._check_ablations_change_something()
+        return self
+
+    def _check_ablations_change_something(self) -> None:
         from influencespace.curate.policy import ABLATIONS, ablation_settings  # pure logic; imports no config
 
         same = [name for name in self.ablations if not ablation_settings(name, self.model_dump())]
@@ -380,7 +385,6 @@ class CurateConfig(Section):
             raise ValueError(f"curate.ablations {same} change only settings the configured policy already has "
                              f"({', '.join(f'{n}: {ABLATIONS[n]}' for n in same)}), so each would be the policy itself; "
                              "leave them out of curate.ablations")
-        return self
 
 
 class TrainConfig(Section):
