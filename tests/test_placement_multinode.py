@@ -24,6 +24,11 @@ import pytest
 from influencespace import storage
 
 REPO = Path(__file__).parents[1]
+# The scenario's own limit, and pytest-timeout's for the module's first test (whose setup runs it) above
+# it: with the suite's 600 s default, pytest killed the scenario at 10 minutes before its own limit could
+# fire and report the scenario's output (a loaded run took longer than 10 minutes; docs/testing.md).
+SCENARIO_TIMEOUT = 1500
+pytestmark = pytest.mark.timeout(SCENARIO_TIMEOUT + 300)
 # (class name of the actors doing the stage's work, node type it must run on, how many)
 EXPECTED = {
     "embed": ("MapWorker(MapBatches(EmbedActor))", "gpu", 2),
@@ -43,7 +48,10 @@ def scenario(tmp_path_factory, offline_checkpoint):
     env.update(RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     command = [sys.executable, "-m", "tests.multinode_scenario", str(work), str(offline_checkpoint)]
     try:
-        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=SCENARIO_TIMEOUT)
+    except subprocess.TimeoutExpired as exc:  # say where the scenario was, not only that it ran out of time
+        tail = "".join(p.decode() if isinstance(p, bytes) else (p or "") for p in (exc.stdout, exc.stderr))
+        pytest.fail(f"the multinode scenario ran past {SCENARIO_TIMEOUT} s; its output ended with:\n{tail[-6000:]}")
     finally:
         subprocess.run(["rm", "-rf", ray_tmp], check=False)
     output = done.stdout + done.stderr
