@@ -330,11 +330,13 @@ def make_trainer(bench: Bench, train_cfg) -> Callable[[np.ndarray, int], float]:
     """
     import torch
 
+    from influencespace.runtime import local_process_group
     from influencespace.train.data import CHUNK_ROWS, VariantData
     from influencespace.train.recipe import Hyperparameters, RunSpec, Session, steps_per_epoch, train_run
-    from influencespace.train.stage import local_process_group
+    from influencespace.train.targets import HeadsTarget
 
     hp = Hyperparameters.from_config(train_cfg)
+    target = HeadsTarget(bench.image.shape[1], bench.text.shape[1], hp.head_dim, hp.logit_scale_init)
     pool_rows = len(bench.ids)
 
     def chunks(keep: np.ndarray) -> Iterator[dict]:
@@ -347,15 +349,14 @@ def make_trainer(bench: Bench, train_cfg) -> Callable[[np.ndarray, int], float]:
 
     def train(keep: np.ndarray, seed: int) -> float:
         kept = int(keep.sum())
-        data = VariantData(pairs=(), rows=kept, weight_sum=float(kept), image_dim=bench.image.shape[1],
-                           text_dim=bench.text.shape[1])
+        data = VariantData(pairs=(), rows=kept, weight_sum=float(kept))
         with tempfile.TemporaryDirectory(prefix="counterfactual-") as tmp, local_process_group(use_gpu=False) as device:
             spec = RunSpec(variant="counterfactual", seed=seed, manifest_uri=None, epochs=train_cfg.epochs,
                            steps_per_epoch=steps_per_epoch(train_cfg.step_policy, pool_rows, kept, hp.batch_size),
                            output_uri=os.path.join(tmp, "out"), checkpoint_root=os.path.join(tmp, "ckpt"))
             # The epoch checkpoints are not needed: nothing resumes, only the final weights are read.
             session = Session(rank=0, world_size=1, device=device, report=lambda metrics, directory, name: None)
-            train_run(spec, hp, data, lambda: chunks(keep), session)
+            train_run(spec, hp, target, data, lambda: chunks(keep), session)
             state = torch.load(os.path.join(tmp, "out", "model.pt"), weights_only=True)
         return validation_loss(state, bench.val_image, bench.val_text)
 

@@ -218,7 +218,8 @@ class ClusterConfig(Section):
 class InfluenceConfig(Section):
     """Stage 3: per-cluster influence from sketched per-example gradients."""
 
-    task: str = Field("contrastive", description="Registered task: 'contrastive', 'probe' or a user task name.")
+    task: str = Field("contrastive", description="Registered task: 'contrastive', 'probe', 'open_clip' (the train.target=open_clip "
+                      "model's own last layers, on a proxy trained as the target is; docs/influence.md) or a user task name.")
     samples_per_cluster: int = Field(32, ge=1, description="m: examples sampled per cluster (all if the cluster is smaller).")
     projection_dim: int = Field(512, ge=1, description="k: sketch dimension of the random projection.")
     projection: Literal["gaussian", "sparse"] = Field("gaussian", description="Dense Gaussian or sparse JL projector.")
@@ -412,6 +413,32 @@ class TrainConfig(Section):
         description="Clip the global gradient norm at this value each step (DeepSpeed's gradient_clipping; its own "
         "default, written out). The heads' first steps have norms near 15, so it is active early; 0 turns it off.",
     )
+    target: Literal["heads", "open_clip"] = Field(
+        "heads",
+        description="What trains: 'heads': CLIP projection heads + temperature over the frozen tower embeddings (fast); "
+        "'open_clip': a whole open_clip model (both towers) from the pool's raw pixels and captions (docs/training.md).",
+    )
+    open_clip_model: str = Field(
+        "influencespace-pixels-tiny",
+        description="open_clip architecture of target=open_clip: a built-in small CLIP for CPUs (32 px, 2+2 layers of "
+        "width 64), any open_clip name (e.g. ViT-B-32), or a custom one with train.open_clip_config.",
+    )
+    open_clip_config: str | None = Field(
+        None, description="Custom open_clip model-config JSON (path or s3://) for target=open_clip, registered as open_clip_model."
+    )
+    pretrained: str | None = Field(
+        None, description="target=open_clip starts from these weights: an open_clip pretrained tag or a weights-only "
+        "checkpoint path/URI (None: open_clip's random init, seeded by train.seed).",
+    )
+    gradient_accumulation: int = Field(
+        1, ge=1, description="Micro-steps per optimizer step (DeepSpeed's gradient_accumulation_steps); in-batch "
+        "negatives then come from batch_size / gradient_accumulation samples.",
+    )
+    shuffle_window: int = Field(
+        16384, ge=1,
+        description="Samples per shuffle window of each worker's stream; a worker holds one window (samples × bytes per "
+        "sample: 4 KiB for heads at d=512, 3·S² bytes of pixels for open_clip).",
+    )
     head_dim: int = Field(128, ge=1, description="Width of the trainable image and text projection heads.")
     logit_scale_init: float = Field(14.285714, gt=0.0, le=100.0, description="Initial inverse temperature (CLIP: 1/0.07); learned, capped at 100.")
     step_policy: Literal["same_steps", "same_epochs"] = Field(
@@ -449,6 +476,16 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
 
     _absolute_run_dir = field_validator("run_dir")(_absolute_local)
+
+    @model_validator(mode="after")
+    def _open_clip_target_needs_raw_pairs(self) -> PipelineConfig:
+        # Refused here, before hours of embedding: the open_clip target trains from the raw pairs.
+        if self.train.target == "open_clip" and self.data.source == "embeddings":
+            raise ValueError(
+                "train.target=open_clip trains from the pool's raw pixels and captions, but data.source=embeddings "
+                "gives embeddings only; use train.target=heads, or give the raw pairs (data.source=parquet/webdataset)"
+            )
+        return self
 
     def section_fingerprint(self, section: str) -> str:
         """Stable hash of one section's output-relevant settings."""

@@ -4,6 +4,7 @@ Stages hand over through files, so the names of those files are a contract. Keep
 kronfluence keeps its ``utils/constants.py``) means no stage adapter imports another to learn them::
 
     <run_dir>/<stage>/_STARTED.json, _SUCCESS.json        the stage contract (influencespace.stages)
+    <run_dir>/embed/_PLAN.json                             the raw rows of every embedded shard
     <run_dir>/logs/<stage>.log                             everything a stage printed (influencespace.console)
     <run_dir>/curate/manifest/                             the InfluenceSpace manifest
     <run_dir>/curate/policies/<policy>/                    a comparison policy's manifest
@@ -42,6 +43,11 @@ CURVE_VARIANT_PREFIX = "curve-"
 
 
 REJECTED_PART_PREFIX = "rejected-"
+
+# The embed stage's shard plan (<run_dir>/embed/_PLAN.json): which raw rows each shard of each split
+# holds. Embedded shard <split>/part-NNNNN is the embeddable rows of plan shard NNNNN, in order, so a
+# stage that needs the raw pairs of a pool shard (the open_clip training target) reads them from here.
+EMBED_PLAN_FILE = "_PLAN.json"
 
 # Per validation group g the influence stage writes, beside the overall columns (influence, stderr,
 # ci_low, ci_high), the same four for g's validation loss: "<stat>_group_<g>" (g made column-safe).

@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from influencespace.errors import InfluenceSpaceError
+from influencespace.errors import ConfigError, InfluenceSpaceError
 
 log = logging.getLogger(__name__)
 
@@ -298,3 +299,53 @@ def _map_tasks(runtime: Any, fn: Any, items: Iterable[Any], num_cpus: float, win
             yield result(pending.popleft())
     while pending:
         yield result(pending.popleft())
+
+
+# --------------------------------------------------------------------------------------------------
+# One-rank process group (runtime.runner: local, and the influence stage's open_clip proxy)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_LOCAL_GROUP_BACKEND: str | None = None  # the one-rank group this module created, if any
+
+
+@contextlib.contextmanager
+def local_process_group(use_gpu: bool) -> Iterator[Any]:
+    """A one-rank process group on loopback, what DeepSpeed expects to find; yields the device.
+
+    The group is created once per process and then reused, never destroyed: DeepSpeed caches the
+    groups it was handed (``deepspeed.utils.groups``), and a second group in the same process would not
+    match those caches. It ends with the process.
+    """
+    import torch
+    import torch.distributed as dist
+
+    global _LOCAL_GROUP_BACKEND
+    backend = "nccl" if use_gpu else "gloo"
+    if use_gpu and not torch.cuda.is_available():
+        raise ConfigError("runtime.use_gpu=true but torch sees no CUDA device")
+    if dist.is_initialized() and _LOCAL_GROUP_BACKEND != backend:
+        raise InfluenceSpaceError(
+            "runtime.runner=local trains in this process but another torch.distributed group already exists; "
+            "use runtime.runner=ray, or run the stage in a fresh process"
+        )
+    env = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # DeepSpeed reads LOCAL_RANK even when it is handed an existing group
+    try:
+        if not dist.is_initialized():
+            port = _free_port()
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+            _LOCAL_GROUP_BACKEND = backend
+        yield torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

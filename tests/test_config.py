@@ -110,3 +110,9 @@ def test_relative_local_paths_become_absolute_for_ray_workers(tmp_path, monkeypa
     assert config.run_dir == str(tmp_path / "runs" / "x")
     assert config.data.uri == str(tmp_path / "pairs")
     assert load_config("test", ["run_dir=s3://bucket/runs/x"]).run_dir == "s3://bucket/runs/x"
+
+
+def test_open_clip_target_is_refused_on_embeddings_before_any_work():
+    with pytest.raises(ConfigError, match="train.target=open_clip trains from the pool's raw pixels"):
+        load_config("test", ["data.source=embeddings", "data.uri=/tmp/embeddings", "train.target=open_clip"])
+    assert load_config("test", ["train.target=open_clip"]).train.target == "open_clip"

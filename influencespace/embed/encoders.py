@@ -123,8 +123,11 @@ def is_checkpoint_reference(pretrained: str) -> bool:
     )
 
 
-def open_clip_spec(name: str, pretrained: str | None, config_uri: str | None = None) -> EncoderSpec:
-    """Resolve an open_clip model (architecture + tag or checkpoint) without loading its weights."""
+def open_clip_spec(name: str, pretrained: str | None, config_uri: str | None = None, section: str = "embed") -> EncoderSpec:
+    """Resolve an open_clip model (architecture + tag or checkpoint) without loading its weights.
+
+    ``section``: the config section whose keys (``<section>.open_clip_model`` …) the errors name.
+    """
     import open_clip
 
     config_json = None
@@ -133,20 +136,20 @@ def open_clip_spec(name: str, pretrained: str | None, config_uri: str | None = N
             config_json = storage.read_bytes(config_uri).decode()
             json.loads(config_json)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"embed.open_clip_config '{config_uri}' is not a JSON open_clip model config: {exc}") from None
+            raise ConfigError(f"{section}.open_clip_config '{config_uri}' is not a JSON open_clip model config: {exc}") from None
         register_open_clip_config(name, config_json)
     model_cfg = open_clip.get_model_config(name)
     if model_cfg is None:
         raise ConfigError(
-            f"embed.open_clip_model '{name}' is not an open_clip architecture; known: {', '.join(open_clip.list_models()[:12])}, "
-            f"... (open_clip.list_models()), or give a custom one with embed.open_clip_config=<model config JSON>"
+            f"{section}.open_clip_model '{name}' is not an open_clip architecture; known: {', '.join(open_clip.list_models()[:12])}, "
+            f"... (open_clip.list_models()), or give a custom one with {section}.open_clip_config=<model config JSON>"
         )
     tag = checkpoint = None
     if pretrained:
         if is_checkpoint_reference(pretrained):
             checkpoint = os.path.expanduser(pretrained) if not storage.is_s3(pretrained) else pretrained
             if not storage.exists(checkpoint):
-                raise ConfigError(f"embed.pretrained: checkpoint '{pretrained}' does not exist")
+                raise ConfigError(f"{section}.pretrained: checkpoint '{pretrained}' does not exist")
         else:
             tag = pretrained
     # Preprocessing as open_clip.create_model resolves it: defaults ← model config ← pretrained tag.

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from influencespace import storage
+from influencespace import layout, storage
 from influencespace.embed.fusion import fuse, image_text_cosine
 from influencespace.embed.preprocess import ImageDecodeError, ImagePreprocess, TextPreprocess, check_caption
 from influencespace.errors import InfluenceSpaceError, InputDataError, StageStateError
@@ -69,7 +69,7 @@ def check_unique_ids(split: str, files: list[str], repeats: list[tuple[Any, list
     )
 
 
-PLAN_FILE = "_PLAN.json"
+PLAN_FILE = layout.EMBED_PLAN_FILE
 PLAN_VERSION = 1
 
 

@@ -2,7 +2,9 @@
 against the ground truth, and write ``evaluate/summary.json`` (schema in docs/evaluation.md).
 
 Scoring runs in this process with numpy/torch: the test split is small (thousands of rows) and each
-model is two projection heads. Nothing per pool row comes to the driver: the kept counts are the
+model is two projection heads over its tower embeddings — or, for ``train.target: open_clip``, a whole
+open_clip model that encodes the test split's own pixels and captions (read once, through the embed
+stage's plan, :func:`influencespace.train.pixels.split_pixels`). Nothing per pool row comes to the driver: the kept counts are the
 curate summary's, and the ground-truth check (the built-in benchmark's planted defects) is one
 distributed aggregate over every variant's manifest (:func:`curation_by_ray`: one Ray Data read of
 the manifests, a hash join with the ground truth, partial sums per batch). Up to ``IN_MEMORY_ROWS``
@@ -15,6 +17,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -29,7 +32,13 @@ from influencespace.evaluate.curation import (
     quality_from_counts,
 )
 from influencespace.evaluate.metrics import bootstrap_fairness
-from influencespace.evaluate.summary import CURATION_STAGES, add_fairness_intervals, curation_cost, summarize
+from influencespace.evaluate.summary import (
+    CURATION_STAGES,
+    add_fairness_intervals,
+    curation_cost,
+    summarize,
+    throughput,
+)
 from influencespace.evaluate.zero_shot import read_test, score_features, score_model
 from influencespace.layout import (
     BASELINE,
@@ -40,6 +49,8 @@ from influencespace.layout import (
     variant_manifests,
 )
 from influencespace.stages import Stage, StageContext, StageResult, read_manifest
+from influencespace.train.pixels import split_pixels
+from influencespace.train.targets import target_from_record
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +88,11 @@ class EvaluateStage(Stage):
         positive = tuple(cfg.positive_classes or classes.get("footwear_classes") or ()) or None
         minority = (classes.get("groups") or {}).get("minority")
         test = read_test(ctx.input_path("embed", "test"))
+        target = target_from_record(train.get("extra", {}).get("target"))
+        if target.kind == "open_clip":  # the trained towers encode the test split's own pixels and captions
+            pixels, tokens = split_pixels(ctx.input_manifests["embed"]["stage_dir"], "test", test.ids, target.image,
+                                          target.text)
+            test = replace(test, pixels=pixels, tokens=tokens)
         pool_rows = sum(storage.parquet_rows(f) for f in storage.parquet_files(ctx.input_path("embed", "pool")))
         curate_summary = storage.read_json(ctx.input_path("curate", "summary"))
         manifest_keys = variant_manifests(ctx.input_manifests["curate"])
@@ -102,11 +118,11 @@ class EvaluateStage(Stage):
                 record = metrics["runs"][str(seed)]
                 model_uri = record["model"] if "://" in record["model"] or record["model"].startswith("/") \
                     else storage.join(train_dir, record["model"])
-                scores, predicted = score_model(load_state(model_uri), test, positive)
+                scores, predicted = score_model(load_state(model_uri), test, positive, target)
                 if predicted is not None:
                     binary.setdefault(variant, []).append(predicted)
                 scores.update(train_seconds=record["train_seconds"], wall_seconds=record["wall_seconds"],
-                              final_loss=record["final_loss"], steps=record["steps"])
+                              final_loss=record["final_loss"], steps=record["steps"], **throughput(record))
                 runs[variant][seed] = scores
             key = manifest_keys.get(variant)
             # Counted by the curate stage (rows the embed stage rejected are never kept, so every kept row is a pool row).

@@ -20,7 +20,17 @@ import numpy as np
 
 SEED_METRICS = ("volume_reduction_pct", "accuracy_ratio_pct", "dp_diff", "eo_diff", "worst_group_acc", "time_ratio")
 MODEL_METRICS = ("zero_shot_acc", "recall_at_1", "recall_at_5", "worst_group_acc", "binary_acc", "dp_diff", "eo_diff",
-                 "train_seconds")
+                 "train_seconds", "samples_per_second", "device_hours")
+
+
+def throughput(record: dict) -> dict:
+    """A training run's samples per second (optimizer steps × global batch over its epochs' seconds) and its
+    device-hours (workers × those seconds / 3600: GPU-hours on GPU workers, CPU-worker-hours here)."""
+    seconds, workers = record.get("train_seconds"), record.get("world_size")
+    if not seconds or record.get("global_batch") is None:
+        return {"samples_per_second": None, "device_hours": None}
+    return {"samples_per_second": record["steps"] * record["global_batch"] / seconds,
+            "device_hours": None if workers is None else workers * seconds / 3600.0}
 
 
 def mean_sd(values: Iterable[float | None]) -> tuple[float | None, float | None]:

@@ -10,6 +10,7 @@ positive" (footwear on the benchmark) against "is the true class positive", comp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +27,8 @@ class TestSet:
     text: np.ndarray
     label: np.ndarray
     group: np.ndarray | None
+    pixels: np.ndarray | None = None  # [n, S, S, 3] uint8 and [n, L] int32 tokens: the raw test pairs, for a
+    tokens: np.ndarray | None = None  # target that encodes them itself (train.target=open_clip)
 
 
 def read_test(uri: str) -> TestSet:
@@ -102,12 +105,18 @@ def score_features(
     return out
 
 
-def score_model(state: dict, test: TestSet, positive_classes: tuple[int, ...] | None) -> tuple[dict, np.ndarray | None]:
+def score_model(state: dict, test: TestSet, positive_classes: tuple[int, ...] | None,
+                target: Any = None) -> tuple[dict, np.ndarray | None]:
     """Load trained weights (a state dict) and score them on ``test``: (metrics, the binary task's
-    predictions per test row, or None without positive classes — what the fairness bootstrap resamples)."""
-    from influencespace.train.model import encode, load_model
+    predictions per test row, or None without positive classes — what the fairness bootstrap resamples).
 
-    image_features, text_features = encode(load_model(state), test.image, test.text)
+    ``target`` (:mod:`influencespace.train.targets`) encodes the test split: heads project its tower
+    embeddings, an open_clip model encodes its pixels and captions; None: heads.
+    """
+    from influencespace.train.targets import target_from_record
+
+    target = target or target_from_record(None)
+    image_features, text_features = target.encode(state, test)
     predicted = zero_shot_classes(image_features, text_features, test.label)
     scores = score_features(image_features, text_features, test.label, test.group, positive_classes, predicted)
     if not positive_classes:

@@ -128,14 +128,16 @@ def comparison_table(summary: dict) -> Table:
             name, str(e.get("kept_rows", "")), fmt(e.get("zero_shot_acc")), fmt(e.get("recall_at_1")),
             fmt(e.get("recall_at_5")), _signed(d.get("zero_shot_acc")), _signed(d.get("worst_group_acc")),
             _signed(bias.get("dp_diff")), _signed(bias.get("eo_diff")), fmt(e.get("train_seconds"), digits=1),
+            fmt(e.get("samples_per_second"), digits=0), fmt(e.get("device_hours"), digits=4),
         ])
     return Table(
         "Comparison with the baseline",
         ["policy", "rows kept", "zero-shot acc", "recall@1", "recall@5", "Δ acc", "Δ worst-group acc",
-         "DP reduction", "EO reduction", "train s"],
+         "DP reduction", "EO reduction", "train s", "samples/s", "device-hours"],
         rows,
         "Δ = policy − baseline (paired by seed); reductions = baseline − policy (positive: less bias). "
-        "recall@k: image→text over distinct captions.",
+        "recall@k: image→text over distinct captions. samples/s: optimizer steps × global batch per second of "
+        "training; device-hours: workers × training time (GPU-hours on GPU workers, CPU-worker-hours here).",
     )
 
 

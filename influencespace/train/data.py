@@ -7,6 +7,10 @@ holds one manifest part (about 30 bytes per row of one shard) and one chunk of p
 whole pool or manifest. A manifest part that keeps an id its pool shard lacks is an error (the
 manifest belongs to another run).
 
+The ``open_clip`` target reads the same pairs' raw pixels and captions instead of their embeddings
+(:mod:`influencespace.train.pixels`, joined with :func:`match_kept` as here); :func:`variant_rows` and
+:func:`variant_dataset` take the target's reader.
+
 On Ray the pairs become a Ray Data dataset (:func:`variant_dataset`) that Ray Train splits between its
 workers (``get_dataset_shard``); the local runner reads the same pairs with the same function in
 order. Either way each input file is read once per epoch.
@@ -33,8 +37,7 @@ class VariantData:
     pairs: tuple[tuple[str, str], ...]  # (pool shard, manifest part); "" for the baseline (weight 1)
     rows: int  # rows with keep and weight > 0
     weight_sum: float  # Σ weight over those rows
-    image_dim: int
-    text_dim: int
+    raw: tuple[str, ...] = ()  # the open_clip target: each pool shard's raw shard (embed plan JSON); heads: none
 
 
 def fixed_size_matrix(column) -> np.ndarray:
@@ -76,14 +79,16 @@ def embedding_dims(pool_uri: str) -> tuple[int, int]:
 
 
 def plan_variant(pool_uri: str, manifest_uri: str | None, rows: int, weight_sum: float,
-                 shards: Sequence[str] | None = None, dims: tuple[int, int] | None = None) -> VariantData:
+                 shards: Sequence[str] | None = None, raw: Sequence[str] = ()) -> VariantData:
     """The shard pairs of one variant (O(number of shards) on the driver; no data read).
 
-    ``shards`` and ``dims`` (the pool's shard list and embedding widths) may be passed when planning
-    several variants of one pool, so that the pool is listed and its schema read once.
+    ``shards`` (the pool's shard list) may be passed when planning several variants of one pool, so
+    that the pool is listed once; ``raw`` (one per shard) when the target trains from the raw pairs.
     """
     shards = pool_shards(pool_uri) if shards is None else shards
     pairs = tuple((shard, layout.manifest_part(manifest_uri, shard) if manifest_uri else "") for shard in shards)
+    if raw and len(raw) != len(pairs):
+        raise ValueError(f"{len(raw)} raw shards for {len(pairs)} pool shards")
     if manifest_uri:
         missing = [m for _, m in pairs if not storage.is_file(m)]
         if missing:
@@ -94,10 +99,10 @@ def plan_variant(pool_uri: str, manifest_uri: str | None, rows: int, weight_sum:
     if rows <= 0 or not weight_sum > 0:
         where = f"manifest {manifest_uri}" if manifest_uri else f"the embedded pool at {pool_uri}"
         raise InputDataError(f"{where} keeps no rows with a positive weight; nothing to train on")
-    return VariantData(pairs, int(rows), float(weight_sum), *(dims or embedding_dims(pool_uri)))
+    return VariantData(pairs, int(rows), float(weight_sum), tuple(raw))
 
 
-def _kept_table(manifest_part: str):
+def kept_rows(manifest_part: str):
     """(ids, weights) a manifest part keeps (keep and weight > 0), checked."""
     import pyarrow.compute as pc
 
@@ -114,6 +119,15 @@ def _kept_table(manifest_part: str):
     return ids, weight
 
 
+def match_kept(ids, kept_ids) -> tuple[np.ndarray, np.ndarray]:
+    """(position in ``kept_ids`` or -1, found) for each of ``ids`` (Arrow arrays; a hash lookup, no loop)."""
+    import pyarrow.compute as pc
+
+    position = pc.index_in(ids, value_set=kept_ids)
+    found = np.asarray(pc.is_valid(position).to_numpy(zero_copy_only=False), dtype=bool)
+    return np.asarray(pc.fill_null(position, -1).to_numpy(zero_copy_only=False), dtype=np.int64), found
+
+
 def read_pair(pool_shard: str, manifest_part: str, chunk_rows: int = CHUNK_ROWS) -> Iterator[dict[str, np.ndarray]]:
     """The rows of one pool shard its manifest part keeps, chunk by chunk, in pool order.
 
@@ -122,7 +136,7 @@ def read_pair(pool_shard: str, manifest_part: str, chunk_rows: int = CHUNK_ROWS)
     """
     import pyarrow.parquet as pq
 
-    kept_ids, kept_weight = _kept_table(manifest_part) if manifest_part else (None, None)
+    kept_ids, kept_weight = kept_rows(manifest_part) if manifest_part else (None, None)
     if kept_ids is not None and len(kept_ids) == 0:
         return
     counted = [0]
@@ -142,17 +156,13 @@ def read_pair(pool_shard: str, manifest_part: str, chunk_rows: int = CHUNK_ROWS)
 
 def _join_chunks(batches, kept_ids, kept_weight, counted: list[int]) -> Iterator[dict[str, np.ndarray]]:
     """Pool chunks restricted to the kept ids, with their weights (``counted[0]``: kept rows matched)."""
-    import pyarrow.compute as pc
-
     for batch in batches:
-        ids = batch.column("id")
         if kept_ids is None:
             weight = np.ones(batch.num_rows)
         else:
-            position = pc.index_in(ids, value_set=kept_ids)
-            mask = pc.is_valid(position)
-            batch = batch.filter(mask)
-            weight = kept_weight[pc.drop_null(position).to_numpy()]
+            position, found = match_kept(batch.column("id"), kept_ids)
+            batch = batch.filter(found)
+            weight = kept_weight[position[found]]
             counted[0] += batch.num_rows
         if batch.num_rows == 0:
             continue
@@ -165,29 +175,42 @@ def _join_chunks(batches, kept_ids, kept_weight, counted: list[int]) -> Iterator
 
 
 def read_pairs(pairs: Sequence[tuple[str, str]], chunk_rows: int = CHUNK_ROWS) -> Iterator[dict[str, np.ndarray]]:
-    """Every pair's kept rows in order (what the local runner streams; one pair open at a time)."""
+    """Every pair's kept embeddings in order (one pair open at a time)."""
     for pool_shard, manifest_part in pairs:
         yield from read_pair(pool_shard, manifest_part, chunk_rows)
 
 
-def _read_pair_batch(batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+def variant_rows(data: VariantData, read) -> Iterator[dict[str, np.ndarray]]:
+    """Every pair's kept rows in pool order, read by the target's ``read(pool shard, manifest part, raw
+    shard)`` (what the local runner streams, as a one-worker Ray Train run reads them; one pair open at a time)."""
+    raw = data.raw or ("",) * len(data.pairs)
+    for (pool_shard, manifest_part), raw_shard in zip(data.pairs, raw, strict=True):
+        yield from read(pool_shard, manifest_part, raw_shard)
+
+
+def _read_pair_batch(batch: dict[str, np.ndarray], read) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data UDF: one row per pair in, that pair's kept rows out (chunk by chunk)."""
-    for pool_shard, manifest_part in zip(batch["pool"], batch["manifest"], strict=True):
-        yield from read_pair(str(pool_shard), str(manifest_part))
+    for pool_shard, manifest_part, raw_shard in zip(batch["pool"], batch["manifest"], batch["raw"], strict=True):
+        yield from read(str(pool_shard), str(manifest_part), str(raw_shard))
 
 
-def variant_dataset(data: VariantData, num_cpus: float = 0.0, concurrency: int = 2):
+def variant_dataset(data: VariantData, read, num_cpus: float = 0.0, concurrency: int = 2):
     """A Ray Data dataset of one variant's kept rows: one read task per shard pair, in pool order.
 
-    With Ray Data's ``preserve_order`` (set by the train stage for Ray Train's split) the rows arrive
+    ``read``: the target's reader (``targets.*.read``; a plain function of the three strings). With
+    Ray Data's ``preserve_order`` (set by the train stage for Ray Train's split) the rows arrive
     in pair order, so a one-worker run sees exactly what the local runner reads. The read tasks ask for
     no CPU (``num_cpus=0``; at most ``concurrency`` at a time): Ray Train's workers hold the CPUs they
     reserved, and a read task that waited for one of them would wait for ever on a cluster the
-    workers fill. Reading a shard is I/O and Arrow decoding, light beside a training step.
+    workers fill. Reading a shard of embeddings is I/O and Arrow decoding, light beside a training
+    step; decoding pixels for the open_clip target is heavier, and a node with spare CPUs runs up to
+    ``concurrency`` of them at once.
     """
     import ray.data
 
-    items = [{"pool": p, "manifest": m} for p, m in data.pairs]
+    raw = data.raw or ("",) * len(data.pairs)
+    items = [{"pool": p, "manifest": m, "raw": r} for (p, m), r in zip(data.pairs, raw, strict=True)]
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _read_pair_batch, batch_size=1, batch_format="numpy", num_cpus=num_cpus, concurrency=concurrency,
+        _read_pair_batch, fn_kwargs={"read": read}, batch_size=1, batch_format="numpy", num_cpus=num_cpus,
+        concurrency=concurrency,
     )

@@ -32,8 +32,9 @@ from influencespace import storage
 from influencespace.errors import InputDataError
 from influencespace.faults import fault_point
 from influencespace.train.data import VariantData
-from influencespace.train.model import build_model, clip_loss
-from influencespace.train.sampler import EpochBatches, epoch_scale
+from influencespace.train.model import MAX_LOGIT_SCALE, clip_loss
+from influencespace.train.sampler import SHUFFLE_WINDOW, EpochBatches, epoch_scale
+from influencespace.train.targets import Target
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,18 @@ class Hyperparameters:
     head_dim: int = 128
     logit_scale_init: float = 1 / 0.07
     gradient_clipping: float = 1.0
+    gradient_accumulation: int = 1  # micro-steps per optimizer step (each worker's micro-batch: batch / (workers · this))
+    shuffle_window: int = SHUFFLE_WINDOW
 
     @classmethod
     def from_config(cls, cfg: Any) -> Hyperparameters:
         return cls(cfg.batch_size, cfg.lr, cfg.optimizer, cfg.weight_decay, cfg.zero_stage, cfg.precision,
-                   cfg.head_dim, cfg.logit_scale_init, cfg.gradient_clipping)
+                   cfg.head_dim, cfg.logit_scale_init, cfg.gradient_clipping, cfg.gradient_accumulation,
+                   cfg.shuffle_window)
+
+    def micro_batch(self, world_size: int) -> int:
+        """Samples per worker per micro-step."""
+        return self.batch_size // (world_size * self.gradient_accumulation)
 
 
 @dataclass(frozen=True)
@@ -119,11 +127,15 @@ def deepspeed_config(hp: Hyperparameters, world_size: int) -> dict:
     a kernel on first use (and has no CPU build); for heads this small the fused kernel buys nothing.
     ``gradient_clipping`` is always written: DeepSpeed clips the global gradient norm at 1.0 when the
     key is absent (``GRADIENT_CLIPPING_DEFAULT``), which would be a silent choice of ours; 0 turns it off.
+    With ``gradient_accumulation`` a > 1 each optimizer step sums the gradients of a micro-steps of
+    batch/(workers·a) samples per worker (DeepSpeed divides each micro-step's loss by a); CLIP's in-batch
+    negatives are then those of one micro-step's global batch, batch/a.
     """
-    if hp.batch_size % world_size:
+    if hp.batch_size % (world_size * hp.gradient_accumulation):
         raise ValueError(
-            f"train.batch_size {hp.batch_size} is not divisible by {world_size} workers; "
-            "choose a multiple of train.num_workers"
+            f"train.batch_size {hp.batch_size} is not divisible by {world_size} workers × "
+            f"{hp.gradient_accumulation} accumulation steps; choose a multiple of train.num_workers × "
+            "train.gradient_accumulation"
         )
     if hp.optimizer not in _OPTIMIZERS:
         raise ValueError(f"unknown optimizer '{hp.optimizer}' (allowed: {', '.join(_OPTIMIZERS)})")
@@ -135,8 +147,8 @@ def deepspeed_config(hp: Hyperparameters, world_size: int) -> dict:
         params["momentum"] = 0.9
     config = {
         "train_batch_size": hp.batch_size,
-        "train_micro_batch_size_per_gpu": hp.batch_size // world_size,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": hp.micro_batch(world_size),
+        "gradient_accumulation_steps": hp.gradient_accumulation,
         "gradient_clipping": hp.gradient_clipping,
         "optimizer": {"type": _OPTIMIZERS[hp.optimizer], "params": params},
         "zero_optimization": {"stage": hp.zero_stage},
@@ -160,7 +172,7 @@ Chunks = Callable[[], Iterable[dict]]  # one pass over this worker's kept rows: 
 
 
 def train_run(
-    spec: RunSpec, hp: Hyperparameters, data: VariantData, chunks: Chunks, session: Session,
+    spec: RunSpec, hp: Hyperparameters, target: Target, data: VariantData, chunks: Chunks, session: Session,
     restore: tuple[str, str] | None = None,
 ) -> dict:
     """Train one variant for one seed; return its record (also written to ``run.json`` by rank 0).
@@ -176,7 +188,7 @@ def train_run(
     import torch
 
     started = time.perf_counter()
-    engine, dtype = _setup(spec, hp, data, session)
+    engine, dtype = _setup(spec, hp, target, session)
     history: list[dict] = []
     checkpoint = ""
     if restore is not None:
@@ -192,8 +204,8 @@ def train_run(
 
     for epoch in range(restored_epochs, spec.epochs):
         batches = EpochBatches(chunks(), scale=scale, seed=spec.seed, epoch=epoch, rank=session.rank,
-                               micro_batch=hp.batch_size // session.world_size)
-        metrics = _train_epoch(engine, batches, dtype, session, hp.batch_size)
+                               micro_batch=hp.micro_batch(session.world_size), window=hp.shuffle_window)
+        metrics = _train_epoch(engine, target, batches, dtype, session, hp)
         metrics.update({"variant": spec.variant, "seed": spec.seed, "epoch": epoch + 1,
                         "step": sum(h["steps"] for h in history) + metrics["steps"]})
         history.append(metrics)
@@ -214,6 +226,7 @@ def train_run(
         "global_batch": hp.batch_size,
         "world_size": session.world_size,
         "hyperparameters": asdict(hp),
+        "target": target.describe(),
         "history": history,
         "final_loss": history[-1]["loss"],
         "train_seconds": float(sum(h["seconds"] for h in history)),
@@ -223,7 +236,7 @@ def train_run(
         "checkpoint": _relative(checkpoint, spec.stage_dir),
         "restored_after_epoch": restored_epochs,
     }
-    state = _full_state_dict(engine)
+    state = target.export_state(_full_state_dict(engine))
     if session.rank == 0:
         buffer = io.BytesIO()
         torch.save(state, buffer)
@@ -235,29 +248,28 @@ def train_run(
     return record
 
 
-def warm_up(spec: RunSpec, hp: Hyperparameters, data: VariantData, session: Session, steps: int = 3) -> None:
+def warm_up(spec: RunSpec, hp: Hyperparameters, target: Target, session: Session, steps: int = 3) -> None:
     """A few throwaway steps on random inputs before the first timed run of a process.
 
     The first steps in a fresh process pay for allocator growth, thread pools and the collectives'
     first-call setup; without this the first variant trained (the baseline) would look slower than
     the rest and every time ratio would be biased in the curated sets' favour. Nothing is read or saved.
     """
-    engine, dtype = _setup(spec, hp, data, session)
+    engine, dtype = _setup(spec, hp, target, session)
     rng = np.random.default_rng([spec.seed, session.rank])
-    micro = hp.batch_size // session.world_size
-    batches = ({"id": np.zeros(micro), "image": rng.standard_normal((micro, data.image_dim), dtype=np.float32),
-                "text": rng.standard_normal((micro, data.text_dim), dtype=np.float32)} for _ in range(steps))
-    _train_epoch(engine, batches, dtype, session, hp.batch_size)
+    micro = hp.micro_batch(session.world_size)
+    batches = (target.synthetic_batch(rng, micro) for _ in range(steps * hp.gradient_accumulation))
+    _train_epoch(engine, target, batches, dtype, session, hp)
     engine.destroy()
 
 
-def _setup(spec: RunSpec, hp: Hyperparameters, data: VariantData, session: Session):
+def _setup(spec: RunSpec, hp: Hyperparameters, target: Target, session: Session):
     import deepspeed
     import torch
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)  # DeepSpeed logs every config key at INFO on every rank
-    model = build_model(data.image_dim, data.text_dim, hp.head_dim, hp.logit_scale_init, spec.seed)
+    model = target.build(spec.seed)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -293,45 +305,61 @@ def in_step(batches: Iterable[dict], session: Session) -> Iterator[dict]:
         yield batch
 
 
-def _train_epoch(engine, batches: Iterable[dict], dtype, session: Session, global_batch: int) -> dict:
+def accumulation_groups(batches: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    """Consecutive groups of ``size`` micro-batches, one optimizer step each; a last partial group is dropped
+    (its samples would otherwise carry their gradients into the next epoch's first step)."""
+    group: list[dict] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+
+
+def _train_epoch(engine, target: Target, batches: Iterable[dict], dtype, session: Session, hp: Hyperparameters) -> dict:
     import torch
     import torch.distributed as dist
 
     engine.train()
     losses = []
     started = t0 = time.perf_counter()
-    for batch in in_step(batches, session):
+    for group in in_step(accumulation_groups(batches, hp.gradient_accumulation), session):
         if not losses:
             # The clock starts at the first batch: starting the epoch's data stream (Ray Data launches
             # the read tasks of a variant's first epoch: seconds, whatever the variant's size) is
             # recorded apart, so that the training time measures the steps and the rows streamed.
             t0 = time.perf_counter()
-        image = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(session.device, dtype)
-        text = torch.from_numpy(np.ascontiguousarray(batch["text"])).to(session.device, dtype)
-        loss = _loss(engine, image, text, session)
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.detach().float())
+        step_losses = []
+        for batch in group:  # DeepSpeed steps the optimizer after the group's last micro-step
+            image, text = target.inputs(batch, session.device, dtype)
+            loss = _loss(engine, image, text, session)
+            engine.backward(loss)
+            engine.step()
+            step_losses.append(loss.detach().float())
+        losses.append(torch.stack(step_losses).mean())
     _barrier(session)  # the epoch ends when the slowest worker is done
     seconds = time.perf_counter() - t0
     if not losses:
         raise InputDataError(
-            f"an epoch had no full global batch of {global_batch} samples: the variant keeps too few rows for "
+            f"an epoch had no full global batch of {hp.batch_size} samples: the variant keeps too few rows for "
             "train.batch_size; lower train.batch_size or keep more rows"
         )
     # Each worker's loss covers its rows of every global batch; their mean is the global-batch loss.
-    offered = getattr(batches, "offered", len(losses) * global_batch // session.world_size)
+    offered = getattr(batches, "offered", len(losses) * hp.batch_size // session.world_size)
     totals = torch.tensor([float(torch.stack(losses).mean()), float(offered)], dtype=torch.float64)
     if session.world_size > 1:
         dist.all_reduce(totals)
         totals[0] /= session.world_size
     steps = len(losses)
     return {"loss": float(totals[0]), "seconds": float(seconds), "first_batch_seconds": float(t0 - started),
-            "steps": steps, "samples": steps * global_batch, "samples_offered": int(totals[1])}
+            "steps": steps, "samples": steps * hp.batch_size, "samples_offered": int(totals[1])}
 
 
 def _loss(engine, image, text, session: Session):
     image_features, text_features, scale = engine(image, text)
+    # CLIP's cap on the temperature (ClipHeads applies it already; open_clip's forward returns exp(s) and
+    # leaves the cap to its trainer): with the gradient of the clamp, a capped scale stops learning.
+    scale = scale.clamp(max=MAX_LOGIT_SCALE)
     if session.world_size == 1:
         return clip_loss(image_features, text_features, scale)
     import torch.distributed as dist

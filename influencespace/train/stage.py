@@ -17,27 +17,26 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
 from influencespace import storage
-from influencespace.errors import ConfigError, InfluenceSpaceError, InputDataError, StageStateError
+from influencespace.errors import ConfigError, InputDataError, StageStateError
 from influencespace.faults import fault_point
 from influencespace.layout import BASELINE, variant_manifests
 from influencespace.progress import NULL, Sink, Tracker, track
+from influencespace.runtime import local_process_group
 from influencespace.stages import Stage, StageContext, StageResult
 from influencespace.train.data import (
-    CHUNK_ROWS,
     VariantData,
     embedding_dims,
     plan_variant,
     pool_shards,
-    read_pairs,
     variant_dataset,
+    variant_rows,
 )
+from influencespace.train.pixels import raw_sources
 from influencespace.train.recipe import (
     RUN_FILE,
     Hyperparameters,
@@ -47,6 +46,7 @@ from influencespace.train.recipe import (
     steps_per_epoch,
     summarize_runs,
 )
+from influencespace.train.targets import Target, target_from_config
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,11 @@ def _validate(cfg: Any, runtime: Any) -> None:
     if cfg.precision == "fp16" and not runtime.use_gpu:
         raise ConfigError("train.precision=fp16 needs a GPU (runtime.use_gpu=true); on CPU use fp32 or bf16")
     workers = 1 if runtime.runner == "local" else cfg.num_workers
-    if cfg.batch_size % workers:
+    if cfg.batch_size % (workers * cfg.gradient_accumulation):
         raise ConfigError(
-            f"train.batch_size ({cfg.batch_size}) must be divisible by train.num_workers ({workers}): "
-            "every worker takes an equal slice of each global batch"
+            f"train.batch_size ({cfg.batch_size}) must be divisible by train.num_workers ({workers}) × "
+            f"train.gradient_accumulation ({cfg.gradient_accumulation}): every worker takes an equal slice of "
+            "each micro-step's global batch"
         )
 
 
@@ -108,10 +109,12 @@ class TrainStage(Stage):
         keys = variant_manifests(ctx.input_manifests["curate"])
         manifests = {v: (ctx.input_path("curate", key) if key else None) for v, key in keys.items()}
         summary = storage.read_json(ctx.input_path("curate", "summary"))
-        dims = embedding_dims(pool_uri)
+        target = target_from_config(cfg, embedding_dims(pool_uri) if cfg.target == "heads" else (0, 0))
+        # The open_clip target reads each pool shard's raw pairs: the embed stage's plan says where they are.
+        raw = raw_sources(ctx.input_manifests["embed"]["stage_dir"], shards) if cfg.target == "open_clip" else ()
         for variant, manifest_uri in manifests.items():
             kept, weight_sum = (pool_rows, float(pool_rows)) if manifest_uri is None else _variant_counts(summary, keys[variant])
-            data[variant] = plan_variant(pool_uri, manifest_uri, kept, weight_sum, shards, dims)
+            data[variant] = plan_variant(pool_uri, manifest_uri, kept, weight_sum, shards, raw)
             steps[variant] = steps_per_epoch(cfg.step_policy, pool_rows, kept, cfg.batch_size)
         # Seed-major order: the variants of one seed run back to back under the same conditions.
         for seed in seeds:
@@ -130,9 +133,9 @@ class TrainStage(Stage):
             t0 = time.perf_counter()
             with track(f"train: {len(pending)} runs", len(pending) * cfg.epochs, "epochs") as bar:
                 if runtime.runner == "local":
-                    _run_local(pending, hp, data, runtime.use_gpu, bar)
+                    _run_local(pending, hp, target, data, runtime.use_gpu, bar)
                 else:
-                    _run_on_ray(ctx, pending, hp, data, bar)
+                    _run_on_ray(ctx, pending, hp, target, data, bar)
             fit_seconds = time.perf_counter() - t0
 
         outputs: dict[str, str] = {}
@@ -150,6 +153,7 @@ class TrainStage(Stage):
                 "step_policy": cfg.step_policy,
                 "steps": {v: s * cfg.epochs for v, s in steps.items()},
                 "workers": 1 if runtime.runner == "local" else cfg.num_workers,
+                "target": target.describe(),
                 "fit_seconds": round(fit_seconds, 3),
             },
         )
@@ -159,7 +163,7 @@ class TrainStage(Stage):
 # Running the recipe
 
 
-def _run_all(specs: list[RunSpec], hp: Hyperparameters, data: dict[str, VariantData], chunks_of: Any,
+def _run_all(specs: list[RunSpec], hp: Hyperparameters, target: Target, data: dict[str, VariantData], chunks_of: Any,
              session: Session, restore: Any = None) -> list[dict]:
     """Train ``specs`` in order; ``chunks_of(variant)`` streams this worker's rows of a variant once;
     ``restore(spec)`` may hand a checkpoint to go on from (see ``train_run``)."""
@@ -167,12 +171,12 @@ def _run_all(specs: list[RunSpec], hp: Hyperparameters, data: dict[str, VariantD
 
     records = []
     if specs:
-        warm_up(specs[0], hp, data[specs[0].variant], session)
+        warm_up(specs[0], hp, target, session)
     for number, spec in enumerate(specs, start=1):
         with contextlib.ExitStack() as stack:
             found = restore(spec, stack) if restore is not None else None
-            records.append(train_run(spec, hp, data[spec.variant], lambda v=spec.variant: chunks_of(v), session,
-                                     restore=found))
+            records.append(train_run(spec, hp, target, data[spec.variant], lambda v=spec.variant: chunks_of(v),
+                                     session, restore=found))
         fault_point("train.run", number)  # tests: the driver killed between two runs
     return records
 
@@ -200,52 +204,6 @@ def latest_checkpoints(ray_root: str, specs: list[RunSpec]) -> list[RunSpec]:
     return [replace(s, restore_uri=newest[s.name][1]) if s.name in newest else s for s in specs]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-_LOCAL_GROUP_BACKEND: str | None = None  # the one-rank group this module created, if any
-
-
-@contextlib.contextmanager
-def local_process_group(use_gpu: bool) -> Iterator[Any]:
-    """A one-rank process group on loopback, what DeepSpeed expects to find; yields the device.
-
-    The group is created once per process and then reused, never destroyed: DeepSpeed caches the
-    groups it was handed (``deepspeed.utils.groups``), and a second group in the same process would not
-    match those caches. It ends with the process.
-    """
-    import torch
-    import torch.distributed as dist
-
-    global _LOCAL_GROUP_BACKEND
-    backend = "nccl" if use_gpu else "gloo"
-    if use_gpu and not torch.cuda.is_available():
-        raise ConfigError("runtime.use_gpu=true but torch sees no CUDA device")
-    if dist.is_initialized() and _LOCAL_GROUP_BACKEND != backend:
-        raise InfluenceSpaceError(
-            "runtime.runner=local trains in this process but another torch.distributed group already exists; "
-            "use runtime.runner=ray, or run the stage in a fresh process"
-        )
-    env = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # DeepSpeed reads LOCAL_RANK even when it is handed an existing group
-    try:
-        if not dist.is_initialized():
-            port = _free_port()
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-            _LOCAL_GROUP_BACKEND = backend
-        yield torch.device("cuda", 0) if use_gpu else torch.device("cpu")
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def upload_dir(local_dir: str, uri: str) -> None:
     """Copy a local directory tree to ``uri`` (local or s3://), file by file, each write atomic."""
     for root, _, files in os.walk(local_dir):
@@ -256,17 +214,17 @@ def upload_dir(local_dir: str, uri: str) -> None:
                 storage.write_bytes(storage.join(uri, relative), f.read())
 
 
-def _run_local(specs: list[RunSpec], hp: Hyperparameters, data: dict[str, VariantData], use_gpu: bool,
-               progress: Sink = NULL) -> list[dict]:
+def _run_local(specs: list[RunSpec], hp: Hyperparameters, target: Target, data: dict[str, VariantData],
+               use_gpu: bool, progress: Sink = NULL) -> list[dict]:
     with local_process_group(use_gpu) as device:
         def report(metrics: dict, checkpoint_dir: str, name: str) -> None:
             upload_dir(checkpoint_dir, storage.join(specs[0].checkpoint_root, name))
             progress.add(1)
 
         def chunks_of(variant: str):  # every shard pair in pool order, as a one-worker Ray Train run reads them
-            return read_pairs(data[variant].pairs)
+            return variant_rows(data[variant], target.read)
 
-        return _run_all(specs, hp, data, chunks_of, Session(rank=0, world_size=1, device=device, report=report))
+        return _run_all(specs, hp, target, data, chunks_of, Session(rank=0, world_size=1, device=device, report=report))
 
 
 def _ray_worker(config: dict) -> list[dict]:
@@ -305,20 +263,22 @@ def _ray_worker(config: dict) -> list[dict]:
         if session.rank == 0:  # one count per epoch of the group
             config["progress"].add(1)
 
+    target = config["target"]
+
     def chunks_of(variant: str):  # this worker's split of the variant's dataset (Ray Train's sharding)
-        return ray.train.get_dataset_shard(variant).iter_batches(batch_size=CHUNK_ROWS, batch_format="numpy")
+        return ray.train.get_dataset_shard(variant).iter_batches(batch_size=target.chunk_rows, batch_format="numpy")
 
     session = Session(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                       device=ray.train.torch.get_device(), report=report)
-    records = _run_all(specs, config["hp"], config["data"], chunks_of, session, restore)
+    records = _run_all(specs, config["hp"], target, config["data"], chunks_of, session, restore)
     # Without an explicit barrier + teardown, about one run in four aborted here (ENVIRONMENT.md).
     dist.barrier()
     dist.destroy_process_group()
     return records
 
 
-def _run_on_ray(ctx: StageContext, specs: list[RunSpec], hp: Hyperparameters, data: dict[str, VariantData],
-                progress: Tracker = NULL) -> list[dict]:
+def _run_on_ray(ctx: StageContext, specs: list[RunSpec], hp: Hyperparameters, target: Target,
+                data: dict[str, VariantData], progress: Tracker = NULL) -> list[dict]:
     import ray.data
     import ray.train
 
@@ -346,7 +306,7 @@ def _run_on_ray(ctx: StageContext, specs: list[RunSpec], hp: Hyperparameters, da
     # One dataset per variant, split between the workers by Ray Train (each reads only its blocks);
     # preserve_order makes the split the same in every attempt, so a resumed run sees the same epochs.
     variants = sorted({s.variant for s in specs})
-    datasets = {v: variant_dataset(data[v]) for v in variants}
+    datasets = {v: variant_dataset(data[v], target.read) for v in variants}
     # A fixed object-store budget for the stream: left to Ray Data it grows with the cluster's store, and
     # at a large pool the workers map that many more of the store's pages (a worker's RSS grew 1.3x
     # from 100k to 1M rows in the scale harness, all of it shared memory).
@@ -355,7 +315,8 @@ def _run_on_ray(ctx: StageContext, specs: list[RunSpec], hp: Hyperparameters, da
     options.resource_limits = options.resource_limits.copy(object_store_memory=cfg.stream_object_store_mib * 2**20)
     # The sink after ensure_ray: made before Ray is up (every earlier stage skipped, as on a resume) it
     # would be the console's bar itself, which cannot travel to the workers.
-    config = {"specs": specs, "hp": hp, "data": {v: data[v] for v in variants}, "progress": progress.sink()}
+    config = {"specs": specs, "hp": hp, "target": target, "data": {v: data[v] for v in variants},
+              "progress": progress.sink()}
     result = run_torch_workers(_ray_worker, config, runtime=runtime, num_workers=cfg.num_workers,
                                run_config=run_config, datasets=datasets,
                                dataset_config=ray.train.DataConfig(execution_options=options))

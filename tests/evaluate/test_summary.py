@@ -104,3 +104,12 @@ def test_curation_cost_is_the_curation_stages_beside_one_baseline_training():
     assert cost["total_seconds"] == 100.0 and cost["baseline_train_seconds"] == 20.0 and cost["ratio"] == 5.0
     partial = curation_cost({"embed": None, "cluster": 5.0, "influence": None, "curate": 5.0}, [])
     assert partial["total_seconds"] == 10.0 and partial["ratio"] is None and partial["stage_seconds"]["embed"] is None
+
+
+def test_throughput_is_steps_times_global_batch_per_training_second_and_workers_times_hours():
+    from influencespace.evaluate.summary import throughput
+
+    record = {"steps": 30, "global_batch": 128, "train_seconds": 60.0, "world_size": 2}
+    assert throughput(record) == {"samples_per_second": pytest.approx(64.0), "device_hours": pytest.approx(2 * 60 / 3600)}
+    assert throughput({"steps": 3, "global_batch": 8, "train_seconds": 0.0}) == {"samples_per_second": None,
+                                                                                "device_hours": None}

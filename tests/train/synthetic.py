@@ -178,3 +178,111 @@ def random_state(dim: int, head_dim: int = 4, seed: int = 0) -> dict:
     from influencespace.train.model import build_model
 
     return build_model(dim, dim, head_dim, 20.0, seed).state_dict()
+
+
+# --------------------------------------------------------------------------------------------------
+# Raw pairs for the open_clip target: pixels and captions, the embed stage's plan, aligned embeddings
+
+
+def class_image(label: int, inverted: bool, rng, size: int = 28) -> np.ndarray:
+    """A 28×28 grey image of class ``label``: a bright bar at a class-specific place, plus noise."""
+    image = rng.integers(0, 40, (size, size)).astype(np.uint8)
+    row, col = divmod(int(label), 5)
+    image[4 + 10 * row: 10 + 10 * row, 2 + 5 * col: 6 + 5 * col] = 230
+    return 255 - image if inverted else image
+
+
+def _png(array: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_raw_split(path: str, ids, labels, caption_labels, groups, rng, undecodable: tuple[str, ...] = ()) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    images = [b"not an image" if i in undecodable else _png(class_image(y, g == "inverted", rng))
+              for i, y, g in zip(ids, labels, groups, strict=True)]
+    pq.write_table(pa.table({
+        "id": list(ids), "image": pa.array(images, pa.binary()),
+        "text": [f"a photo of a {NAMES[c]}." for c in caption_labels],
+        "label": pa.array(labels, pa.int64()), "group": list(groups),
+    }), path, row_group_size=16)
+
+
+def build_pixel_run(root: str, pool: int = 48, test: int = 30, rows_per_shard: int = 20, dim: int = 8,
+                    seed: int = 0) -> dict:
+    """Raw pool and test pairs (PNG + caption) with the embed stage's shard plan and shard-aligned
+    embeddings, manifests and curate summary — what train and evaluate read for ``train.target=open_clip``.
+
+    Pool row ``pool-00003`` does not decode: the embed stage rejected it (no pool row; the manifests'
+    ``rejected-`` part lists it), and the pixel reader must never yield it.
+    """
+    from influencespace.embed import pairs
+
+    rng = np.random.default_rng(seed)
+    data_dir, embed_dir, curate_dir = (os.path.join(root, s) for s in ("data", "embed", "curate"))
+    labels = rng.integers(0, 10, pool)
+    noisy = rng.random(pool) < 0.2
+    caption_labels = np.where(noisy, (labels + 1 + rng.integers(0, 9, pool)) % 10, labels)
+    groups = np.where(rng.random(pool) < 0.2, "inverted", "regular")
+    ids = [f"pool-{i:05d}" for i in range(pool)]
+    rejected = "pool-00003"
+    write_raw_split(os.path.join(data_dir, "pool", "part-0.parquet"), ids, labels, caption_labels, groups, rng,
+                    undecodable=(rejected,))
+    test_labels = np.arange(test) % 10
+    test_groups = np.where((np.arange(test) // 10) % 2 == 1, "inverted", "regular")
+    test_ids = [f"test-{i:05d}" for i in range(test)]
+    write_raw_split(os.path.join(data_dir, "test", "part-0.parquet"), test_ids, test_labels, test_labels, test_groups, rng)
+    shards = pairs.load_or_make_plan(embed_dir, {"pool": (os.path.join(data_dir, "pool"), "parquet"),
+                                                 "test": (os.path.join(data_dir, "test"), "parquet")}, rows_per_shard)
+
+    centres = _unit(rng.standard_normal((10, dim)))
+    image, text = embeddings(labels, caption_labels, groups == "inverted", dim, rng, centres)
+    keep = ~noisy
+    weight = np.where(groups == "inverted", 2.0, 1.0)
+    weight = weight / weight[keep].mean()
+    summary = {"influencespace": {"rows": pool, "kept": 0, "weight_sum": 0.0}}
+    for shard in (s for s in shards if s.split == "pool"):
+        start = sum(s.rows for s in shards if s.split == "pool" and s.index < shard.index)
+        rows = np.arange(start, start + shard.rows)
+        embedded = np.array([ids[i] != rejected for i in rows])
+        name = f"part-{shard.index:05d}.parquet"
+        table = pa.table({"id": [ids[i] for i in rows[embedded]],
+                          "image_embedding": _fixed(image[rows[embedded]]), "text_embedding": _fixed(text[rows[embedded]]),
+                          "group": list(groups[rows[embedded]]), "label": pa.array(labels[rows[embedded]], pa.int64())})
+        os.makedirs(os.path.join(embed_dir, "pool"), exist_ok=True)
+        pq.write_table(table, os.path.join(embed_dir, "pool", name))
+        manifest = pa.table({"id": [ids[i] for i in rows], "cluster": pa.array(np.zeros(len(rows), int), pa.int32()),
+                             "keep": keep[rows] & embedded, "weight": np.where(keep[rows] & embedded, weight[rows], 0.0),
+                             "reason": ["kept" if k else "pruned" for k in keep[rows] & embedded]})
+        os.makedirs(os.path.join(curate_dir, "manifest"), exist_ok=True)
+        pq.write_table(manifest.filter(pa.array(embedded)), os.path.join(curate_dir, "manifest", name))
+        if not embedded.all():
+            pq.write_table(manifest.filter(pa.array(~embedded)),
+                           os.path.join(curate_dir, "manifest", f"rejected-{shard.index:05d}.parquet"))
+        kept = keep[rows] & embedded
+        summary["influencespace"]["kept"] += int(kept.sum())
+        summary["influencespace"]["weight_sum"] += float(weight[rows][kept].sum())
+    t_image, t_text = embeddings(test_labels, test_labels, test_groups == "inverted", dim, rng, centres)
+    write_split(os.path.join(embed_dir, "test"), "test", t_image, t_text, test_labels, test_groups)
+    write_split(os.path.join(embed_dir, "validation"), "val", t_image[:10], t_text[:10], test_labels[:10], test_groups[:10])
+    os.makedirs(curate_dir, exist_ok=True)
+    with open(os.path.join(curate_dir, "summary.json"), "w") as f:
+        json.dump(summary, f)
+    with open(os.path.join(data_dir, "classes.json"), "w") as f:
+        json.dump({"names": NAMES, "footwear_classes": FOOTWEAR,
+                   "groups": {"majority": "regular", "minority": "inverted"}}, f)
+    upstream = {
+        "data": {"fingerprint": "data-fp", "stage_dir": data_dir,
+                 "outputs": {"pool": "pool", "test": "test", "classes": "classes.json"}},
+        "embed": {"fingerprint": "embed-fp", "stage_dir": embed_dir,
+                  "outputs": {"pool": "pool", "validation": "validation", "test": "test"}},
+        "curate": {"fingerprint": "curate-fp", "stage_dir": curate_dir,
+                   "outputs": {"manifest": "manifest", "summary": "summary.json"}},
+    }
+    return {"upstream": upstream, "pool_ids": ids, "rejected": rejected, "keep": keep, "weight": weight,
+            "labels": labels, "test_ids": test_ids}

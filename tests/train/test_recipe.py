@@ -31,6 +31,12 @@ def test_deepspeed_config_follows_train_config():
         deepspeed_config(Hyperparameters(batch_size=10), world_size=3)
     assert ds["gradient_clipping"] == 1.0  # written out: DeepSpeed's own default when absent
     assert deepspeed_config(Hyperparameters(gradient_clipping=0.0), world_size=1)["gradient_clipping"] == 0.0
+    # Accumulation: each worker's micro-batch is batch / (workers · steps), the global batch unchanged.
+    accumulated = deepspeed_config(Hyperparameters(batch_size=64, gradient_accumulation=4), world_size=2)
+    assert (accumulated["train_batch_size"], accumulated["train_micro_batch_size_per_gpu"],
+            accumulated["gradient_accumulation_steps"]) == (64, 8, 4), accumulated
+    with pytest.raises(ValueError, match="accumulation"):
+        deepspeed_config(Hyperparameters(batch_size=64, gradient_accumulation=3), world_size=2)
 
 
 @pytest.mark.parametrize("clip", [0.5, 0.0])
@@ -41,7 +47,7 @@ def test_gradient_clipping_bounds_the_first_step(clip):
     ‖x‖ = 10 moves w by the clipped gradient: ‖Δw‖ = 0.5 with clipping, 10 without."""
     import deepspeed
 
-    from influencespace.train.stage import local_process_group
+    from influencespace.runtime import local_process_group
 
     hp = Hyperparameters(batch_size=1, lr=1.0, optimizer="sgd", weight_decay=0.0, zero_stage=0, gradient_clipping=clip)
     with local_process_group(use_gpu=False):
@@ -99,7 +105,6 @@ def test_manifest_join_keeps_weights_and_refuses_foreign_ids(tmp_path):
     pool_dir, manifest_dir = str(tmp_path / "embed" / "pool"), str(tmp_path / "curate" / "manifest")
     data = plan_variant(pool_dir, manifest_dir, int(run["keep"].sum()), float(run["weight"][run["keep"]].sum()))
     assert data.pairs == ((f"{pool_dir}/part-00000.parquet", f"{manifest_dir}/part-00000.parquet"),)
-    assert (data.image_dim, data.text_dim) == (8, 8)
     chunks = list(read_pairs(data.pairs, chunk_rows=16))  # 40 pool rows read in chunks of 16
     assert [len(c["id"]) for c in chunks] == [int(run["keep"][i:i + 16].sum()) for i in (0, 16, 32)]
     ids = np.concatenate([c["id"] for c in chunks])
