@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import json
 import logging
 import platform
 import time
@@ -111,6 +112,11 @@ class Stage:
     def run(self, ctx: StageContext) -> StageResult:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def other_settings(self, config: PipelineConfig) -> dict[str, Any]:
+        """Settings outside ``section`` that this stage's output also depends on under ``config`` (hashed
+        into its fingerprint; empty for most stages, so their fingerprints do not change)."""
+        return {}
+
 
 def load_stage(name: str) -> Stage:
     if name not in PIPELINE:
@@ -136,6 +142,9 @@ def stage_dir(config: PipelineConfig, name: str) -> str:
 
 def fingerprint(config: PipelineConfig, stage: Stage, input_fingerprints: dict[str, str]) -> str:
     parts = [stage.name, config.section_fingerprint(stage.section) if stage.section else ""]
+    other = stage.other_settings(config)
+    if other:
+        parts.append(hashlib.sha256(json.dumps(other, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16])
     parts += [f"{k}={v}" for k, v in sorted(input_fingerprints.items())]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 

@@ -53,6 +53,8 @@ from influencespace.influence.rows import (
     parameter_directions,
     score_rows,
 )
+from influencespace.influence.target import TASK as TARGET_TASK
+from influencespace.influence.target import check_settings as check_target_settings
 from influencespace.progress import NULL, Sink, Tracker, track
 from influencespace.stages import Stage, StageContext, StageResult
 
@@ -267,10 +269,47 @@ def _run_on_ray(ctx: StageContext, job: Job, trackers: dict[str, Tracker]) -> in
 # --------------------------------------------------------------------------------------------------
 
 
+def prepare_target(ctx: StageContext, task: Any, inputs: Inputs) -> Inputs:
+    """``influence.task: open_clip``: train the target's proxy on the plan's proxy rows, start the task's heads
+    at its last layers, and re-encode the plan's rows with its towers (:mod:`.target`)."""
+    from influencespace.influence.target import (
+        PROXY_RUN_DIR,
+        TARGET_DIR,
+        Encoding,
+        encode_plan,
+        last_layers,
+        train_proxy,
+    )
+    from influencespace.train.pixels import raw_shards
+    from influencespace.train.recipe import MODEL_FILE, Hyperparameters
+    from influencespace.train.targets import target_from_config
+
+    train, runtime = ctx.config.train, ctx.config.runtime
+    target = target_from_config(train, (0, 0))
+    embed_dir = ctx.input_manifests["embed"]["stage_dir"]
+    raw_pool = raw_shards(embed_dir, "pool")
+    work = ctx.path(PROXY_RUN_DIR)
+    log.info("influence: training the open_clip target's proxy on the plan's proxy rows")
+    state = train_proxy(target, Hyperparameters.from_config(train), train.epochs, ctx.config.influence.seed,
+                        storage.join(inputs.sample_uri, PROXY_DIR), raw_pool, work, ctx.stage_dir, runtime.use_gpu)
+    task.heads = last_layers(target.load(state))
+    encoding = Encoding(target, storage.join(work, MODEL_FILE), (inputs.columns[inputs.features.index("image")],
+                                                                 inputs.columns[inputs.features.index("text")]))
+    return encode_plan(runtime, inputs, encoding, raw_pool, raw_shards(embed_dir, "validation"), ctx.path(TARGET_DIR))
+
+
 class InfluenceStage(Stage):
     name = "influence"
     inputs = ("embed", "cluster")
     section = "influence"
+
+    def other_settings(self, config: Any) -> dict[str, Any]:
+        # The open_clip task's proxy is trained with the train stage's target and hyperparameters.
+        if config.influence.task == TARGET_TASK:
+            from influencespace.influence.target import proxy_settings
+
+            return {"train": proxy_settings(config.influence, config.train)}
+        return {}
 
     def run(self, ctx: StageContext) -> StageResult:
         from influencespace.influence.engine import LocalComm
@@ -278,7 +317,11 @@ class InfluenceStage(Stage):
 
         cfg = ctx.config.influence
         task = get_task(cfg.task)
+        if cfg.task == TARGET_TASK:
+            check_target_settings(cfg, ctx.config.train)
         inputs = plan_from_upstream(ctx, cfg, task)
+        if cfg.task == TARGET_TASK:
+            inputs = prepare_target(ctx, task, inputs)
         model, states = build_proxy(inputs, task, cfg)
         job = Job(inputs, task, cfg, model, states, ctx.stage_dir)
         config_bytes = None

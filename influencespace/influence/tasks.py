@@ -24,6 +24,10 @@ Built-in tasks:
     its image and the B bank images; the target of both rows is 0 (the true partner). The logits'
     inverse temperature is fixed (``influence.logit_scale``: a number) or learned like the target's
     (``learned``, from ``influence.logit_scale_init``).
+``open_clip``
+    The ``open_clip`` training target's own last layers: ``contrastive`` over the pooled features of a
+    proxy of the target trained as the train stage trains it, with heads started at its projections
+    and temperature (:mod:`influencespace.influence.target`).
 ``probe``
     A linear classifier (weights and bias) over the fused embedding predicting ``label``. Linear in
     its parameters, so its Gauss–Newton matrix *is* its Hessian: the exact reference in the tests.
@@ -178,7 +182,31 @@ class ProbeTask(Task):
         return example["label"].reshape(1).long()
 
 
-_REGISTRY: dict[str, Callable[[], Task]] = {"contrastive": ContrastiveTask, "probe": ProbeTask}
+class TargetHeadsTask(ContrastiveTask):
+    """The contrastive task whose heads start at a trained open_clip model's projections and temperature."""
+
+    name = "open_clip"  # influence.target.TASK
+
+    def __init__(self) -> None:
+        self.heads: dict[str, torch.Tensor] | None = None  # set by the stage: image_head, text_head, log_scale
+
+    def build_model(self, spec: DataSpec, bank, generator):
+        if self.heads is None:
+            raise InfluenceError("the open_clip influence task has no trained proxy yet (the influence stage trains "
+                                 "one before building the model)")
+        if bank.get("image") is None or len(bank["image"]) == 0:
+            raise InfluenceError("the open_clip influence task needs a negative bank; set influence.negatives ≥ 1")
+        image_head, text_head = self.heads["image_head"], self.heads["text_head"]
+        model = ContrastiveHeads(image_head.shape[1], text_head.shape[1], image_head.shape[0], LEARNED,
+                                 bank["image"], bank["text"], generator)
+        with torch.no_grad():
+            model.image_head.copy_(image_head)
+            model.text_head.copy_(text_head)
+            model.log_scale.copy_(self.heads["log_scale"].reshape(1))
+        return model
+
+
+_REGISTRY: dict[str, Callable[[], Task]] = {"contrastive": ContrastiveTask, "probe": ProbeTask, "open_clip": TargetHeadsTask}
 
 
 def register_task(name: str, factory: Callable[[], Task]) -> None:
