@@ -18,7 +18,7 @@ STAGE_COMMANDS = ("embed", "cluster", "influence", "curate", "train", "evaluate"
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     if default is None:
-        parser.add_argument("config", help="preset name (demo, test, cluster) or YAML file (local or s3://)")
+        parser.add_argument("config", help="preset name (demo, pixels, test, cluster) or YAML file (local or s3://)")
     else:
         parser.add_argument("config", nargs="?", default=default, help=f"preset or YAML file (default: {default})")
     parser.add_argument(

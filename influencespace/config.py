@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from influencespace.errors import ConfigError
 
-PRESETS = ("demo", "test", "cluster")
+PRESETS = ("demo", "test", "cluster", "pixels")
 
 
 def _execution_only(**kwargs: Any) -> Any:

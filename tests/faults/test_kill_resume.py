@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,9 +49,10 @@ LEAK_GRACE_S = 120  # how long Ray's processes may take to notice their driver i
 KILL_PARK_S = START_TIMEOUT_S  # a kill:S worker waits this long for the test to kill it (fallback only)
 
 
-def _command(run_dir: Path, checkpoint: Path) -> list[str]:
-    sets = [f"--set=run_dir={run_dir}", f"--set=embed.pretrained={checkpoint}", *(f"--set={s}" for s in SETTINGS)]
-    return [sys.executable, "-m", "influencespace", "--log-level", "WARNING", "run", "test", *sets, "--stages", STAGES]
+def _command(run_dir: Path, checkpoint: Path, stages: str = STAGES, settings: tuple[str, ...] = ()) -> list[str]:
+    sets = [f"--set=run_dir={run_dir}", f"--set=embed.pretrained={checkpoint}",
+            *(f"--set={s}" for s in (*SETTINGS, *settings))]
+    return [sys.executable, "-m", "influencespace", "--log-level", "WARNING", "run", "test", *sets, "--stages", stages]
 
 
 def _read_marker(markers: Path, name: str) -> dict | None:
@@ -86,7 +88,8 @@ def _snapshots(run_dir: Path) -> str:
 
 def _invoke(run_dir: Path, checkpoint: Path, log: Path, faults: str = "", markers: Path | None = None,
             kill_at: str | None = None, kill_when: Callable[[], bool] | None = None,
-            worker_kills: dict[str, Callable[[], bool]] | None = None) -> dict:
+            worker_kills: dict[str, Callable[[], bool]] | None = None, stages: str = STAGES,
+            settings: tuple[str, ...] = ()) -> dict:
     """Run the CLI; with ``kill_at``, SIGKILL the driver once that hang marker appears (and ``kill_when()``
     holds, if given).
 
@@ -95,19 +98,21 @@ def _invoke(run_dir: Path, checkpoint: Path, log: Path, faults: str = "", marker
     itself. A kill that must land after something asynchronous happened (Ray Train registering a
     checkpoint) waits for that instead of for a guessed number of seconds, which a busy machine overruns.
 
+    Without ``kill_at`` the CLI runs to its end (the worker kills still land on their events).
+
     Returns what happened: exit code, whether it was killed, the stage directories finished at the
     kill, and the driver's descendants at the kill (``family``: the leak check waits for them later).
     """
     env = {**os.environ, ENV: faults, DIR_ENV: str(markers or run_dir.parent / "markers"),
            "RAY_raylet_start_wait_time_s": "120"}  # a loaded CI machine starts Ray slowly
     with open(log, "ab") as out:
-        proc = subprocess.Popen(_command(run_dir, checkpoint), env=env, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(_command(run_dir, checkpoint, stages, settings), env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     outcome: dict = {"killed": False, "family": [], "worker_kills": {}}
     pending = dict(worker_kills or {})
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
-        if kill_at is None:
+        if kill_at is None and not pending:
             outcome["rc"] = proc.wait(timeout=START_TIMEOUT_S)
             return outcome
         while True:
@@ -120,8 +125,12 @@ def _invoke(run_dir: Path, checkpoint: Path, log: Path, faults: str = "", marker
                         pass  # it ended itself (its S seconds ran out): the same kill, later
                     outcome["worker_kills"][name] = marker["pid"]
                     del pending[name]
-            if not pending and _read_marker(markers, kill_at) is not None and (kill_when is None or kill_when()):
+            if not pending and kill_at is not None and _read_marker(markers, kill_at) is not None and (
+                    kill_when is None or kill_when()):
                 break
+            if kill_at is None and not pending:
+                outcome["rc"] = proc.wait(timeout=max(deadline - time.monotonic(), 1))
+                return outcome
             if proc.poll() is not None:
                 pytest.fail(f"the CLI exited ({proc.returncode}) before reaching {kill_at} (worker kills still "
                             f"pending: {sorted(pending)}; registered checkpoints {_snapshots(run_dir)}):\n"
@@ -428,6 +437,40 @@ def test_driver_sigkill_in_train_then_rerun_continues_the_interrupted_run(faulte
     )
     record_fault("driver SIGKILL after epoch 1 of the curated training run",
                  f"rerun skipped the finished run, went on from the epoch-1 checkpoint; weights within {TRAIN_ATOL}")
+
+
+OPEN_CLIP = ("train.target=open_clip", "train.batch_size=16")  # the built-in 32 px CLIP, from the raw pairs
+
+
+def _upstream_copy(reference: Path, run_dir: Path) -> None:
+    """The reference's finished stages up to curate (their manifests point at the reference's files)."""
+    for stage in ("data", "embed", "cluster", "influence", "curate"):
+        shutil.copytree(reference / stage, run_dir / stage)
+
+
+def test_open_clip_training_worker_sigkill_restores_the_latest_checkpoint(reference_run, offline_checkpoint,
+                                                                           tmp_path, record_fault):
+    """The open_clip target (a whole CLIP from pixels) resumes as the heads do: a Ray Train worker
+    SIGKILLed once the baseline's epoch-1 checkpoint is registered, the group restarted from it."""
+    clean, killed = tmp_path / "clean" / "run", tmp_path / "killed" / "run"
+    for run_dir in (clean, killed):
+        _upstream_copy(reference_run, run_dir)
+    outcome = _invoke(clean, offline_checkpoint, tmp_path / "clean.log", stages="train", settings=OPEN_CLIP)
+    assert outcome["rc"] == 0, f"exit code {outcome['rc']}:\n" + (tmp_path / "clean.log").read_text()[-4000:]
+    markers = tmp_path / "markers"
+    outcome = _invoke(killed, offline_checkpoint, tmp_path / "killed.log", f"train.epoch@baseline-1=kill:{KILL_PARK_S}",
+                      markers, worker_kills={"train.epoch.kill": lambda: _registered(killed, "baseline", 1)},
+                      stages="train", settings=OPEN_CLIP)
+    assert outcome["rc"] == 0, f"exit code {outcome['rc']}:\n" + (tmp_path / "killed.log").read_text()[-4000:]
+    _worker_fault({**outcome, "markers": markers}, "train.epoch.kill")
+    record = _check_run(killed, clean, "baseline")
+    assert record["target"]["kind"] == "open_clip", record["target"]
+    assert record["restored_after_epoch"] == 1, (
+        f"restored_after_epoch {record['restored_after_epoch']}; registered checkpoints {_snapshots(killed)}"
+    )
+    _check_run(killed, clean, "influencespace")
+    record_fault("Ray Train worker SIGKILL after epoch 1 of an open_clip (from pixels) training run",
+                 f"FailureConfig restarted the group from the epoch-1 checkpoint; weights within {TRAIN_ATOL}")
 
 
 # --------------------------------------------------------------------------------------------------
