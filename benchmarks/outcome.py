@@ -15,7 +15,8 @@ keep fractions 0.8, 0.6 and 0.4 (20/40/60 % removed) and each trained with every
   image–text cosine first inside them, where the default order is random), ``heuristics_only`` (no influence: nothing pruned or up-weighted), ``placebo``
   (influence against a random validation direction), ``influence_only`` (no mismatch or
   near-duplicate tier, rows by their own influence), ``fixed_thresholds`` (the tiers' thresholds as
-  fixed numbers, not fitted on the validation set);
+  fixed numbers, not fitted on the validation set), ``floors_protect_flagged`` (the clusters' thinning
+  floors keep flagged mismatches and near-duplicates too, where by default they protect clean rows only);
 - the comparison policies (``curate.comparison_policies``): ``random``, ``dedup`` (SemDeDup),
   ``clipscore``, ``clipscore_dedup`` (both, as a practitioner runs them);
 - ``baseline``: the full pool, the same training seeds.
@@ -54,7 +55,8 @@ METRICS = ("accuracy_ratio_pct", "worst_group_acc", "eo_diff")
 LOWER_IS_BETTER = {"eo_diff"}
 FULL = "influencespace"
 BASELINE = "baseline"
-ABLATIONS = ("tiers_cosine_order", "heuristics_only", "placebo", "influence_only", "fixed_thresholds")
+ABLATIONS = ("tiers_cosine_order", "heuristics_only", "placebo", "influence_only", "fixed_thresholds",
+             "floors_protect_flagged")
 COMPARISONS = ("random", "dedup", "clipscore", "clipscore_dedup")
 MAIN_KEEP = 0.6
 CURVE_KEEPS = (0.4, 0.8)

@@ -302,7 +302,15 @@ class CurateConfig(Section):
     )
     min_cluster_keep: float = Field(
         0.25, ge=0.0, le=1.0,
-        description="Thinning floor: a negligible or helpful cluster keeps at least this share of its rows while the budget allows.",
+        description="Thinning floor: a negligible or helpful cluster keeps at least this share of its rows while the budget allows "
+        "(of its clean rows: flagged image–text mismatches and near-duplicates may leave below it, unless "
+        "floor_protects_flagged).",
+    )
+    floor_protects_flagged: bool = Field(
+        False,
+        description="Whether the thinning floor also keeps rows the mismatch or near-duplicate tier flags. False (default): "
+        "they may leave below it, so a cluster of systematically wrong captions that influence did not call harmful does "
+        "not keep min_cluster_keep of its wrong pairs; true: the behaviour before (the floors_protect_flagged ablation).",
     )
     row_order: Literal["influence", "image_text", "random"] = Field(
         "random",
@@ -318,7 +326,8 @@ class CurateConfig(Section):
         "placebo_scores (a random validation direction: an ablation), or none (no cluster is called: nothing pruned "
         "or up-weighted, the heuristics alone).",
     )
-    ablations: tuple[Literal["tiers_random_order", "tiers_cosine_order", "heuristics_only", "placebo", "influence_only", "fixed_thresholds"], ...] = Field(
+    ablations: tuple[Literal["tiers_random_order", "tiers_cosine_order", "heuristics_only", "placebo", "influence_only", "fixed_thresholds",
+                               "floors_protect_flagged"], ...] = Field(
         (),
         description="Ablations of the InfluenceSpace policy curated beside it at every budget, each under its own name "
         "(curate.policy.ABLATIONS: the settings each changes; docs/curation.md).",

@@ -23,8 +23,13 @@ which rows leave first:
 
        score_c = influence_c / size_c + fairness_weight · influence_c^{g*} / size_c
 
-   with g* the worst-off group (highest validation loss). The budget is an upper bound: pruning
-   harmful clusters may keep less.
+   with g* the worst-off group (highest validation loss). The floor protects a cluster's *clean*
+   rows: a row the mismatch or near-duplicate tier flags may leave below it (unless
+   ``floor_protects_flagged``), because a mismatched pair teaches the wrong caption for the cluster's
+   images and a near-duplicate's source stays — keeping them covers nothing. (A cluster whose pairs
+   are almost all mismatched, a systematic caption swap that influence did not call harmful, would
+   otherwise keep a quarter of its wrong pairs.) The budget is an upper bound: pruning harmful
+   clusters may keep less.
 3. Kept clusters that are **helpful** and **under-represented** (smaller than the median kept
    cluster) are up-weighted by inverse-frequency, (median / size)^power, and further by
    (1 + fairness_weight) when they significantly help the worst-off group. Weights are then
@@ -87,6 +92,7 @@ class PolicyParams:
     duplicate_threshold: float | None = 0.95  # None: no near-duplicate step
     seed: int = 0
     fdr: float | None = 0.05  # BH level of the harmful / helpful calls; None: each cluster's own interval
+    floor_protects_flagged: bool = False  # True: the floor keeps flagged rows too (mismatch / near-duplicate tiers)
 
 
 # Each ablation: the curate settings it changes (curate.ablations; the rest of the configuration stays).
@@ -108,6 +114,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     # The tiers' thresholds as fixed numbers — SemDeDup cosine 0.95 and Tukey's fence on the pool — instead of
     # fitted on the trusted validation set (what fitting them adds; the policy's settings before they were fitted).
     "fixed_thresholds": {"duplicate_threshold": 0.95, "mismatch_fence": "tukey"},
+    # The floors protect every row, flagged ones included (what letting flagged rows leave below the floor adds;
+    # the policy's behaviour before the floor protected only clean rows).
+    "floors_protect_flagged": {"floor_protects_flagged": True},
 }
 
 
@@ -171,6 +180,9 @@ def value_for_order(row_value: np.ndarray | None, n: int) -> np.ndarray:
     return np.nan_to_num(np.asarray(row_value, dtype=np.float64), nan=-np.inf, posinf=np.inf, neginf=-np.inf)
 
 
+NEGLIGIBLE_TIER = 2  # tiers below it are the flagged rows (0 mismatch, 1 near-duplicate)
+
+
 def row_tiers(helpful: np.ndarray, mismatch: np.ndarray | None = None, duplicate: np.ndarray | None = None) -> np.ndarray:
     """Evidence tier of each row: 0 image–text mismatch, 1 near-duplicate, 2 negligible cluster, 3 helpful cluster."""
     n = len(helpful)
@@ -185,16 +197,22 @@ def candidate_key(tier: np.ndarray, value: np.ndarray, hashes: np.ndarray) -> Ke
 
 
 def order_cluster(ids: np.ndarray, hashes: np.ndarray, tier: np.ndarray, value: np.ndarray,
-                  room: int) -> tuple[np.ndarray, np.ndarray]:
+                  room: int, floor_protects_flagged: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(candidate, fallback_rank) for the rows of one cluster.
 
     A cluster gives up at most ``room`` = size − floor rows on the way to the budget, and those are
-    its first ``room`` rows in the leaving order (:func:`candidate_key`): the candidates. The rest
-    (its floor) leave only if the floors together exceed the budget, lowest value first;
-    ``fallback_rank`` is their rank in that order (−1 for candidates).
+    its first ``room`` rows in the leaving order (:func:`candidate_key`): the candidates. The floor
+    protects clean rows only (unless ``floor_protects_flagged``): the f rows the mismatch and
+    near-duplicate tiers flag come first in the order and may all leave, so the candidates are the
+    first max(room, f) rows — all flagged ones and up to room − f clean ones, i.e. the cluster keeps
+    min(floor, clean rows) of its clean rows. The rest (its floor) leave only if the floors together
+    exceed the budget, lowest value first; ``fallback_rank`` is their rank in that order (−1 for
+    candidates).
     """
     n = len(ids)
     order = lex_order(np.asarray(tier), sortable(value), np.asarray(hashes, dtype=np.uint64), ids=ids)
+    if not floor_protects_flagged:
+        room = max(room, int(np.count_nonzero(np.asarray(tier) < NEGLIGIBLE_TIER)))
     candidate = np.zeros(n, dtype=bool)
     candidate[order[:max(0, room)]] = True
     rest = np.flatnonzero(~candidate)
@@ -274,19 +292,21 @@ def decide_rows(selection: Selection, position: np.ndarray, tier: np.ndarray, cu
 
 def select_rows(assignments: pd.DataFrame, clusters: pd.DataFrame, budget: int, seed: int,
                 row_value: np.ndarray | None = None, duplicate: np.ndarray | None = None,
-                mismatch: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                mismatch: np.ndarray | None = None, floor_protects_flagged: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(keep, reason) per row of ``assignments``, in memory: the reference the curate stage's passes reproduce.
 
     Harmful clusters out; then rows of the other clusters leave, until ``budget`` rows remain, in tiers
     (:func:`row_tiers`); within a tier the lowest ``row_value`` first (NaN lowest), ties by a seeded
-    hash of the id (:func:`tie_hash`), then the id. No cluster goes below its ``floor`` on the way. This
-    is the greedy "take the next row unless its cluster is at its floor", computed without a loop: a
-    cluster gives up exactly its first ``size − floor`` rows in the global order
-    (:func:`order_cluster`), so those are the candidates, taken in order. If the floors alone exceed
-    the budget, whole clusters go (:func:`plan_fallback`).
+    hash of the id (:func:`tie_hash`), then the id. No cluster goes below its ``floor`` of clean rows on
+    the way. This is the greedy "take the next row unless it is clean and its cluster is at its floor",
+    computed without a loop: a cluster gives up exactly its first max(size − floor, flagged) rows in the
+    global order (:func:`order_cluster`; ``size − floor`` with ``floor_protects_flagged``), so those are
+    the candidates, taken in order. If the floors alone exceed the budget, whole clusters go
+    (:func:`plan_fallback`).
     """
     selection, position, tier, cut, fallback_rank = _select_in_memory(assignments, clusters, budget, seed,
-                                                                      row_value, duplicate, mismatch)
+                                                                      row_value, duplicate, mismatch,
+                                                                      floor_protects_flagged)
     return decide_rows(selection, position, tier, cut, fallback_rank)
 
 
@@ -300,7 +320,7 @@ def cluster_positions(clusters: pd.DataFrame, cluster: np.ndarray) -> np.ndarray
     return position
 
 
-def _select_in_memory(assignments, clusters, budget, seed, row_value, duplicate, mismatch):
+def _select_in_memory(assignments, clusters, budget, seed, row_value, duplicate, mismatch, floor_protects_flagged):
     clusters = clusters.sort_values("cluster").reset_index(drop=True)
     ids = assignments["id"].to_numpy()
     n = len(ids)
@@ -314,7 +334,8 @@ def _select_in_memory(assignments, clusters, budget, seed, row_value, duplicate,
     fallback_rank = np.full(n, -1, dtype=np.int64)
     for pos, rows in pd.Series(np.arange(n)).groupby(position).indices.items():
         if not harmful[rows[0]]:
-            candidate[rows], fallback_rank[rows] = order_cluster(ids[rows], hashes[rows], tier[rows], value[rows], room[pos])
+            candidate[rows], fallback_rank[rows] = order_cluster(ids[rows], hashes[rows], tier[rows], value[rows],
+                                                                 room[pos], floor_protects_flagged)
     excess = int((~harmful).sum()) - budget
     cut = np.zeros(n, dtype=bool)
     if excess > 0:
@@ -368,7 +389,7 @@ def cluster_table(sizes: pd.Series, scores: pd.DataFrame, params: PolicyParams,
     """The k-row table every decision is made on: sizes (cluster → rows) joined with the influence scores.
 
     A cluster the influence stage did not score is treated as negligible (its interval is (-inf, inf)).
-    Sorted by cluster, with ``room`` = rows it may give up before its floor.
+    Sorted by cluster, with ``room`` = size − floor (flagged rows may leave beyond it: :func:`order_cluster`).
     """
     frame = pd.DataFrame({"cluster": sizes.index.to_numpy(dtype=np.int64), "size": sizes.to_numpy(dtype=np.int64)})
     frame = frame.merge(scores.drop(columns=["size"], errors="ignore"), on="cluster", how="left")
@@ -420,7 +441,7 @@ def influence_policy(assignments: pd.DataFrame, scores: pd.DataFrame, params: Po
         duplicate = np.asarray(duplicate_scores) >= params.duplicate_threshold
     budget = budget_rows(len(assignments), params.keep_fraction)
     selection, position, tier, cut, fallback_rank = _select_in_memory(
-        assignments, clusters, budget, params.seed, row_value, duplicate, mismatch)
+        assignments, clusters, budget, params.seed, row_value, duplicate, mismatch, params.floor_protects_flagged)
     keep, reason = decide_rows(selection, position, tier, cut, fallback_rank)
     decisions = decisions_of(selection, params, worst_group)
     manifest = manifest_rows(assignments["id"].to_numpy(), assignments["cluster"].to_numpy(), keep, reason,

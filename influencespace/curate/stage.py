@@ -276,7 +276,7 @@ def group_rows(signals: Signals, fence: float | None, shard: Shard) -> dict[str,
 
 
 def order_group(clusters: dict[str, np.ndarray], signals: Signals, duplicate_threshold: float | None,
-                rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                floor_protects_flagged: bool, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The per-cluster step: SemDeDup scores, evidence tier, candidate flag and fallback rank of one cluster's rows."""
     ids = np.asarray(rows["id"], dtype=object)
     n = len(ids)
@@ -292,7 +292,8 @@ def order_group(clusters: dict[str, np.ndarray], signals: Signals, duplicate_thr
     if clusters["harmful"][position]:
         candidate, fallback_rank = np.zeros(n, dtype=bool), np.full(n, -1, dtype=np.int64)
     else:
-        candidate, fallback_rank = policy.order_cluster(ids, hashes, tier, value, int(clusters["room"][position]))
+        candidate, fallback_rank = policy.order_cluster(ids, hashes, tier, value, int(clusters["room"][position]),
+                                                        floor_protects_flagged)
     out = {"shard": rows["shard"], "row": rows["row"], "id": ids, "cluster": rows["cluster"], "tier": tier,
            "value": value, "hash": hashes, "duplicate": duplicate, "candidate": candidate, "fallback_rank": fallback_rank}
     if "cosine" in rows:
@@ -398,19 +399,21 @@ def split_shard(signals: Signals, fence: float | None, bucket_of: np.ndarray, wo
     return len(bucket), neighbours
 
 
-def order_bucket(clusters: dict[str, np.ndarray], signals: Signals, duplicate_threshold: float | None, work: str,
-                 shard_names: list[str], bucket: int) -> int:
-    """Reduce step: every cluster of one bucket ordered (policy.order_cluster), written back per shard."""
+def order_bucket(clusters: dict[str, np.ndarray], signals: Signals, duplicate_threshold: float | None,
+                 floor_protects_flagged: bool, work: str, shard_names: list[str], bucket: int) -> tuple[int, int]:
+    """Reduce step: every cluster of one bucket ordered (policy.order_cluster), written back per shard;
+    (rows, candidates) of the bucket."""
     uris = storage.list_files(storage.join(work, "buckets", f"bucket-{bucket:05d}"), ".parquet")
     if not uris:
-        return 0
+        return 0, 0
     rows = _read_rows(uris)
-    ordered = [order_group(clusters, signals, duplicate_threshold, group) for group in _groups(rows, "cluster")]
+    ordered = [order_group(clusters, signals, duplicate_threshold, floor_protects_flagged, group)
+               for group in _groups(rows, "cluster")]
     merged = {c: np.concatenate([o[c] for o in ordered]) for c in ordered[0]}
     for part in _groups(merged, "shard"):
         name = shard_names[int(part["shard"][0])]
         storage.write_table(_rows_table(part), storage.join(work, "ordered", name, f"bucket-{bucket:05d}.parquet"))
-    return len(merged["row"])
+    return len(merged["row"]), int(np.count_nonzero(merged["candidate"]))
 
 
 def realign_shard(signals: Signals, work: str, shard: Shard) -> int:
@@ -632,12 +635,14 @@ class CurateStage(Stage):
             threshold = policy.fitted_duplicate_threshold(neighbours, cfg.duplicate_rate)
             log.info("curate: near-duplicate threshold %.4f (the %s-quantile of %d validation rows' nearest pool "
                      "neighbour in their cluster)", threshold, 1 - cfg.duplicate_rate, int(np.isfinite(neighbours).sum()))
-        order = functools.partial(order_bucket, broadcast, signals, threshold, work, [s.name for s in shards])
+        order = functools.partial(order_bucket, broadcast, signals, threshold, cfg.floor_protects_flagged, work,
+                                  [s.name for s in shards])
         buckets = int(bucket_of.max()) + 1
-        ordered = 0
+        ordered = candidates = 0  # candidates: rows that may leave before the floors (policy.order_cluster)
         with progress.track("curate: ordering clusters (SemDeDup)", total=buckets, unit="buckets") as bar:
-            for rows in map_tasks(ctx.config.runtime, order, range(buckets)):
+            for rows, bucket_candidates in map_tasks(ctx.config.runtime, order, range(buckets)):
                 ordered += rows
+                candidates += bucket_candidates
                 bar.add(1)
         written = sum(passes.map(functools.partial(realign_shard, signals, work), "back in shard order"))
         if not ordered == written == n_rows:
@@ -655,7 +660,8 @@ class CurateStage(Stage):
                 return layout.manifest_dir(policy_name) if main else layout.curve_dir(label, policy_name)
 
             entry: dict[str, Any] = {}
-            selection, fraction_decisions, cut = self._select(passes, clusters, n_rows, self._params(cfg, fraction), worst_group)
+            selection, fraction_decisions, cut = self._select(passes, clusters, n_rows, candidates,
+                                                              self._params(cfg, fraction), worst_group)
             write = functools.partial(write_curated, selection, fraction_decisions, cut, ctx.path(directory(name)))
             entry[name] = combine([*passes.map(write, f"writing {label} {name}"), *rejected(ctx.path(directory(name)))])
             for comparison in comparisons:
@@ -681,6 +687,7 @@ class CurateStage(Stage):
             keep_fraction=keep_fraction, min_weight=cfg.min_weight, max_weight=cfg.max_weight,
             fairness_weight=cfg.fairness_weight, upweight_power=cfg.upweight_power,
             min_cluster_keep=cfg.min_cluster_keep, duplicate_threshold=None, seed=cfg.seed, fdr=cfg.fdr,
+            floor_protects_flagged=cfg.floor_protects_flagged,
         )
 
     @staticmethod
@@ -801,13 +808,14 @@ class CurateStage(Stage):
         log.info("curate: image–text mismatch fence %.4f (Tukey, k = %s, over %d cosines)", fence, cfg.mismatch_iqr, n_finite)
         return fence
 
-    def _select(self, passes: Passes, clusters: pd.DataFrame, n_rows: int, params: policy.PolicyParams,
+    def _select(self, passes: Passes, clusters: pd.DataFrame, n_rows: int, candidates: int, params: policy.PolicyParams,
                 worst_group: str | None) -> tuple[policy.Selection, pd.DataFrame, select.Cut]:
-        """The InfluenceSpace cut at one budget: the candidates' boundary, the cut per cluster, the fallback."""
+        """The InfluenceSpace cut at one budget: the candidates' boundary, the cut per cluster, the fallback.
+
+        ``candidates``: the rows the ordering pass marked as free to leave before the floors, all clusters."""
         budget = policy.budget_rows(n_rows, params.keep_fraction)
         harmful_rows = int(clusters.loc[clusters["harmful"], "size"].sum())
         excess = n_rows - harmful_rows - budget
-        candidates = int(clusters["room"].sum())
         cut = select.Cut.none()
         if excess >= candidates:
             cut = select.Cut.all()  # every candidate goes (and the floors too, if excess is left)

@@ -82,7 +82,30 @@ def test_rows_leave_by_evidence_mismatch_then_duplicate_then_lowest_value():
     assert set(reason[in_2[5:]]) == {policy.NEGLIGIBLE_THINNED}
 
 
-def test_vectorised_selection_equals_the_row_by_row_greedy():
+@pytest.mark.parametrize("floor_protects_flagged", [False, True])
+def test_a_cluster_of_mismatched_pairs_keeps_no_flagged_row_for_its_floor(floor_protects_flagged):
+    """Cluster 1's 20 pairs: 18 flagged as image–text mismatches (a systematic caption swap influence did not
+    call harmful). Its floor is ceil(0.25 · 20) = 5: by default it protects clean rows only, so the two clean
+    pairs stay and all 18 mismatches go; with floor_protects_flagged the floor keeps 3 mismatched pairs."""
+    assignments = _assignments()
+    in_1 = np.flatnonzero(assignments.cluster == 1)
+    mismatch = np.zeros(len(assignments), dtype=bool)
+    mismatch[in_1[:18]] = True
+    params = PolicyParams(keep_fraction=0.4, floor_protects_flagged=floor_protects_flagged)
+    manifest, _ = policy.influence_policy(assignments, SCORES, params, mismatch=mismatch)
+    frame = manifest.set_index("id").loc[assignments["id"]]
+    keep, reason = frame["keep"].to_numpy(), frame["reason"].to_numpy()
+    assert keep.sum() == policy.budget_rows(105, 0.4) == 42, keep.sum()
+    kept_mismatches = int(keep[in_1[:18]].sum())
+    assert keep[in_1[18:]].all(), reason[in_1[18:]]  # the clean pairs: inside the floor either way
+    if floor_protects_flagged:
+        assert kept_mismatches == 3, (kept_mismatches, reason[in_1])
+    else:
+        assert kept_mismatches == 0 and set(reason[in_1[:18]]) == {policy.MISMATCH}, (kept_mismatches, reason[in_1])
+
+
+@pytest.mark.parametrize("floor_protects_flagged", [False, True])
+def test_vectorised_selection_equals_the_row_by_row_greedy(floor_protects_flagged):
     rng = np.random.default_rng(4)
     sizes = rng.integers(1, 30, size=12)
     assignments = pd.DataFrame({"id": [f"r{i:04d}" for i in range(sizes.sum())], "cluster": np.repeat(np.arange(12), sizes)})
@@ -91,9 +114,11 @@ def test_vectorised_selection_equals_the_row_by_row_greedy():
     clusters["helpful"] &= ~clusters["harmful"]
     clusters["floor"] = np.where(clusters["harmful"], 0, np.ceil(0.3 * sizes)).astype(int)
     n = len(assignments)
-    value, mismatch, dup = rng.normal(size=n), rng.random(n) < 0.1, rng.random(n) < 0.2
-    budget = int(0.5 * n)
-    keep, _ = policy.select_rows(assignments, clusters, budget, 0, value, dup, mismatch)
+    # Some clusters mostly flagged, so that flagged rows reach below the floors (where the two rules differ).
+    flag_rate = np.where(np.arange(12) % 3 == 0, 0.9, 0.15)[assignments["cluster"].to_numpy()]
+    value, mismatch, dup = rng.normal(size=n), rng.random(n) < flag_rate / 2, rng.random(n) < flag_rate
+    budget = int(0.4 * n)
+    keep, _ = policy.select_rows(assignments, clusters, budget, 0, value, dup, mismatch, floor_protects_flagged)
     # Reference: walk the rows in the documented order, one at a time.
     info = clusters.set_index("cluster")
     cluster = assignments["cluster"].to_numpy()
@@ -105,7 +130,8 @@ def test_vectorised_selection_equals_the_row_by_row_greedy():
     for i in np.lexsort((tie, value, tier)):
         if excess <= 0:
             break
-        if ref[i] and left[cluster[i]] > info.loc[cluster[i], "floor"]:
+        flagged_may_leave = tier[i] < 2 and not floor_protects_flagged
+        if ref[i] and (flagged_may_leave or left[cluster[i]] > info.loc[cluster[i], "floor"]):
             ref[i], left[cluster[i]], excess = False, left[cluster[i]] - 1, excess - 1
     assert excess <= 0 and keep.sum() == budget
     np.testing.assert_array_equal(keep, ref)

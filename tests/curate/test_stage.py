@@ -191,8 +191,9 @@ def test_manifests_are_shard_aligned_with_the_pool(make_config, tmp_path):
 
 
 def _sharded_upstream(root, shard_rows=(70, 0, 55, 95), k=7, dim=6):
-    """Shards of uneven size (one empty), clusters from 3 to 60 rows, planted near-duplicates, NaN cosines,
-    a cluster reject, harmful / negligible / helpful clusters and row scores with a group column."""
+    """Shards of uneven size (one empty), clusters from 3 to 60 rows, planted near-duplicates, mismatches (one
+    cluster all of them), NaN cosines, a cluster reject, harmful / negligible / helpful clusters and row
+    scores with a group column."""
     rng = np.random.default_rng(11)
     n = sum(shard_rows)
     ids = np.array([f"row-{i:05d}" for i in rng.permutation(n)], dtype=object)
@@ -205,6 +206,8 @@ def _sharded_upstream(root, shard_rows=(70, 0, 55, 95), k=7, dim=6):
     cosine = rng.normal(0.3, 0.05, n)
     cosine[rng.choice(n, 6, replace=False)] = -0.4  # planted mismatches
     cosine[rng.choice(n, 3, replace=False)] = np.nan
+    # and a small cluster of them (a systematic caption swap): flagged rows beyond its floor
+    cosine[cluster == k - 1] = -0.4
     distance = np.round(rng.random(n), 2)  # ties in distance: the order must not depend on file order
     influence = np.round(rng.normal(size=n), 1)  # ties in value: decided by the seeded hash
     dirs = {s: root / s for s in ("embed", "cluster", "influence")}
@@ -303,7 +306,7 @@ def _reference(root, cfg, keep_fraction):
         params = policy.PolicyParams(keep_fraction=keep_fraction, min_weight=c.min_weight, max_weight=c.max_weight,
                                      fairness_weight=c.fairness_weight, upweight_power=c.upweight_power,
                                      min_cluster_keep=c.min_cluster_keep, seed=c.seed,
-                                     duplicate_threshold=threshold)
+                                     duplicate_threshold=threshold, floor_protects_flagged=c.floor_protects_flagged)
         value = {"influence": rows["influence"].to_numpy() + c.fairness_weight * rows["influence_group_inverted"].to_numpy(),
                  "image_text": cosine, "random": None}[c.row_order]
         mismatch = policy.mismatch_outliers(cosine, c.mismatch_iqr) if c.mismatch_fence == "tukey" else None
