@@ -20,10 +20,8 @@ import glob
 import os
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from influencespace import layout
+from influencespace import layout, storage
 
 MAIN = "main"
 
@@ -37,11 +35,6 @@ def manifests(run_dir: str) -> dict[tuple[str, str], str]:
     for path in sorted(glob.glob(os.path.join(curate, layout.CURVE_DIR, "*", "*"))):
         found[(os.path.basename(os.path.dirname(path)), os.path.basename(path))] = path
     return found
-
-
-def read_manifest(directory: str) -> pd.DataFrame:
-    parts = [pq.read_table(p, columns=["id", "keep", "weight"]) for p in sorted(glob.glob(os.path.join(directory, "part-*.parquet")))]
-    return pa.concat_tables(parts).to_pandas().set_index("id")
 
 
 def defect_shares(rows: pd.DataFrame) -> dict[str, float]:
@@ -59,11 +52,12 @@ def defect_shares(rows: pd.DataFrame) -> dict[str, float]:
 
 
 def kept_defects(run_dir: str) -> pd.DataFrame:
-    truth = pq.read_table(os.path.join(run_dir, "data", "ground_truth", "ground_truth.parquet")).to_pandas().set_index("id")
+    truth = storage.read_table(os.path.join(run_dir, "data", "ground_truth")).to_pandas().set_index("id")
     pool = truth.assign(weight=1.0)
     table = [{"budget": "", "policy": "pool", "kept": len(pool), **defect_shares(pool)}]
     for (budget, name), directory in manifests(run_dir).items():
-        manifest = read_manifest(directory).join(truth, how="inner")
+        # the curate stage's manifest files (kept rows and the embed stage's rejects, which are never kept)
+        manifest = storage.read_table(directory, ["id", "keep", "weight"]).to_pandas().set_index("id").join(truth, how="inner")
         kept = manifest[manifest["keep"]]
         table.append({"budget": budget, "policy": name, "kept": len(kept), **defect_shares(kept)})
     return pd.DataFrame(table)
