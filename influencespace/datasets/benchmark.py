@@ -17,6 +17,7 @@ of the config (seeded), so the same config gives byte-identical tables.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +61,7 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def _stratified(labels: np.ndarray, candidates: np.ndarray, count: int) -> np.ndarray:
     """``count`` candidates, classes taken round-robin (candidates are already shuffled)."""
-    by_class = [list(candidates[labels[candidates] == c]) for c in range(len(CLASS_NAMES))]
+    by_class = [list(candidates[labels[candidates] == c]) for c in range(int(labels.max()) + 1)]
     out: list[int] = []
     while len(out) < count:
         for pool in by_class:
@@ -94,9 +95,102 @@ def _style(images: np.ndarray, groups: list[str]) -> np.ndarray:
     return out
 
 
+@dataclass
+class PlantedRows:
+    """The unique pool rows of a benchmark after its defects were planted (row order = build order).
+
+    ``caption_noise`` is 'none' or the kind of caption defect, ``corruption`` 'none' or the kind of
+    image defect; ``encoded`` holds each row's image bytes as the pool will store them."""
+
+    images: np.ndarray
+    true_labels: np.ndarray
+    caption_labels: np.ndarray
+    caption_noise: np.ndarray
+    corruption: np.ndarray
+    groups: np.ndarray
+    texts: list[str]
+    encoded: list[bytes]
+
+    def free_rows(self, mask: np.ndarray | None = None) -> np.ndarray:
+        """Rows with neither a caption nor an image defect (and ``mask``, if given)."""
+        ok = (self.caption_noise == "none") & (self.corruption == "none")
+        return np.flatnonzero(ok if mask is None else ok & mask)
+
+
+def assemble_pool(rng: np.random.Generator, rows: PlantedRows, n_dup: int, duplicate_sources: int | None,
+                  copy_image: Callable[[np.ndarray], bytes]):
+    """Append ``n_dup`` near-duplicates of a few clean regular rows, shuffle, and build the pool table,
+    its ground truth and the defect counts (shared by every built-in benchmark).
+
+    ``copy_image(image)`` encodes one perturbed copy of a source image; the sources are
+    ``duplicate_sources`` rows (None: about 0.6% of the pool, at least 2), copied round-robin."""
+    import pyarrow as pa
+
+    n_unique = len(rows.texts)
+    n = n_unique + n_dup
+    texts, encoded = list(rows.texts), list(rows.encoded)
+    n_sources = duplicate_sources or max(2, round(0.006 * n))
+    clean = rows.free_rows(rows.groups == REGULAR)
+    sources = rng.choice(clean, min(n_sources, len(clean)), replace=False) if n_dup else np.array([], dtype=np.int64)
+    dup_of_row = sources[np.arange(n_dup) % max(1, len(sources))] if n_dup else np.array([], dtype=np.int64)
+    for source_row in dup_of_row:
+        encoded.append(copy_image(rows.images[source_row]))
+        texts.append(texts[source_row])
+
+    all_true = np.concatenate([rows.true_labels, rows.true_labels[dup_of_row]])
+    all_caption = np.concatenate([rows.caption_labels, rows.caption_labels[dup_of_row]])
+    all_noise = np.concatenate([rows.caption_noise, rows.caption_noise[dup_of_row]])
+    all_corruption = np.concatenate([rows.corruption, rows.corruption[dup_of_row]])
+    all_groups = np.concatenate([rows.groups, rows.groups[dup_of_row]])
+    order = rng.permutation(n)  # order[position] = row
+    position = np.argsort(order)
+    ids = np.array([f"pool-{p:07d}" for p in position], dtype=object)
+    duplicate_of = [None] * n_unique + [ids[r] for r in dup_of_row]
+
+    pool = pa.table(
+        {
+            "id": ids[order].tolist(),
+            "image": pa.array([encoded[r] for r in order], type=pa.binary()),
+            "text": [texts[r] for r in order],
+            "group": all_groups[order].tolist(),
+            # The label the annotation claims (the caption's class): noisy exactly where the caption is.
+            "label": pa.array(all_caption[order], type=pa.int64()),
+        }
+    )
+    ground_truth = pa.table(
+        {
+            "id": ids[order].tolist(),
+            "true_label": pa.array(all_true[order], type=pa.int64()),
+            "caption_label": pa.array(all_caption[order], type=pa.int64()),
+            "caption_corrupted": pa.array(all_noise[order] != "none"),
+            "caption_noise": all_noise[order].tolist(),
+            "image_corrupted": pa.array(all_corruption[order] != "none"),
+            "image_corruption": all_corruption[order].tolist(),
+            "duplicate_of": pa.array([duplicate_of[r] for r in order], type=pa.string()),
+            "group": all_groups[order].tolist(),
+        }
+    )
+    counts = {
+        "pool": n,
+        "duplicates": int(n_dup),
+        "duplicate_sources": int(len(sources)),
+        "caption_swapped": int((all_noise == "swap").sum()),
+        "caption_random": int((all_noise == "random").sum()),
+        **{f"image_{kind}": int((all_corruption == kind).sum())
+           for kind in sorted(set(all_corruption.tolist()) - {"none", "undecodable"})},
+        "undecodable": int((all_corruption == "undecodable").sum()),
+        "minority": int((all_groups == MINORITY).sum()),
+    }
+    return pool, ground_truth, counts
+
+
+def truncate_or_garble(rng: np.random.Generator, png: bytes, row: int) -> bytes:
+    """Undecodable image bytes: a truncated PNG (odd rows) or 64 random bytes (even rows)."""
+    return png[: len(png) // 3] if row % 2 else rng.bytes(64)
+
+
 def build_fashion_captions(cfg: BenchmarkDataConfig) -> BenchmarkSplits:
     """Build pool, validation, test and ground truth in memory (deterministic in ``cfg``)."""
-    import pyarrow as pa
 
     rng = np.random.default_rng(cfg.seed)
     train_images, train_labels = load_split(cfg.fashion_mnist_dir, "train")
@@ -130,10 +224,8 @@ def build_fashion_captions(cfg: BenchmarkDataConfig) -> BenchmarkSplits:
     caption_noise = np.array(["none"] * n_unique, dtype=object)
     corruption = np.array(["none"] * n_unique, dtype=object)
     groups = np.array([REGULAR] * n_unique, dtype=object)
-
-    def free_rows(mask: np.ndarray | None = None) -> np.ndarray:
-        ok = (caption_noise == "none") & (corruption == "none")
-        return np.flatnonzero(ok if mask is None else ok & mask)
+    planted = PlantedRows(images, true_labels, caption_labels, caption_noise, corruption, groups, [], [])
+    free_rows = planted.free_rows
 
     # Minority style on a random subset of unique rows.
     n_minority = round(cfg.minority_fraction * n)
@@ -175,58 +267,17 @@ def build_fashion_captions(cfg: BenchmarkDataConfig) -> BenchmarkSplits:
     # Invert minority images after the slices were chosen on the original polarity.
     images[groups == MINORITY] = 255 - images[groups == MINORITY]
 
-    texts = caps.sample_captions(vocab, caption_labels, rng)
-    encoded: list[bytes] = []
+    planted.texts = caps.sample_captions(vocab, caption_labels, rng)
     for row in range(n_unique):
         png = encode_png(images[row])
-        if corruption[row] == "undecodable":
-            png = png[: len(png) // 3] if row % 2 else rng.bytes(64)
-        encoded.append(png)
+        planted.encoded.append(truncate_or_garble(rng, png, row) if corruption[row] == "undecodable" else png)
 
     # Near-duplicates of a few clean regular sources, copied many times with pixel jitter.
-    n_sources = cfg.duplicate_sources or max(2, round(0.006 * n))
-    clean = free_rows(groups == REGULAR)
-    sources = rng.choice(clean, min(n_sources, len(clean)), replace=False) if n_dup else np.array([], dtype=np.int64)
-    dup_of_row = sources[np.arange(n_dup) % max(1, len(sources))] if n_dup else np.array([], dtype=np.int64)
-    for source_row in dup_of_row:
-        jitter = rng.integers(-6, 7, images[source_row].shape)
-        encoded.append(encode_png(np.clip(images[source_row].astype(np.int64) + jitter, 0, 255).astype(np.uint8)))
-        texts.append(texts[source_row])
+    def jittered(image: np.ndarray) -> bytes:
+        jitter = rng.integers(-6, 7, image.shape)
+        return encode_png(np.clip(image.astype(np.int64) + jitter, 0, 255).astype(np.uint8))
 
-    total = n_unique + n_dup
-    all_true = np.concatenate([true_labels, true_labels[dup_of_row]])
-    all_caption = np.concatenate([caption_labels, caption_labels[dup_of_row]])
-    all_noise = np.concatenate([caption_noise, caption_noise[dup_of_row]])
-    all_corruption = np.concatenate([corruption, corruption[dup_of_row]])
-    all_groups = np.concatenate([groups, groups[dup_of_row]])
-    order = rng.permutation(total)  # order[position] = row
-    position = np.argsort(order)
-    ids = np.array([f"pool-{p:07d}" for p in position], dtype=object)
-    duplicate_of = [None] * n_unique + [ids[r] for r in dup_of_row]
-
-    pool = pa.table(
-        {
-            "id": ids[order].tolist(),
-            "image": pa.array([encoded[r] for r in order], type=pa.binary()),
-            "text": [texts[r] for r in order],
-            "group": all_groups[order].tolist(),
-            # The label the annotation claims (the caption's class): noisy exactly where the caption is.
-            "label": pa.array(all_caption[order], type=pa.int64()),
-        }
-    )
-    ground_truth = pa.table(
-        {
-            "id": ids[order].tolist(),
-            "true_label": pa.array(all_true[order], type=pa.int64()),
-            "caption_label": pa.array(all_caption[order], type=pa.int64()),
-            "caption_corrupted": pa.array(all_noise[order] != "none"),
-            "caption_noise": all_noise[order].tolist(),
-            "image_corrupted": pa.array(all_corruption[order] != "none"),
-            "image_corruption": all_corruption[order].tolist(),
-            "duplicate_of": pa.array([duplicate_of[r] for r in order], type=pa.string()),
-            "group": all_groups[order].tolist(),
-        }
-    )
+    pool, ground_truth, counts = assemble_pool(rng, planted, n_dup, cfg.duplicate_sources, jittered)
 
     # Test set: test images with the minority style on half, captioned by the class prompt.
     test_idx = np.sort(rng.choice(len(test_images), cfg.test_size, replace=False))
@@ -244,19 +295,7 @@ def build_fashion_captions(cfg: BenchmarkDataConfig) -> BenchmarkSplits:
         "vocabulary": [{"name": v.name, "synonyms": list(v.synonyms), "gloss": v.gloss} for v in vocab],
         "swap_pairs": [[CLASS_NAMES[s], CLASS_NAMES[t]] for s, t in SWAP_PAIRS],
     }
-    counts = {
-        "pool": total,
-        "validation": validation.num_rows,
-        "test": test.num_rows,
-        "duplicates": int(n_dup),
-        "duplicate_sources": int(len(sources)),
-        "caption_swapped": int((all_noise == "swap").sum()),
-        "caption_random": int((all_noise == "random").sum()),
-        "image_noise": int((all_corruption == "noise").sum()),
-        "image_blank": int((all_corruption == "blank").sum()),
-        "undecodable": int((all_corruption == "undecodable").sum()),
-        "minority": int((all_groups == MINORITY).sum()),
-    }
+    counts = {**counts, "validation": validation.num_rows, "test": test.num_rows}
     return BenchmarkSplits(pool, validation, test, ground_truth, classes, counts)
 
 
