@@ -90,8 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embedder", help="the offline default embedder (EfficientNet-Lite0 + MiniLM, aligned heads)")
     emb_sub = p.add_subparsers(dest="embedder_command", required=True, metavar="ACTION")
     e = emb_sub.add_parser("build", help="train its projection heads and cache the checkpoint (one time, ~1-3 min on CPU)")
-    e.add_argument("--out", help="checkpoint path or s3:// URI (default: $INFLUENCESPACE_CACHE/offline-default-v1.pt)")
-    e.add_argument("--images", type=int, default=6000, help="alignment images: the last N Fashion-MNIST train images")
+    e.add_argument("--out", help="checkpoint path or s3:// URI (default: the cache's file for --alignment)")
+    e.add_argument("--alignment", default="fashion_captions", choices=["fashion_captions", "shape_captions"],
+                   help="what the heads align on: the last N Fashion-MNIST train images (default) or N rendered shapes")
+    e.add_argument("--images", type=int, default=6000, help="alignment images (N)")
     e.add_argument("--steps", type=int, default=600, help="training steps")
     e.add_argument("--force", action="store_true", help="rebuild even if the checkpoint exists")
 
@@ -151,12 +153,12 @@ def _run(config_source: str, overrides: list[str], stages: list[str] | None, ove
 def _data_build(args: argparse.Namespace) -> int:
     from influencespace import storage
     from influencespace.config import benchmark_config
-    from influencespace.datasets.benchmark import SIZES, build_fashion_captions, write_splits
+    from influencespace.datasets.benchmark import SIZES, build_benchmark, write_splits
 
     cfg = benchmark_config(SIZES[args.size], args.overrides, origin=f"data build --size {args.size}")
     storage.configure()
-    print(f"building fashion-captions ({args.size}: pool {cfg.pool_size}, seed {cfg.seed}) into {args.out}")
-    splits = build_fashion_captions(cfg)
+    print(f"building {cfg.name} ({args.size}: pool {cfg.pool_size}, seed {cfg.seed}) into {args.out}")
+    splits = build_benchmark(cfg)
     if args.format == "datacomp":
         from influencespace.datasets.datacomp import write_datacomp
 
@@ -178,12 +180,12 @@ def _embedder(args: argparse.Namespace) -> int:
         default_checkpoint_path,
     )
 
-    out = args.out or default_checkpoint_path()
+    out = args.out or default_checkpoint_path(args.alignment)
     storage.configure()
     if storage.exists(out) and not args.force:
         print(f"{out} exists (use --force to rebuild)")
         return 0
-    build_default_checkpoint(out, AlignmentSettings(images=args.images, steps=args.steps), progress=print)
+    build_default_checkpoint(out, AlignmentSettings(images=args.images, steps=args.steps, domain=args.alignment), progress=print)
     return 0
 
 

@@ -103,8 +103,13 @@ class StorageConfig(Section):
 
 
 class BenchmarkDataConfig(Section):
-    """The fashion-captions benchmark (see docs/benchmark-data.md): real images, planted defects."""
+    """The built-in benchmarks (see docs/benchmark-data.md): real or rendered images, planted defects."""
 
+    name: Literal["fashion_captions", "shape_captions"] = Field(
+        "fashion_captions",
+        description="'fashion_captions': Fashion-MNIST images with WordNet captions; 'shape_captions': rendered colour "
+        "shapes with templated captions and another defect mix (the benchmark the policy was not designed on).",
+    )
     pool_size: int = Field(6000, ge=100, le=1_000_000, description="Rows in the pool to curate.")
     validation_size: int = Field(600, ge=20, description="Trusted, group-balanced validation rows (held-out train images).")
     test_size: int = Field(2000, ge=20, le=10_000, description="Test rows from the 10k test images, minority style on half.")
@@ -182,6 +187,11 @@ class EmbedConfig(Section):
     )
     open_clip_config: str | None = Field(
         None, description="Custom open_clip model-config JSON (path or s3://), registered as open_clip_model."
+    )
+    alignment: Literal["auto", "fashion_captions", "shape_captions"] = Field(
+        "auto",
+        description="offline-default: the images its heads were aligned on ('auto': the built-in benchmark's own when "
+        "data.source=benchmark, else fashion_captions); ignored when embed.pretrained names a checkpoint.",
     )
     fusion: Literal["concat", "sum"] = Field("concat", description="f(v,t): normalised concatenation or weighted sum.")
     image_weight: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the image embedding in the fusion.")
@@ -462,7 +472,7 @@ class EvaluateConfig(Section):
 
     seeds: tuple[int, ...] = Field((0,), min_length=1, description="Training seeds; metrics are mean ± sd over them.")
     positive_classes: tuple[int, ...] | None = Field(
-        None, description="Labels that are positive in the binary fairness task (None: footwear_classes from classes.json)."
+        None, description="Labels that are positive in the binary fairness task (None: positive_classes from classes.json: footwear on fashion_captions, curved shapes on shape_captions)."
     )
     fairness_resamples: int = Field(
         1000, ge=1, description="Test-set bootstrap resamples for the DP / EO intervals (paired across policies and seeds)."

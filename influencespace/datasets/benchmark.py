@@ -179,7 +179,7 @@ def assemble_pool(rng: np.random.Generator, rows: PlantedRows, n_dup: int, dupli
         **{f"image_{kind}": int((all_corruption == kind).sum())
            for kind in sorted(set(all_corruption.tolist()) - {"none", "undecodable"})},
         "undecodable": int((all_corruption == "undecodable").sum()),
-        "minority": int((all_groups == MINORITY).sum()),
+        "minority": int((all_groups != REGULAR).sum()),
     }
     return pool, ground_truth, counts
 
@@ -290,13 +290,24 @@ def build_fashion_captions(cfg: BenchmarkDataConfig) -> BenchmarkSplits:
     classes = {
         "names": list(CLASS_NAMES),
         "prompts": prompts,
+        "benchmark": "fashion_captions",
         "footwear_classes": list(FOOTWEAR_CLASSES),
+        "positive_classes": list(FOOTWEAR_CLASSES),  # the binary fairness task: footwear vs not
         "groups": {"majority": REGULAR, "minority": MINORITY},
         "vocabulary": [{"name": v.name, "synonyms": list(v.synonyms), "gloss": v.gloss} for v in vocab],
         "swap_pairs": [[CLASS_NAMES[s], CLASS_NAMES[t]] for s, t in SWAP_PAIRS],
     }
     counts = {**counts, "validation": validation.num_rows, "test": test.num_rows}
     return BenchmarkSplits(pool, validation, test, ground_truth, classes, counts)
+
+
+def build_benchmark(cfg: BenchmarkDataConfig) -> BenchmarkSplits:
+    """The built-in benchmark ``cfg.name`` names, built in memory."""
+    if cfg.name == "shape_captions":
+        from influencespace.datasets.shapes import build_shape_captions
+
+        return build_shape_captions(cfg)
+    return build_fashion_captions(cfg)
 
 
 def write_splits(splits: BenchmarkSplits, out_uri: str, shard_rows: int, fmt: str = "parquet") -> dict[str, str]:

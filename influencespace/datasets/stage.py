@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from influencespace import storage
-from influencespace.datasets.benchmark import build_fashion_captions, write_splits
+from influencespace.datasets.benchmark import build_benchmark, write_splits
 from influencespace.errors import InputDataError
 from influencespace.stages import Stage, StageContext, StageResult
 
@@ -38,7 +38,7 @@ class DataStage(Stage):
     def run(self, ctx: StageContext) -> StageResult:
         data = ctx.config.data
         if data.source == "benchmark":
-            splits = build_fashion_captions(data.benchmark)
+            splits = build_benchmark(data.benchmark)
             outputs = write_splits(splits, ctx.stage_dir, data.benchmark.shard_rows)
             return StageResult(counts=splits.counts, outputs={**outputs, "format": "parquet"})
         if data.source == "parquet":

@@ -72,6 +72,7 @@ class AlignmentSettings:
     text_max_length: int = 64
     heldout_fraction: float = 0.1  # of the slice, for the accuracy recorded in the checkpoint
     seed: int = 0
+    domain: str = "fashion_captions"  # or "shape_captions": `images` renders from a stream of their own
     fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
     wordnet_dir: str = "/usr/share/wordnet"
 
@@ -80,16 +81,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("INFLUENCESPACE_CACHE") or Path.home() / ".cache" / "influencespace")
 
 
-def default_checkpoint_path() -> str:
-    return str(cache_dir() / DEFAULT_FILE)
+DOMAINS = ("fashion_captions", "shape_captions")
 
 
-def ensure_default_checkpoint(settings: AlignmentSettings | None = None) -> str:
-    """The cached default checkpoint, built first if missing (~1 min on 2 CPU cores)."""
-    path = default_checkpoint_path()
+def default_checkpoint_path(domain: str = "fashion_captions") -> str:
+    """The cache's checkpoint for heads aligned on ``domain`` (the Fashion one keeps its original name)."""
+    if domain not in DOMAINS:
+        raise ConfigError(f"unknown offline-default alignment '{domain}'; choose one of {', '.join(DOMAINS)}")
+    name = DEFAULT_FILE if domain == "fashion_captions" else f"offline-default-v{VERSION}-{domain}.pt"
+    return str(cache_dir() / name)
+
+
+def ensure_default_checkpoint(domain: str = "fashion_captions", settings: AlignmentSettings | None = None) -> str:
+    """The cached default checkpoint for ``domain``, built first if missing (~1 min on 2 CPU cores)."""
+    path = default_checkpoint_path(domain)
     if not os.path.isfile(path):
-        log.info("offline default embedder not in %s yet: building it (one time)", path)
-        build_default_checkpoint(path, settings or AlignmentSettings())
+        log.info("offline default embedder (%s) not in %s yet: building it (one time)", domain, path)
+        build_default_checkpoint(path, settings or AlignmentSettings(domain=domain))
     return path
 
 
@@ -248,7 +256,7 @@ def _image_features(towers: Towers, images: np.ndarray, pre: ImagePreprocess, ba
     out = []
     with towers._torch.inference_mode():
         for start in range(0, len(images), batch):
-            pixels = np.stack([pre.transform(Image.fromarray(img, mode="L")) for img in images[start : start + batch]])
+            pixels = np.stack([pre.transform(Image.fromarray(img)) for img in images[start : start + batch]])  # L or RGB
             out.append(towers.image_features(pixels_to_tensor(pixels, pre, towers.device)).float().cpu().numpy())
     return np.concatenate(out)
 
@@ -273,14 +281,21 @@ def train_alignment(settings: AlignmentSettings, towers: Towers | None = None, p
     t0 = time.perf_counter()
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
-    images, labels = load_split(settings.fashion_mnist_dir, "train")
-    part = alignment_slice(len(images), settings.images)
-    images, labels = images[part], labels[part]
-    vocab = caps.build_vocabulary(settings.wordnet_dir)
-    captions = [v.captions() for v in vocab]
+    if settings.domain == "shape_captions":
+        from influencespace.datasets import shapes
+
+        images, labels = shapes.alignment_set(settings.images, settings.seed)
+        captions, prompts = shapes.class_captions(), shapes.class_prompts()
+        described = f"shape-captions alignment renders [0:{settings.images}] (seed {settings.seed})"
+    else:
+        images, labels = load_split(settings.fashion_mnist_dir, "train")
+        part = alignment_slice(len(images), settings.images)
+        images, labels = images[part], labels[part]
+        vocab = caps.build_vocabulary(settings.wordnet_dir)
+        captions, prompts = [v.captions() for v in vocab], caps.class_prompts(vocab)
+        described = f"fashion-mnist train[{part.start}:{part.stop}]"
     caption_texts = [c for per_class in captions for c in per_class]
     caption_class = np.array([k for k, per_class in enumerate(captions) for _ in per_class])
-    prompts = caps.class_prompts(vocab)
 
     image_pre, text_pre = preprocessing(settings.image_size, settings.text_max_length)
     towers = towers or Towers("cpu")
@@ -344,7 +359,7 @@ def train_alignment(settings: AlignmentSettings, towers: Towers | None = None, p
         "weights_sha256": weights_fingerprint(heads.state_dict()),
         "training": {
             **{k: v for k, v in asdict(settings).items() if not k.endswith("_dir")},
-            "alignment_slice": f"fashion-mnist train[{part.start}:{part.stop}]",
+            "alignment_slice": described,
             "final_loss": loss_value,
             "heldout_zero_shot_accuracy": accuracy,
             "heldout_images": n_held,

@@ -10,13 +10,24 @@ from influencespace.embed.encoders import Encoder, EncoderSpec, OpenClipEncoder,
 from influencespace.errors import ConfigError
 
 
-def spec_from_config(embed: Any) -> EncoderSpec:
+def alignment_domain(embed: Any, data: Any | None = None) -> str:
+    """The images the offline default's heads align on: ``embed.alignment``, where 'auto' follows the
+    built-in benchmark of ``data`` (fashion_captions for any other input)."""
+    chosen = getattr(embed, "alignment", "auto")
+    if chosen != "auto":
+        return chosen
+    if data is not None and data.source == "benchmark":
+        return data.benchmark.name
+    return "fashion_captions"
+
+
+def spec_from_config(embed: Any, data: Any | None = None) -> EncoderSpec:
     """Resolve ``embed.*`` settings to an :class:`EncoderSpec` (may build the offline default once)."""
     if embed.model == "open_clip":
         return open_clip_spec(embed.open_clip_model, embed.pretrained, getattr(embed, "open_clip_config", None))
     from influencespace.embed import offline_default
 
-    uri = embed.pretrained or offline_default.ensure_default_checkpoint()
+    uri = embed.pretrained or offline_default.ensure_default_checkpoint(alignment_domain(embed, data))
     return offline_default.spec_from_checkpoint(storage.read_bytes(uri), source=uri)
 
 

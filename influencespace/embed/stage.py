@@ -66,7 +66,7 @@ class EmbedStage(Stage):
             raise StageStateError("the data stage recorded no 'pool' output; rerun the data stage")
 
         t0 = time.perf_counter()
-        spec = spec_from_config(cfg)  # before planning: a bad model setting fails before any work
+        spec = spec_from_config(cfg, ctx.config.data)  # before planning: a bad model setting fails before any work
         shards = pairs.load_or_make_plan(ctx.stage_dir, inputs, cfg.rows_per_shard, ctx.config.runtime)
         done = {s: pairs.shard_counts(ctx.stage_dir, s) for s in shards}
         pending = [s for s in shards if done[s] is None]

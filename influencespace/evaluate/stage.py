@@ -85,7 +85,7 @@ class EvaluateStage(Stage):
             )
         data_outputs = ctx.input_manifests["data"].get("outputs", {})
         classes = storage.read_json(ctx.input_path("data", "classes")) if "classes" in data_outputs else {}
-        positive = tuple(cfg.positive_classes or classes.get("footwear_classes") or ()) or None
+        positive = tuple(cfg.positive_classes or classes.get("positive_classes") or classes.get("footwear_classes") or ()) or None
         minority = (classes.get("groups") or {}).get("minority")
         test = read_test(ctx.input_path("embed", "test"))
         target = target_from_record(train.get("extra", {}).get("target"))

@@ -104,4 +104,5 @@ def test_written_splits_read_back(tiny_benchmark):
     assert pool.num_rows == 300 and len(storage.list_files(str(tiny_benchmark / "pool"), ".parquet")) == 3
     gt = storage.read_table(str(tiny_benchmark / "ground_truth" / "ground_truth.parquet"))
     assert pc.sum(gt.column("image_corrupted")).as_py() == 6
-    assert storage.read_json(str(tiny_benchmark / "classes.json"))["footwear_classes"] == [5, 7, 9]
+    classes = storage.read_json(str(tiny_benchmark / "classes.json"))
+    assert classes["footwear_classes"] == classes["positive_classes"] == [5, 7, 9]

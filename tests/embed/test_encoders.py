@@ -181,3 +181,36 @@ def test_offline_default_build_is_deterministic(offline_checkpoint, tmp_path):
     name = next(iter(changed))
     changed[name].view(-1)[0] += 1e-6
     assert weights_fingerprint(changed) != first["weights_sha256"]
+
+
+def test_the_alignment_follows_the_built_in_benchmark(monkeypatch, tmp_path):
+    """embed.alignment='auto' aligns on the benchmark being curated (its own cache file); user data and
+    an explicit choice keep theirs."""
+    from influencespace.config import load_config
+    from influencespace.embed.offline_default import default_checkpoint_path
+    from influencespace.embed.registry import alignment_domain
+
+    monkeypatch.setenv("INFLUENCESPACE_CACHE", str(tmp_path))
+    shapes = load_config("test", ["data.benchmark.name=shape_captions"])
+    assert alignment_domain(shapes.embed, shapes.data) == "shape_captions"
+    user = load_config("test", ["data.source=parquet", "data.uri=/x", "data.benchmark.name=shape_captions"])
+    assert alignment_domain(user.embed, user.data) == "fashion_captions"
+    chosen = load_config("test", ["embed.alignment=fashion_captions", "data.benchmark.name=shape_captions"])
+    assert alignment_domain(chosen.embed, chosen.data) == "fashion_captions"
+    assert default_checkpoint_path() == str(tmp_path / "offline-default-v1.pt")
+    assert default_checkpoint_path("shape_captions") == str(tmp_path / "offline-default-v1-shape_captions.pt")
+
+
+def test_heads_aligned_on_rendered_shapes_tell_the_shapes_apart(tmp_path):
+    """A small build on the shape renders: deterministic, recorded as such, and zero-shot far above chance."""
+    from influencespace.embed.encoders import load_weights_only
+    from influencespace.embed.offline_default import AlignmentSettings, build_default_checkpoint
+
+    settings = AlignmentSettings(images=300, steps=60, batch_size=128, dim=32, image_size=32, domain="shape_captions")
+    paths = [tmp_path / "a.pt", tmp_path / "b.pt"]
+    for path in paths:
+        build_default_checkpoint(str(path), settings)
+    first, second = (load_weights_only(p.read_bytes()) for p in paths)
+    assert first["weights_sha256"] == second["weights_sha256"]
+    assert first["training"]["alignment_slice"].startswith("shape-captions alignment renders")
+    assert first["training"]["heldout_zero_shot_accuracy"] > 0.5  # chance is 0.1
