@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="build benchmark data")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     b = data_sub.add_parser("build", help="build a benchmark data set")
-    b.add_argument("dataset", choices=["fashion-captions"], help="which benchmark")
+    b.add_argument("dataset", choices=["fashion-captions", "shape-captions"], help="which benchmark")
     b.add_argument("--out", required=True, help="output directory (local or s3://)")
     b.add_argument("--size", default="small", choices=["tiny", "small", "full"], help="size preset (default: small)")
     b.add_argument("--format", default="parquet", choices=["parquet", "webdataset", "datacomp"],
@@ -155,7 +155,8 @@ def _data_build(args: argparse.Namespace) -> int:
     from influencespace.config import benchmark_config
     from influencespace.datasets.benchmark import SIZES, build_benchmark, write_splits
 
-    cfg = benchmark_config(SIZES[args.size], args.overrides, origin=f"data build --size {args.size}")
+    name = args.dataset.replace("-", "_")
+    cfg = benchmark_config({**SIZES[args.size], "name": name}, args.overrides, origin=f"data build {args.dataset} --size {args.size}")
     storage.configure()
     print(f"building {cfg.name} ({args.size}: pool {cfg.pool_size}, seed {cfg.seed}) into {args.out}")
     splits = build_benchmark(cfg)

@@ -41,6 +41,14 @@ def test_data_build_tiny(tmp_path, capsys):
     assert (tmp_path / "ground_truth" / "ground_truth.parquet").is_file()
 
 
+def test_data_build_shape_captions(tmp_path, capsys):
+    from influencespace import storage
+
+    assert main(["data", "build", "shape-captions", "--size", "tiny", "--out", str(tmp_path)]) == 0
+    assert "building shape_captions" in capsys.readouterr().out
+    assert storage.read_json(str(tmp_path / "classes.json"))["positive_classes"] == [0, 5, 7, 9]
+
+
 def test_data_build_webdataset_pool(tmp_path):
     from influencespace.datasets import webdataset
 
