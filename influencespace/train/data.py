@@ -212,5 +212,5 @@ def variant_dataset(data: VariantData, read, num_cpus: float = 0.0, concurrency:
     items = [{"pool": p, "manifest": m, "raw": r} for (p, m), r in zip(data.pairs, raw, strict=True)]
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _read_pair_batch, fn_kwargs={"read": read}, batch_size=1, batch_format="numpy", num_cpus=num_cpus,
-        concurrency=concurrency,
+        compute=ray.data.TaskPoolStrategy(size=concurrency),  # Ray ≥ 2.51: ``concurrency=`` is deprecated
     )
