@@ -336,8 +336,8 @@ class CurateConfig(Section):
         "placebo_scores (a random validation direction: an ablation), or none (no cluster is called: nothing pruned "
         "or up-weighted, the heuristics alone).",
     )
-    ablations: tuple[Literal["tiers_random_order", "tiers_cosine_order", "heuristics_only", "placebo", "influence_only", "fixed_thresholds",
-                               "floors_protect_flagged"], ...] = Field(
+    ablations: tuple[Literal["tiers_random_order", "tiers_cosine_order", "tiers_influence_order", "heuristics_only", "placebo",
+                             "influence_only", "fixed_thresholds", "floors_protect_flagged"], ...] = Field(
         (),
         description="Ablations of the InfluenceSpace policy curated beside it at every budget, each under its own name "
         "(curate.policy.ABLATIONS: the settings each changes; docs/curation.md).",

@@ -43,7 +43,7 @@ then the lowest cosine). All return the same manifest columns.
 
 **Ablations** (:data:`ABLATIONS`) are named settings of this same policy — not copies of it — curated
 beside it at every budget (``curate.ablations``), so a benchmark can tell which signal does the work:
-the same tiers with a random or a cosine order inside each; the heuristics without influence (no cluster is
+the same tiers with a random, a cosine or an own-influence order inside each; the heuristics without influence (no cluster is
 called, so nothing is pruned or up-weighted); influence against a random validation direction (the
 placebo); influence without the heuristic tiers. Each is also a plain configuration a user can run.
 """
@@ -102,6 +102,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     # The same tiers and floors, the lowest image–text cosine first inside each tier (what the cosine as a
     # row signal adds; the default order before benchmarks/outcome.py measured the random one ahead).
     "tiers_cosine_order": {"row_order": "image_text"},
+    # The same tiers and floors, the lowest own influence first inside each tier (what the row pass's influence,
+    # worst-off group term included, adds as a row signal once the tiers have taken the flagged rows).
+    "tiers_influence_order": {"row_order": "influence"},
     # No influence: no cluster is called harmful or helpful, so nothing is pruned or up-weighted;
     # the mismatch and near-duplicate tiers, the row order and the floors stay (what influence adds).
     "heuristics_only": {"influence_source": "none"},

@@ -344,7 +344,7 @@ def test_streaming_curate_equals_the_in_memory_reference_row_for_row(make_config
         monkeypatch.setattr(stage, "BUCKET_BYTES", 1)
         runner = "local"
     upstream, rejected_id = _sharded_upstream(tmp_path)
-    same_order = {"random": "tiers_random_order", "image_text": "tiers_cosine_order", "influence": None}  # would change nothing
+    same_order = {"random": "tiers_random_order", "image_text": "tiers_cosine_order", "influence": "tiers_influence_order"}  # would change nothing
     config = make_config(f"runtime.runner={runner}", "curate.keep_fraction=0.6", "curate.curve_keep_fractions=[0.12]",
                          "curate.seed=5", f"curate.row_order={order}",
                          "curate.comparison_policies=[random,dedup,clipscore,clipscore_dedup]",
