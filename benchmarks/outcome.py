@@ -11,9 +11,9 @@ keep fractions 0.8, 0.6 and 0.4 (20/40/60 % removed) and each trained with every
 
 - ``influencespace``: the full policy, as configured;
 - its ablations (``curate.ablations``, influencespace.curate.policy.ABLATIONS — settings of the same
-  policy, each also a plain configuration): ``tiers_cosine_order`` (the same tiers, the lowest
-  image–text cosine first inside them, where the default order is random), ``tiers_influence_order``
-  (the same tiers, the lowest own influence first inside them), ``heuristics_only`` (no influence: nothing pruned or up-weighted), ``placebo``
+  policy, each also a plain configuration): ``tiers_random_order`` (the same tiers, a seeded random
+  order inside them, where the default is the lowest own influence first), ``tiers_cosine_order`` (the
+  lowest image–text cosine first), ``heuristics_only`` (no influence: nothing pruned or up-weighted, rows at random), ``placebo``
   (influence against a random validation direction), ``influence_only`` (no mismatch or
   near-duplicate tier, rows by their own influence), ``fixed_thresholds`` (the tiers' thresholds as
   fixed numbers, not fitted on the validation set), ``floors_protect_flagged`` (the clusters' thinning
@@ -56,7 +56,7 @@ METRICS = ("accuracy_ratio_pct", "worst_group_acc", "eo_diff")
 LOWER_IS_BETTER = {"eo_diff"}
 FULL = "influencespace"
 BASELINE = "baseline"
-ABLATIONS = ("tiers_cosine_order", "tiers_influence_order", "heuristics_only", "placebo", "influence_only", "fixed_thresholds",
+ABLATIONS = ("tiers_random_order", "tiers_cosine_order", "heuristics_only", "placebo", "influence_only", "fixed_thresholds",
              "floors_protect_flagged")
 COMPARISONS = ("random", "dedup", "clipscore", "clipscore_dedup")
 MAIN_KEEP = 0.6

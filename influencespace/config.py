@@ -323,12 +323,13 @@ class CurateConfig(Section):
         "not keep min_cluster_keep of its wrong pairs; true: the behaviour before (the floors_protect_flagged ablation).",
     )
     row_order: Literal["influence", "image_text", "random"] = Field(
-        "random",
-        description="Which rows of a tier a thinned cluster drops first: a seeded random order (default: over benchmark "
-        "seeds 1–3 it trained better than the lowest image–text cosine first at every budget, benchmarks/outcome.py; "
-        "the mismatch and near-duplicate tiers still go first — set their keys to null to drop them), the lowest "
-        "image–text cosine (image_text; it separates planted caption noise best, AUC 0.94, benchmarks/row_signals.py, "
-        "but also drops hard clean pairs), or the lowest own influence (influence; needs influence.score_rows).",
+        "influence",
+        description="Which rows of a tier a thinned cluster drops first: the lowest own influence (default; needs "
+        "influence.score_rows and influence_source=validation: over benchmark seeds 1–3 it tied the random order on "
+        "fashion-captions and beat it at every budget on shape-captions, benchmarks/outcome.py), a seeded random order "
+        "(random: for a run without the row pass, such as the open_clip task), or the lowest image–text cosine "
+        "(image_text; it separates planted caption noise best, AUC 0.94, benchmarks/row_signals.py, but also drops hard "
+        "clean pairs). The mismatch and near-duplicate tiers still go first; set their keys to null to drop them.",
     )
     influence_source: Literal["validation", "placebo", "none"] = Field(
         "validation",

@@ -732,7 +732,8 @@ class CurateStage(Stage):
                                      f"which curate.influence_source={cfg.influence_source} leaves out; use image_text or random")
             if "row_scores" not in ctx.input_manifests["influence"].get("outputs", {}):
                 raise StageStateError("curate.row_order=influence needs the influence stage's row pass: rerun influence with "
-                                      "influence.score_rows=true, or set curate.row_order=image_text or random")
+                                      "influence.score_rows=true (the open_clip task has none), or set curate.row_order=random "
+                                      "or image_text")
             row_files = storage.parquet_files(ctx.input_path("influence", "row_scores"))
             names = set(storage.schema(row_files[0]).names) if row_files else set()
             fair = group_column(worst_group) if worst_group and group_column(worst_group) in names else None

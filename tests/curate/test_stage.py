@@ -98,8 +98,8 @@ def test_scores_without_intervals_are_a_clear_error(make_config, tmp_path):
 
 @pytest.mark.parametrize("order", ["influence", "image_text"])
 def test_thinned_clusters_keep_the_rows_of_highest_value(make_config, tmp_path, order):
-    """With row_order influence a thinned cluster keeps its rows of highest own influence; with
-    image_text (the default) those of highest image–text cosine."""
+    """With row_order influence (the default) a thinned cluster keeps its rows of highest own influence;
+    with image_text those of highest image–text cosine."""
     upstream = _upstream(tmp_path)
     run_stage(make_config("curate.keep_fraction=0.5", "curate.duplicate_threshold=1.0", f"curate.row_order={order}",
                           "curate.mismatch_fence=null"), CurateStage(), upstream=upstream)
@@ -118,9 +118,9 @@ def test_thinned_clusters_keep_the_rows_of_highest_value(make_config, tmp_path, 
 def test_influence_row_order_without_a_row_pass_is_a_clear_error(make_config, tmp_path):
     upstream = _upstream(tmp_path)
     upstream["influence"]["outputs"].pop("row_scores")
-    with pytest.raises(Exception, match="influence.score_rows=true, or set curate.row_order=image_text or random"):
-        run_stage(make_config("curate.row_order=influence"), CurateStage(), upstream=upstream)
-    outcome = run_stage(make_config(run_dir=str(tmp_path / "run2")), CurateStage(), upstream=upstream)  # the default: image_text
+    with pytest.raises(Exception, match=r"influence.score_rows=true \(the open_clip task has none\), or set curate.row_order=random"):
+        run_stage(make_config(), CurateStage(), upstream=upstream)  # the default order: influence
+    outcome = run_stage(make_config("curate.row_order=random", run_dir=str(tmp_path / "run2")), CurateStage(), upstream=upstream)
     assert outcome.status == "ran"
 
 
