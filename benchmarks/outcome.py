@@ -10,7 +10,7 @@ into ``<out>/benchmark-seed-<b>``; a rerun resumes where it stopped, and replace
 keep fractions 0.8, 0.6 and 0.4 (20/40/60 % removed) and each trained with every training seed:
 
 - ``influencespace``: the full policy, as configured;
-- its ablations (``curate.ablations``, influencespace.curate.policy.ABLATIONS — settings of the same
+- its ablations (``curate.ablations``: every entry of influencespace.curate.policy.ABLATIONS that changes the demo's settings — settings of the same
   policy, each also a plain configuration): ``tiers_random_order`` (the same tiers, a seeded random
   order inside them, where the default is the lowest own influence first), ``tiers_cosine_order`` (the
   lowest image–text cosine first), ``heuristics_only`` (no influence: nothing pruned or up-weighted, rows at random), ``placebo``
@@ -56,8 +56,23 @@ METRICS = ("accuracy_ratio_pct", "worst_group_acc", "eo_diff")
 LOWER_IS_BETTER = {"eo_diff"}
 FULL = "influencespace"
 BASELINE = "baseline"
-ABLATIONS = ("tiers_random_order", "tiers_cosine_order", "heuristics_only", "placebo", "influence_only", "fixed_thresholds",
-             "floors_protect_flagged")
+
+
+def measured_ablations() -> tuple[str, ...]:
+    """Every ablation of the policy that changes the demo's curate settings, in the policy's order.
+
+    Derived, not listed: an ablation that is the configured policy (``tiers_influence_order`` under
+    the default ``row_order: influence``) is refused by the config, so a changed default changes the list.
+    """
+    from influencespace.config import load_config
+    from influencespace.curate.policy import ABLATIONS as POLICY_ABLATIONS
+    from influencespace.curate.policy import ablation_settings
+
+    current = load_config("demo").curate.model_dump()
+    return tuple(name for name in POLICY_ABLATIONS if ablation_settings(name, current))
+
+
+ABLATIONS = measured_ablations()
 COMPARISONS = ("random", "dedup", "clipscore", "clipscore_dedup")
 MAIN_KEEP = 0.6
 CURVE_KEEPS = (0.4, 0.8)
