@@ -278,3 +278,14 @@ def test_fitted_thresholds_are_quantiles_of_the_trusted_set():
         policy.fitted_duplicate_threshold(np.array([-np.inf]), 0.01)
     with pytest.raises(ValueError, match="no finite image–text cosine"):
         policy.validation_fence(np.array([np.nan]), 0.01)
+
+
+def test_the_configs_ablation_names_are_the_policys():
+    """curate.ablations is a Literal (so bad names fail at load, and the docs list them): it must name
+    exactly policy.ABLATIONS, which holds what each changes."""
+    from typing import get_args
+
+    from influencespace.config import CurateConfig
+
+    (names,) = get_args(CurateConfig.model_fields["ablations"].annotation)[:1]
+    assert set(get_args(names)) == set(policy.ABLATIONS)
