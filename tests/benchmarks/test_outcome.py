@@ -70,3 +70,15 @@ def test_the_runs_are_the_demo_with_every_policy_and_ablation_at_three_budgets()
     assert set(config.curate.comparison_policies) == set(outcome.COMPARISONS)
     assert sorted([config.curate.keep_fraction, *config.curate.curve_keep_fractions]) == [0.4, 0.6, 0.8]
     assert config.train.seeds == (0, 1) and config.evaluate.seeds == (0, 1)
+
+
+def test_outcome_pair_compares_a_policy_of_one_run_with_every_policy_of_another():
+    from benchmarks import outcome_pair
+
+    others = _summaries({outcome.FULL: 0.0})
+    mine = _summaries({outcome.FULL: 2.0})  # the same pools re-curated: its full policy 2 points up
+    text = outcome_pair.table(mine, outcome.FULL, others, "accuracy_ratio_pct", "before")
+    rows = {line.split(" | ")[0].strip("| *"): line for line in text.splitlines()[2:]}
+    assert set(rows) == {outcome.FULL, "before", *outcome.ABLATIONS, "random", "SemDeDup", "CLIPScore",
+                         "CLIPScore + SemDeDup", "baseline (full pool)"}
+    assert "**+2.0" in rows["before"] and "**+2.0" in rows["random"]  # every other policy is 2 behind, by the interval
