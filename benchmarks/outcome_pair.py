@@ -20,31 +20,11 @@ import os
 import numpy as np
 
 try:  # imported as benchmarks.outcome_pair (the tests)
-    from benchmarks.outcome import (
-        ABLATIONS,
-        BASELINE,
-        COMPARISONS,
-        CURVE_KEEPS,
-        FULL,
-        MAIN_KEEP,
-        METRICS,
-        paired_interval,
-        per_pair,
-    )
+    from benchmarks import outcome
 except ImportError:  # run as a script: benchmarks/ is on sys.path
-    from outcome import (
-        ABLATIONS,
-        BASELINE,
-        COMPARISONS,
-        CURVE_KEEPS,
-        FULL,
-        MAIN_KEEP,
-        METRICS,
-        paired_interval,
-        per_pair,
-    )
+    import outcome
 
-NAMES = {"dedup": "SemDeDup", "clipscore": "CLIPScore", "clipscore_dedup": "CLIPScore + SemDeDup", BASELINE: "baseline (full pool)"}
+NAMES = {"dedup": "SemDeDup", "clipscore": "CLIPScore", "clipscore_dedup": "CLIPScore + SemDeDup", outcome.BASELINE: "baseline (full pool)"}
 
 
 def load(run_root: str, seeds: list[int]) -> dict[int, dict]:
@@ -56,7 +36,7 @@ def load(run_root: str, seeds: list[int]) -> dict[int, dict]:
 
 
 def table(mine: dict, policy: str, others: dict, metric: str, full_label: str, resamples: int = 10_000) -> str:
-    keeps = sorted((MAIN_KEEP, *CURVE_KEEPS), reverse=True)
+    keeps = sorted((outcome.MAIN_KEEP, *outcome.CURVE_KEEPS), reverse=True)
     ratio = metric == "accuracy_ratio_pct"
 
     def value(v: float) -> str:
@@ -67,25 +47,26 @@ def table(mine: dict, policy: str, others: dict, metric: str, full_label: str, r
 
     lines = ["| policy | " + " | ".join(f"{round(100 * (1 - k))}% removed | Δ" for k in keeps) + " |",
              "|---|" + "---|---|" * len(keeps)]
+    ours = {k: outcome.per_pair(mine, policy, k, metric) for k in keeps}
     cells = []
     for k in keeps:
-        v = np.array(list(per_pair(mine, policy, k, metric).values()))
+        v = np.array(list(ours[k].values()))
         cells += [f"{value(v.mean())} ± {value(v.std(ddof=1))}", ""]
     lines.append(f"| **{policy}** | " + " | ".join(cells) + " |")
-    for other in [FULL, *ABLATIONS, *COMPARISONS, BASELINE]:
+    for other in [outcome.FULL, *outcome.ABLATIONS, *outcome.COMPARISONS, outcome.BASELINE]:
         cells = []
         for k in keeps:
-            theirs = per_pair(others, other, k, metric)
+            theirs = outcome.per_pair(others, other, k, metric)
             if not theirs:
                 cells += ["—", ""]
                 continue
             v = np.array(list(theirs.values()))
-            cells.append(value(v.mean()) if other == BASELINE and ratio else f"{value(v.mean())} ± {value(v.std(ddof=1))}")
-            iv = paired_interval(per_pair(mine, policy, k, metric), theirs, resamples)
+            cells.append(value(v.mean()) if other == outcome.BASELINE and ratio else f"{value(v.mean())} ± {value(v.std(ddof=1))}")
+            iv = outcome.paired_interval(ours[k], theirs, resamples)
             text = f"{delta(iv['diff'])} [{delta(iv['ci_low'])}, {delta(iv['ci_high'])}]"
             cells.append(f"**{text}**" if iv["ci_low"] > 0 or iv["ci_high"] < 0 else text)
         if any(c not in ("—", "") for c in cells):
-            lines.append(f"| {full_label if other == FULL else NAMES.get(other, other)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {full_label if other == outcome.FULL else NAMES.get(other, other)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -95,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("policy", help="the policy to compare (a name in that run's evaluate summaries)")
     parser.add_argument("other_dir", help="the outcome run directory whose policies it is compared with")
     parser.add_argument("--benchmark-seeds", default="1,2,3")
-    parser.add_argument("--metric", default="accuracy_ratio_pct", choices=METRICS)
-    parser.add_argument("--full-label", default=FULL, help="how to name other_dir's full policy in the table")
+    parser.add_argument("--metric", default="accuracy_ratio_pct", choices=outcome.METRICS)
+    parser.add_argument("--full-label", default=outcome.FULL, help="how to name other_dir's full policy in the table")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.benchmark_seeds.split(",") if s]
     print(table(load(args.dir, seeds), args.policy, load(args.other_dir, seeds), args.metric, args.full_label))
