@@ -36,6 +36,12 @@ which rows leave first:
    (1 + fairness_weight) when they significantly help the worst-off group. Weights are then
    normalised to mean 1 over kept rows and bounded to [min_weight, max_weight] (alternating
    normalise / clip, which converges because the bounds bracket 1).
+4. Optionally (``group_balance: validation``) the kept rows' weights are then balanced over the sensitive
+   attribute toward the trusted validation set's group shares π_g — importance weights toward the target
+   distribution the validation set stands for (:func:`group_balanced_weights`): with m_g the kept weight
+   mass of group g, every row of g is scaled by r_g = π_g · M / m_g (M = Σ m_g over the groups the
+   validation set has; a row of another group, or of none, keeps r = 1), then bounded as above. Pruning
+   and thinning follow the data's own mix; only the kept rows' weights move.
 
 Comparison policies at the same budget: ``random``; ``dedup`` (SemDeDup-style: within each cluster,
 rows most similar to a more prototypical-distant kept row are removed first); ``clipscore`` (keep the
@@ -51,7 +57,7 @@ placebo); influence without the heuristic tiers. Each is also a plain configurat
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +128,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     # The floors protect every row, flagged ones included (what letting flagged rows leave below the floor adds;
     # the policy's behaviour before the floor protected only clean rows).
     "floors_protect_flagged": {"floor_protects_flagged": True},
+    # The same selection, the kept rows' weights balanced over the sensitive attribute toward the validation set's
+    # group shares (what matching the target's group mix adds to the selection: weights only, no row changes).
+    "group_balanced": {"group_balance": "validation"},
 }
 
 
@@ -432,13 +441,17 @@ def decisions_of(selection: Selection, params: PolicyParams, worst_group: str | 
 def influence_policy(assignments: pd.DataFrame, scores: pd.DataFrame, params: PolicyParams,
                      worst_group: str | None = None, row_value: np.ndarray | None = None,
                      duplicate_scores: np.ndarray | None = None,
-                     mismatch: np.ndarray | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                     mismatch: np.ndarray | None = None, groups: np.ndarray | None = None,
+                     group_target: Mapping[str, float] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The InfluenceSpace policy in memory: (per-sample manifest, per-cluster decisions).
 
     Cluster sizes are counted from ``assignments``; ``row_value`` (higher is better: a row's own
     influence, or its image–text cosine), ``duplicate_scores`` (see :func:`semdedup_scores`) and
     ``mismatch`` flags, all aligned with ``assignments``, order the rows that leave (:func:`select_rows`).
-    The curate stage computes the same manifest shard by shard; this is its reference.
+    With ``group_target`` (group → share in the validation set) the kept rows' weights are balanced over
+    ``groups`` (each row's sensitive attribute, None where unknown; :func:`group_balanced_weights`); the
+    decisions keep the clusters' own weights. The curate stage computes the same manifest shard by shard;
+    this is its reference.
     """
     clusters = cluster_table(assignments.groupby("cluster").size(), scores, params, worst_group)
     duplicate = None
@@ -449,19 +462,80 @@ def influence_policy(assignments: pd.DataFrame, scores: pd.DataFrame, params: Po
         assignments, clusters, budget, params.seed, row_value, duplicate, mismatch, params.floor_protects_flagged)
     keep, reason = decide_rows(selection, position, tier, cut, fallback_rank)
     decisions = decisions_of(selection, params, worst_group)
+    weight = None
+    if group_target is not None:
+        kept_groups = known_groups(groups)[keep]
+        names = group_names(group_target, kept_groups)  # the curate stage's axis: the groups its kept rows show
+        kept = np.zeros((len(decisions), len(names)), dtype=np.int64)
+        np.add.at(kept, (position[keep], group_codes(names, kept_groups)), 1)
+        cells = group_balanced_weights(decisions["weight"].to_numpy(), kept, target_shares(names, group_target),
+                                       params.min_weight, params.max_weight)
+        weight = np.zeros(len(keep))
+        weight[keep] = cells[position[keep], group_codes(names, kept_groups)]
     manifest = manifest_rows(assignments["id"].to_numpy(), assignments["cluster"].to_numpy(), keep, reason,
-                             decisions, position)
+                             decisions, position, weight)
     return manifest, decisions
 
 
+def known_groups(groups: Any) -> np.ndarray:
+    """The sensitive attribute per row as objects, a missing one (None, NaN: what pandas makes of a null) as None."""
+    return np.array([None if pd.isna(g) else g for g in groups], dtype=object)
+
+
+def group_names(target: Mapping[str, float], *seen: Iterable[Any]) -> list[Any]:
+    """The group axis of the balancing tables: the validation set's groups and any other the pool shows, sorted,
+    with None (a row without the attribute) last when present."""
+    names = set(target)
+    for values in seen:
+        names.update(values)
+    return sorted((g for g in names if g is not None), key=str) + ([None] if None in names else [])
+
+
+def group_codes(names: list[Any], groups: np.ndarray) -> np.ndarray:
+    """Each row's index on the group axis ``names`` (a group of None: the attribute unknown)."""
+    index = {g: i for i, g in enumerate(names)}
+    return np.fromiter((index[g] for g in groups), dtype=np.int64, count=len(groups))
+
+
+def target_shares(names: list[Any], target: Mapping[str, float]) -> np.ndarray:
+    """π over the group axis: the validation set's share of each group, 0 for the others."""
+    return np.array([float(target.get(g, 0.0)) if g is not None else 0.0 for g in names])
+
+
+def group_balanced_weights(cluster_weight: np.ndarray, kept: np.ndarray, target: np.ndarray,
+                           low: float, high: float) -> np.ndarray:
+    """(k, G) weight of a kept row by its cluster c and group g: w_c · r_g, bounded to [low, high] with mean 1.
+
+    ``kept[c, g]``: kept rows of cluster c in group g; ``target[g]`` the validation set's share π_g (0 for
+    a group it lacks). With m_g = Σ_c w_c · kept[c, g] the kept weight mass of group g and B the groups
+    with π_g > 0 and m_g > 0,
+
+        r_g = π'_g · M / m_g,   M = Σ_{g∈B} m_g,   π'_g = π_g / Σ_{h∈B} π_h     (g ∈ B; r_g = 1 otherwise)
+
+    so the groups of B hold the target's shares of their joint mass and the rest keeps its own. The cells
+    are then bounded as the clusters' weights are (:func:`bounded_unit_mean`): the bound may leave a small
+    group short of its share, never above ``high``.
+    """
+    mass = cluster_weight @ kept
+    balanced = (np.asarray(target) > 0) & (mass > 0)
+    factor = np.ones(kept.shape[1])
+    if balanced.any():
+        share = np.asarray(target)[balanced] / np.asarray(target)[balanced].sum()
+        factor[balanced] = share * mass[balanced].sum() / mass[balanced]
+    cells = np.outer(cluster_weight, factor)
+    return bounded_unit_mean(cells.ravel(), kept.ravel(), low, high).reshape(cells.shape)
+
+
 def manifest_rows(ids: np.ndarray, cluster: np.ndarray, keep: np.ndarray, reason: np.ndarray,
-                  decisions: pd.DataFrame, position: np.ndarray) -> pd.DataFrame:
-    """The manifest's rows: kept rows carry their cluster's weight and kept reason, dropped rows weight 0."""
+                  decisions: pd.DataFrame, position: np.ndarray, weight: np.ndarray | None = None) -> pd.DataFrame:
+    """The manifest's rows: kept rows carry their cluster's weight (or ``weight``, per row: the group-balanced
+    one) and kept reason, dropped rows weight 0."""
+    row_weight = decisions["weight"].to_numpy()[position] if weight is None else weight
     return pd.DataFrame({
         "id": ids,
         "cluster": cluster,
         "keep": keep,
-        "weight": np.where(keep, decisions["weight"].to_numpy()[position], 0.0),
+        "weight": np.where(keep, row_weight, 0.0),
         "reason": np.where(keep, decisions["kept_reason"].to_numpy()[position], reason),
     })[KEEP_COLUMNS]
 

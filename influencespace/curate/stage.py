@@ -26,7 +26,9 @@ through :func:`influencespace.runtime.map_tasks` (Ray tasks, or a loop for ``run
    (``_work/rows/``);
 4. per budget and policy: the *cut* (radix selection over the scratch's key columns), a *count* of
    the cut per cluster (the InfluenceSpace policy's whole-cluster fallback and weights are then
-   decided on the k-row table), and a *write* pass: manifest part i from scratch part i.
+   decided on the k-row table), with ``group_balance: validation`` a *tally* of the kept rows per
+   (cluster, group) (k × G: the group-balanced cell weights, policy.group_balanced_weights), and a
+   *write* pass: manifest part i from scratch part i.
 
 Ties are broken by a seeded hash of the id, then the id, so a manifest never depends on file order,
 shard count or worker count; the result equals the in-memory reference (policy.influence_policy and
@@ -95,6 +97,7 @@ class Signals:
     use_duplicates: bool  # near-duplicates form a tier of the InfluenceSpace policy
     use_mismatch: bool  # rows below the mismatch fence form a tier
     seed: int
+    groups: bool = False  # carry the pool's sensitive attribute (group) into the scratch: curate.group_balance
 
 
 def _table(uri: str, columns: list[str]) -> Any:
@@ -250,8 +253,11 @@ def group_rows(signals: Signals, fence: float | None, shard: Shard) -> dict[str,
         "distance": assign.column("distance").to_numpy().astype(np.float64),
         "hash": policy.tie_hash(ids, signals.seed),
     }
-    pool_columns = (["image_text_cosine"] if signals.cosine else []) + (["embedding"] if signals.duplicates else [])
+    pool_columns = ((["image_text_cosine"] if signals.cosine else []) + (["embedding"] if signals.duplicates else [])
+                    + (["group"] if signals.groups else []))
     pool = _aligned(ids, shard.pool, pool_columns, "the embedded pool") if pool_columns else None
+    if signals.groups:
+        out["group"] = _strings(pool.column("group").cast(pa.string()))
     cos = None
     if signals.cosine:
         cos = pool.column("image_text_cosine").to_numpy(zero_copy_only=False).astype(np.float64)
@@ -296,26 +302,29 @@ def order_group(clusters: dict[str, np.ndarray], signals: Signals, duplicate_thr
                                                         floor_protects_flagged)
     out = {"shard": rows["shard"], "row": rows["row"], "id": ids, "cluster": rows["cluster"], "tier": tier,
            "value": value, "hash": hashes, "duplicate": duplicate, "candidate": candidate, "fallback_rank": fallback_rank}
-    if "cosine" in rows:
-        out["cosine"] = rows["cosine"]
+    for optional in ("cosine", "group"):
+        if optional in rows:
+            out[optional] = rows[optional]
     return out
 
 
 SCRATCH_COLUMNS = {"id": "string", "cluster": "int64", "tier": "int8", "value": "float64", "hash": "uint64",
-                   "duplicate": "float64", "candidate": "bool", "fallback_rank": "int64", "cosine": "float64"}
+                   "duplicate": "float64", "candidate": "bool", "fallback_rank": "int64", "cosine": "float64",
+                   "group": "string"}
+STRING_COLUMNS = ("id", "group")
 
 
 def _scratch_table(columns: dict[str, np.ndarray]) -> Any:
     import pyarrow as pa
 
     types = {name: (pa.bool_() if kind == "bool" else getattr(pa, kind)()) for name, kind in SCRATCH_COLUMNS.items()}
-    return pa.table({c: pa.array(np.asarray(v).tolist() if c == "id" else np.asarray(v), type=types[c])
+    return pa.table({c: pa.array(np.asarray(v).tolist() if c in STRING_COLUMNS else np.asarray(v), type=types[c])
                      for c, v in columns.items() if c in types})
 
 
 def write_empty_rows(signals: Signals, uri: str) -> None:
     """The scratch part of a shard with no assigned rows (every later pass reads one per shard)."""
-    columns = {c: np.zeros(0) for c in SCRATCH_COLUMNS if c != "cosine" or signals.cosine}
+    columns = {c: np.zeros(0) for c in SCRATCH_COLUMNS if (c != "cosine" or signals.cosine) and (c != "group" or signals.groups)}
     storage.write_table(_scratch_table(columns), uri)
 
 
@@ -350,7 +359,7 @@ def _rows_table(rows: dict[str, np.ndarray]) -> Any:
 
     columns = {}
     for name, values in rows.items():
-        if name == "id":
+        if name in STRING_COLUMNS:
             columns[name] = pa.array(np.asarray(values).tolist(), type=pa.string())
         elif name == "embedding":
             matrix = np.asarray(values, dtype=np.float32)
@@ -367,7 +376,7 @@ def _read_rows(uris: list[str]) -> dict[str, np.ndarray]:
     out = {}
     for name in table.column_names:
         column = table.column(name)
-        if name == "id":
+        if name in STRING_COLUMNS:
             out[name] = _strings(column)
         elif name == "embedding":
             array = column.combine_chunks()
@@ -473,15 +482,44 @@ def _write_part(frame: pd.DataFrame, shard: Shard, directory: str) -> dict[str, 
     return part_summary(frame)
 
 
-def write_curated(selection: policy.Selection, decisions: pd.DataFrame, cut: select.Cut, directory: str,
-                  shard: Shard) -> dict[str, Any]:
-    rows = _table(shard.scratch, [*CANDIDATE_COLUMNS, "cluster", "fallback_rank"]).to_pandas()
-    ids = rows["id"].to_numpy()
+def _decide_shard(selection: policy.Selection, cut: select.Cut, shard: Shard,
+                  extra: tuple[str, ...] = ()) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
+    """One scratch part's rows, each one's (keep, drop reason) at this budget and its cluster's position."""
+    rows = _table(shard.scratch, [*CANDIDATE_COLUMNS, "cluster", "fallback_rank", *extra]).to_pandas()
     inside = _inside_cut(rows, cut)
-    cluster = rows["cluster"].to_numpy()
-    position = policy.cluster_positions(selection.clusters, cluster)
+    position = policy.cluster_positions(selection.clusters, rows["cluster"].to_numpy())
     keep, reason = policy.decide_rows(selection, position, rows["tier"].to_numpy(), inside, rows["fallback_rank"].to_numpy())
-    return _write_part(policy.manifest_rows(ids, cluster, keep, reason, decisions, position), shard, directory)
+    return rows, keep, reason, position
+
+
+def count_kept_groups(selection: policy.Selection, cut: select.Cut, shard: Shard) -> dict[tuple[int, Any], int]:
+    """Kept rows of one shard per (cluster position, group): what the group balance is computed from (k × G)."""
+    rows, keep, _, position = _decide_shard(selection, cut, shard, ("group",))
+    counts: dict[tuple[int, Any], int] = {}
+    for key in zip(position[keep].tolist(), policy.known_groups(rows["group"].to_numpy()[keep]), strict=True):
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+@dataclass(frozen=True)
+class GroupBalance:
+    """The balanced weight of a kept row by (cluster position, group) (policy.group_balanced_weights): k × G."""
+
+    names: list[Any]  # the group axis (None: the attribute unknown)
+    cells: np.ndarray  # (k, G)
+
+
+def write_curated(selection: policy.Selection, decisions: pd.DataFrame, cut: select.Cut, directory: str,
+                  balance: GroupBalance | None, shard: Shard) -> dict[str, Any]:
+    rows, keep, reason, position = _decide_shard(selection, cut, shard, ("group",) if balance else ())
+    weight = None
+    if balance is not None:
+        # the group axis holds the groups of kept rows (count_kept_groups); a dropped row's weight is 0 anyway
+        groups = policy.known_groups(rows["group"].to_numpy()[keep])
+        weight = np.zeros(len(rows))
+        weight[keep] = balance.cells[position[keep], policy.group_codes(balance.names, groups)]
+    frame = policy.manifest_rows(rows["id"].to_numpy(), rows["cluster"].to_numpy(), keep, reason, decisions, position, weight)
+    return _write_part(frame, shard, directory)
 
 
 def write_comparison(name: str, seed: int, duplicate_threshold: float | None, cut: select.Cut, directory: str,
@@ -650,6 +688,7 @@ class CurateStage(Stage):
                                   f"{n_rows}; rerun the stage")
 
         rejected = self._write_rejected(ctx, passes)
+        group_target = self._group_target(ctx) if cfg.group_balance == "validation" else None
         entries: dict[float, dict[str, Any]] = {}
         decisions = None
         for fraction in dict.fromkeys([cfg.keep_fraction, *cfg.curve_keep_fractions]):
@@ -660,10 +699,15 @@ class CurateStage(Stage):
                 return layout.manifest_dir(policy_name) if main else layout.curve_dir(label, policy_name)
 
             entry: dict[str, Any] = {}
-            selection, fraction_decisions, cut = self._select(passes, clusters, n_rows, candidates,
-                                                              self._params(cfg, fraction), worst_group)
-            write = functools.partial(write_curated, selection, fraction_decisions, cut, ctx.path(directory(name)))
+            params = self._params(cfg, fraction)
+            selection, fraction_decisions, cut = self._select(passes, clusters, n_rows, candidates, params, worst_group)
+            balance, balance_summary = None, None
+            if group_target is not None:
+                balance, balance_summary = self._balance(passes, selection, cut, fraction_decisions, params, group_target)
+            write = functools.partial(write_curated, selection, fraction_decisions, cut, ctx.path(directory(name)), balance)
             entry[name] = combine([*passes.map(write, f"writing {label} {name}"), *rejected(ctx.path(directory(name)))])
+            if balance_summary is not None:
+                entry[name]["group_balance"] = balance_summary
             for comparison in comparisons:
                 budget = policy.budget_rows(n_rows, fraction)
                 source = functools.partial(comparison_key, comparison, cfg.seed, threshold)
@@ -742,11 +786,16 @@ class CurateStage(Stage):
             log.warning("curate: the pool has no image_text_cosine column; no image–text mismatch step")
             use_mismatch = False
         use_duplicates = cfg.duplicate_threshold is not None
+        groups = cfg.group_balance == "validation"
+        if groups and "group" not in available:
+            raise InputDataError("curate.group_balance=validation weighs kept rows by their sensitive attribute, but the "
+                                 "embedded pool has no group column (bring one as a passthrough column of the input); "
+                                 "or set curate.group_balance=none")
         return Signals(
             value=cfg.row_order, fair_column=fair, fairness_weight=cfg.fairness_weight,
             cosine=has_cosine and (bool(needs_cosine) or cfg.row_order == "image_text" or use_mismatch),
             duplicates=bool(wanted & {"dedup", "clipscore_dedup"}) or use_duplicates, use_duplicates=use_duplicates,
-            use_mismatch=use_mismatch, seed=cfg.seed,
+            use_mismatch=use_mismatch, seed=cfg.seed, groups=groups,
         )
 
     @staticmethod
@@ -829,6 +878,49 @@ class CurateStage(Stage):
         cut_by_tier = cut_by_tier[clusters["cluster"].to_numpy()]
         selection = policy.finish_selection(clusters, cut_by_tier, max(0, excess) - int(cut_by_tier.sum()))
         return selection, policy.decisions_of(selection, params, worst_group), cut
+
+    @staticmethod
+    def _group_target(ctx: StageContext) -> dict[str, float]:
+        """π_g: each group's share of the trusted validation set (V rows, read once in the driver)."""
+        if "group" not in set(storage.schema(ctx.input_path("embed", "validation")).names):
+            raise InputDataError("curate.group_balance=validation balances the kept rows toward the validation set's group "
+                                 "shares, but the embedded validation set has no group column; add the sensitive attribute "
+                                 "to the validation data, or set curate.group_balance=none")
+        groups = _strings(storage.read_table(ctx.input_path("embed", "validation"), columns=["group"]).column("group"))
+        known = pd.Series([g for g in groups if g is not None], dtype=object)
+        if known.empty:
+            raise InputDataError("curate.group_balance=validation: every validation row's group is empty; fill the "
+                                 "sensitive attribute, or set curate.group_balance=none")
+        shares = known.value_counts(normalize=True).sort_index()
+        log.info("curate: group balance toward the validation shares %s",
+                 ", ".join(f"{g} {share:.3f}" for g, share in shares.items()))
+        return {str(g): float(share) for g, share in shares.items()}
+
+    @staticmethod
+    def _balance(passes: Passes, selection: policy.Selection, cut: select.Cut, decisions: pd.DataFrame,
+                 params: policy.PolicyParams, target: dict[str, float]) -> tuple[GroupBalance, dict[str, Any]]:
+        """The group-balanced cell weights at one budget, from a count of the kept rows per (cluster, group)."""
+        counts: dict[tuple[int, Any], int] = {}
+        for part in passes.map(functools.partial(count_kept_groups, selection, cut), "counting kept rows per group"):
+            for key, n in part.items():
+                counts[key] = counts.get(key, 0) + n
+        names = policy.group_names(target, [g for _, g in counts])
+        column = {g: i for i, g in enumerate(names)}
+        kept = np.zeros((len(decisions), len(names)), dtype=np.int64)
+        for (position, group), n in counts.items():
+            kept[position, column[group]] += n
+        cluster_weight = decisions["weight"].to_numpy()
+        cells = policy.group_balanced_weights(cluster_weight, kept, policy.target_shares(names, target),
+                                              params.min_weight, params.max_weight)
+
+        def shares(mass: np.ndarray) -> dict[str, float]:
+            return {str(g): float(m / max(mass.sum(), 1e-300)) for g, m in zip(names, mass, strict=True)}
+
+        summary = {"target": target, "kept_share": shares(cluster_weight @ kept),
+                   "balanced_share": shares((cells * kept).sum(axis=0))}
+        log.info("curate: group balance at keep %.2f: kept weight shares %s → %s", params.keep_fraction,
+                 summary["kept_share"], summary["balanced_share"])
+        return GroupBalance(names, cells), summary
 
     def _write_rejected(self, ctx: StageContext, passes: Passes) -> Callable[[str], list[dict[str, Any]]]:
         """A function that writes the embed stage's pool rejects into one manifest directory (their summaries)."""

@@ -183,6 +183,40 @@ def test_unscored_cluster_counts_as_negligible():
     assert decisions.set_index("cluster").loc[1, "dropped_reason"] == policy.NEGLIGIBLE_THINNED
 
 
+def test_group_balance_gives_each_group_the_validation_share_of_the_kept_mass():
+    """Unbounded: the validation groups hold exactly their target shares of the mass they share; a group the
+    validation set lacks and rows without the attribute keep their cluster's weight (up to the common scale 1)."""
+    cluster_weight = np.array([1.0, 2.0, 0.0])  # cluster 2 dropped
+    kept = np.array([[30, 10, 5, 5],  # rows per (cluster, group): regular, minority, other, unknown
+                     [20, 0, 0, 0],
+                     [0, 0, 0, 0]])
+    target = np.array([0.5, 0.5, 0.0, 0.0])
+    cells = policy.group_balanced_weights(cluster_weight, kept, target, low=1e-6, high=1e6)
+    mass = (cells * kept).sum(axis=0)
+    scale = cells[0, 2]  # the common factor that brings the mean to 1 (the clusters' weights had mean 90 / 70)
+    assert scale == pytest.approx(70 / 90)
+    assert mass[0] == pytest.approx(mass[1])  # 50 / 50 between the validation's groups
+    assert mass[:2].sum() == pytest.approx(scale * (cluster_weight @ kept)[:2].sum())  # their joint mass unchanged
+    assert cells[0, 3] == pytest.approx(scale)  # the other group and the unknown keep their weight
+    assert np.sum(cells * kept) / kept.sum() == pytest.approx(1.0)
+    assert cells[1, 0] / cells[0, 0] == pytest.approx(2.0)  # the clusters' own weights stay in proportion
+
+
+def test_group_balance_is_bounded_and_changes_weights_only():
+    groups = np.where(np.arange(len(_assignments())) % 10 == 0, "minority", "regular").astype(object)
+    groups[3] = None
+    params = PolicyParams(keep_fraction=0.6, min_weight=0.25, max_weight=4.0)
+    plain, plain_decisions = policy.influence_policy(_assignments(), SCORES, params)
+    balanced, decisions = policy.influence_policy(_assignments(), SCORES, params, groups=groups,
+                                                  group_target={"regular": 0.5, "minority": 0.5})
+    pd.testing.assert_frame_equal(decisions, plain_decisions)  # the clusters' decisions and weights stay
+    assert (balanced["keep"] == plain["keep"]).all() and (balanced["reason"] == plain["reason"]).all()
+    kept = balanced[balanced.keep]
+    assert kept["weight"].mean() == pytest.approx(1.0, abs=1e-9) and kept["weight"].between(0.25, 4.0).all()
+    share = lambda m: m.loc[m.keep & (groups == "minority"), "weight"].sum() / m.loc[m.keep, "weight"].sum()  # noqa: E731
+    assert share(plain) < 0.15 < share(balanced) < 0.5  # toward the target, held back by max_weight
+
+
 @pytest.mark.parametrize("low,high", [(0.25, 4.0), (1.0, 1.0), (0.9, 1.1)])
 def test_bounded_unit_mean(low, high):
     w = policy.bounded_unit_mean(np.array([0.1, 1.0, 10.0, 3.0]), np.array([5, 10, 1, 0]), low, high)

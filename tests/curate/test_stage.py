@@ -6,6 +6,7 @@ import pytest
 from influencespace import storage
 from influencespace.curate import policy
 from influencespace.curate.stage import CurateStage
+from influencespace.errors import InputDataError
 from influencespace.stages import run_stage
 
 
@@ -21,7 +22,8 @@ def _write_validation(embed_dir, cluster_dir, centres, rng, rows=40):
     val = (centres[rng.integers(0, k, rows)] + 0.3 * rng.normal(size=(rows, dim))).astype(np.float32)
     storage.write_table(pa.table({"id": [f"val-{i}" for i in range(rows)],
                                   "embedding": pa.FixedSizeListArray.from_arrays(pa.array(val.ravel()), dim),
-                                  "image_text_cosine": rng.normal(0.3, 0.05, rows)}), f"{embed_dir}/validation/part-00000.parquet")
+                                  "image_text_cosine": rng.normal(0.3, 0.05, rows),
+                                  "group": ["regular", "inverted"] * (rows // 2)}), f"{embed_dir}/validation/part-00000.parquet")
     unit_centres = centres / np.linalg.norm(centres, axis=1, keepdims=True)
     storage.write_bytes(f"{cluster_dir}/centroids.npy", _npy(unit_centres.astype(np.float32)))
 
@@ -124,6 +126,25 @@ def test_influence_row_order_without_a_row_pass_is_a_clear_error(make_config, tm
     assert outcome.status == "ran"
 
 
+def test_group_balance_without_a_group_column_is_a_clear_error(make_config, tmp_path):
+    upstream = _upstream(tmp_path)
+    pool = f"{tmp_path}/embed/pool/part-00000.parquet"
+    storage.write_table(storage.read_table(pool).drop_columns(["group"]), pool)  # a pool without the sensitive attribute
+    with pytest.raises(InputDataError, match=r"embedded pool has no group column .* or set curate.group_balance=none"):
+        run_stage(make_config("curate.group_balance=validation"), CurateStage(), upstream=upstream)
+
+
+def test_group_balance_records_the_shares_it_moved(make_config, tmp_path):
+    upstream, _ = _sharded_upstream(tmp_path)
+    config = make_config("curate.group_balance=validation", "curate.keep_fraction=0.6")
+    run_stage(config, CurateStage(), upstream=upstream)
+    summary = storage.read_json(f"{config.run_dir}/curate/summary.json")["influencespace"]["group_balance"]
+    assert summary["target"] == {"inverted": 0.5, "regular": 0.5}
+    before, after = summary["kept_share"], summary["balanced_share"]
+    assert before["inverted"] < 0.2 < after["inverted"]  # the minority's share of the kept mass, toward half
+    assert sum(after.values()) == pytest.approx(1.0)
+
+
 def test_without_near_duplicate_step_the_embeddings_are_never_read(make_config, tmp_path):
     upstream = _upstream(tmp_path)
     pool_file = str(tmp_path / "embed" / "pool" / "part-00000.parquet")
@@ -210,6 +231,8 @@ def _sharded_upstream(root, shard_rows=(70, 0, 55, 95), k=7, dim=6):
     cosine[cluster == k - 1] = -0.4
     distance = np.round(rng.random(n), 2)  # ties in distance: the order must not depend on file order
     influence = np.round(rng.normal(size=n), 1)  # ties in value: decided by the seeded hash
+    # the sensitive attribute: a minority the validation set has half of, a group it lacks, and rows without one
+    group = rng.choice(np.array(["regular", "inverted", "other", None], dtype=object), size=n, p=[0.75, 0.12, 0.08, 0.05])
     dirs = {s: root / s for s in ("embed", "cluster", "influence")}
     start = 0
     rejected_id = None
@@ -220,6 +243,7 @@ def _sharded_upstream(root, shard_rows=(70, 0, 55, 95), k=7, dim=6):
             "id": pa.array(ids[sl].tolist(), type=pa.string()),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb[sl].ravel()), dim),
             "image_text_cosine": cosine[sl],
+            "group": pa.array(group[sl].tolist(), type=pa.string()),
         }), str(dirs["embed"] / "pool" / name))
         assigned = np.arange(start, start + rows)
         if index == 3:  # its last row: a zero embedding the cluster stage rejected
@@ -312,8 +336,12 @@ def _reference(root, cfg, keep_fraction):
         mismatch = policy.mismatch_outliers(cosine, c.mismatch_iqr) if c.mismatch_fence == "tukey" else None
         if fence is not None:
             mismatch = ~(cosine >= fence)
+        balance = {}
+        if c.group_balance == "validation":
+            val_groups = storage.read_table(str(root / "embed" / "validation")).to_pandas()["group"]
+            balance = {"groups": pool["group"].to_numpy(), "group_target": val_groups.value_counts(normalize=True).to_dict()}
         return policy.influence_policy(assignments, scores_of[c.influence_source], params, "inverted", row_value=value,
-                                       duplicate_scores=duplicate, mismatch=mismatch)
+                                       duplicate_scores=duplicate, mismatch=mismatch, **balance)
 
     manifest, decisions = influence_policy(cfg)
     expected = {
@@ -368,10 +396,13 @@ def test_streaming_curate_equals_the_in_memory_reference_row_for_row(make_config
             got_decisions = storage.read_table(f"{config.run_dir}/curate/cluster_decisions.parquet").to_pandas()
             pd.testing.assert_frame_equal(got_decisions.reset_index(drop=True), decisions.reset_index(drop=True), check_dtype=False)
         reasons = set()
-        full_kept = set(expected["influencespace"].loc[expected["influencespace"]["keep"], "id"])
-        for name in config.curate.ablations:  # each ablation changes the selection here: the comparison can fail
-            kept = set(expected[name].loc[expected[name]["keep"], "id"])
-            assert kept != full_kept, f"ablation {name} keeps exactly the full policy's rows at keep {fraction}"
+        def kept_weights(frame):
+            kept = frame[frame["keep"]]
+            return dict(zip(kept["id"], np.round(kept["weight"], 9), strict=True))
+
+        full_kept = kept_weights(expected["influencespace"])
+        for name in config.curate.ablations:  # each ablation changes the manifest here (its rows or, group_balanced, their weights)
+            assert kept_weights(expected[name]) != full_kept, f"ablation {name} keeps exactly the full policy's rows and weights at keep {fraction}"
         for name, frame in expected.items():
             got = storage.read_table(f"{config.run_dir}/curate/{outputs[key_of(name)]}").to_pandas()
             extra = got[got["cluster"] == -1]
