@@ -464,8 +464,8 @@ def influence_policy(assignments: pd.DataFrame, scores: pd.DataFrame, params: Po
     decisions = decisions_of(selection, params, worst_group)
     weight = None
     if group_target is not None:
-        kept_groups = known_groups(groups)[keep]
-        names = group_names(group_target, kept_groups)  # the curate stage's axis: the groups its kept rows show
+        kept_groups = np.asarray(groups, dtype=object)[keep]
+        names = group_names(group_target, known_groups(pd.unique(kept_groups)))  # the stage's axis: its kept rows' groups
         kept = np.zeros((len(decisions), len(names)), dtype=np.int64)
         np.add.at(kept, (position[keep], group_codes(names, kept_groups)), 1)
         cells = group_balanced_weights(decisions["weight"].to_numpy(), kept, target_shares(names, group_target),
@@ -477,9 +477,10 @@ def influence_policy(assignments: pd.DataFrame, scores: pd.DataFrame, params: Po
     return manifest, decisions
 
 
-def known_groups(groups: Any) -> np.ndarray:
-    """The sensitive attribute per row as objects, a missing one (None, NaN: what pandas makes of a null) as None."""
-    return np.array([None if pd.isna(g) else g for g in groups], dtype=object)
+def known_groups(groups: Any) -> list[Any]:
+    """Group values with a missing one (None, or NaN: what pandas makes of a null) as None (for a few values:
+    the distinct groups, not every row)."""
+    return [None if pd.isna(g) else g for g in groups]
 
 
 def group_names(target: Mapping[str, float], *seen: Iterable[Any]) -> list[Any]:
@@ -492,9 +493,15 @@ def group_names(target: Mapping[str, float], *seen: Iterable[Any]) -> list[Any]:
 
 
 def group_codes(names: list[Any], groups: np.ndarray) -> np.ndarray:
-    """Each row's index on the group axis ``names`` (a group of None: the attribute unknown)."""
-    index = {g: i for i, g in enumerate(names)}
-    return np.fromiter((index[g] for g in groups), dtype=np.int64, count=len(groups))
+    """Each row's index on the group axis ``names``; a missing group (None or NaN) is the axis' None."""
+    groups = np.asarray(groups, dtype=object)
+    codes = pd.Index([g for g in names if g is not None], dtype=object).get_indexer(groups)
+    missing = pd.isna(groups)
+    if missing.any():
+        codes[missing] = names.index(None) if None in names else -1
+    if (codes < 0).any():
+        raise ValueError(f"group {groups[np.flatnonzero(codes < 0)[0]]!r} is not on the group axis {names}")
+    return codes.astype(np.int64)
 
 
 def target_shares(names: list[Any], target: Mapping[str, float]) -> np.ndarray:

@@ -495,10 +495,10 @@ def _decide_shard(selection: policy.Selection, cut: select.Cut, shard: Shard,
 def count_kept_groups(selection: policy.Selection, cut: select.Cut, shard: Shard) -> dict[tuple[int, Any], int]:
     """Kept rows of one shard per (cluster position, group): what the group balance is computed from (k × G)."""
     rows, keep, _, position = _decide_shard(selection, cut, shard, ("group",))
-    counts: dict[tuple[int, Any], int] = {}
-    for key in zip(position[keep].tolist(), policy.known_groups(rows["group"].to_numpy()[keep]), strict=True):
-        counts[key] = counts.get(key, 0) + 1
-    return counts
+    kept = pd.DataFrame({"position": position[keep], "group": pd.Series(rows["group"].to_numpy()[keep], dtype=object)})
+    counts = kept.value_counts(dropna=False)  # at most k × G entries
+    groups = policy.known_groups(g for _, g in counts.index)
+    return {(int(p), g): int(n) for ((p, _), n), g in zip(counts.items(), groups, strict=True)}
 
 
 @dataclass(frozen=True)
@@ -515,9 +515,8 @@ def write_curated(selection: policy.Selection, decisions: pd.DataFrame, cut: sel
     weight = None
     if balance is not None:
         # the group axis holds the groups of kept rows (count_kept_groups); a dropped row's weight is 0 anyway
-        groups = policy.known_groups(rows["group"].to_numpy()[keep])
         weight = np.zeros(len(rows))
-        weight[keep] = balance.cells[position[keep], policy.group_codes(balance.names, groups)]
+        weight[keep] = balance.cells[position[keep], policy.group_codes(balance.names, rows["group"].to_numpy()[keep])]
     frame = policy.manifest_rows(rows["id"].to_numpy(), rows["cluster"].to_numpy(), keep, reason, decisions, position, weight)
     return _write_part(frame, shard, directory)
 
