@@ -44,6 +44,7 @@ bucket (max(8 MiB, the pool's bytes / 1,024), or one larger cluster) plus one si
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import logging
@@ -592,7 +593,7 @@ class CurateStage(Stage):
         variants += [(name, cfg.model_copy(update=policy.ablation_settings(name, cfg.model_dump())), []) for name in cfg.ablations]
         decisions = None
         n_rows = 0
-        thresholds: dict[str, dict[str, float | None]] = {}  # per policy: the fence and near-duplicate cut it used
+        thresholds: dict[str, dict[str, Any]] = {}  # per policy: the fence and near-duplicate cut it used, whether it balanced groups
         for name, variant_cfg, comparisons in variants:
             if len(variants) > 1:
                 log.info("curate: policy %s", name)
@@ -630,6 +631,9 @@ class CurateStage(Stage):
         the thresholds it used)."""
         scores = self._scores(ctx, cfg)
         signals = self._signals(ctx, cfg, worst_group, comparisons)
+        group_target = self._group_target(ctx) if signals.groups else None
+        if group_target is None:
+            signals = dataclasses.replace(signals, groups=False)
         shards = self._shards(ctx, signals)
         storage.remove_tree(ctx.path(WORK_DIR))  # what an earlier policy or an interrupted attempt left
         passes = Passes(ctx.config.runtime, shards)
@@ -687,7 +691,6 @@ class CurateStage(Stage):
                                   f"{n_rows}; rerun the stage")
 
         rejected = self._write_rejected(ctx, passes)
-        group_target = self._group_target(ctx) if cfg.group_balance == "validation" else None
         entries: dict[float, dict[str, Any]] = {}
         decisions = None
         for fraction in dict.fromkeys([cfg.keep_fraction, *cfg.curve_keep_fractions]):
@@ -719,7 +722,8 @@ class CurateStage(Stage):
                 decisions = fraction_decisions
             entries[fraction] = entry
         storage.remove_tree(ctx.path(WORK_DIR))
-        return entries, decisions, n_rows, {"mismatch_fence": fence, "duplicate_threshold": threshold}
+        return entries, decisions, n_rows, {"mismatch_fence": fence, "duplicate_threshold": threshold,
+                                            "group_balance": group_target is not None}
 
     # -- the pieces ---------------------------------------------------------------------------------
 
@@ -785,11 +789,10 @@ class CurateStage(Stage):
             log.warning("curate: the pool has no image_text_cosine column; no image–text mismatch step")
             use_mismatch = False
         use_duplicates = cfg.duplicate_threshold is not None
-        groups = cfg.group_balance == "validation"
-        if groups and "group" not in available:
-            raise InputDataError("curate.group_balance=validation weighs kept rows by their sensitive attribute, but the "
-                                 "embedded pool has no group column (bring one as a passthrough column of the input); "
-                                 "or set curate.group_balance=none")
+        groups = cfg.group_balance == "validation" and "group" in available
+        if cfg.group_balance == "validation" and not groups:
+            log.warning("curate: the embedded pool has no group column (the sensitive attribute, a passthrough column of "
+                        "the input); no group balance (curate.group_balance=none silences this)")
         return Signals(
             value=cfg.row_order, fair_column=fair, fairness_weight=cfg.fairness_weight,
             cosine=has_cosine and (bool(needs_cosine) or cfg.row_order == "image_text" or use_mismatch),
@@ -879,17 +882,20 @@ class CurateStage(Stage):
         return selection, policy.decisions_of(selection, params, worst_group), cut
 
     @staticmethod
-    def _group_target(ctx: StageContext) -> dict[str, float]:
-        """π_g: each group's share of the trusted validation set (V rows, read once in the driver)."""
-        if "group" not in set(storage.schema(ctx.input_path("embed", "validation")).names):
-            raise InputDataError("curate.group_balance=validation balances the kept rows toward the validation set's group "
-                                 "shares, but the embedded validation set has no group column; add the sensitive attribute "
-                                 "to the validation data, or set curate.group_balance=none")
-        groups = _strings(storage.read_table(ctx.input_path("embed", "validation"), columns=["group"]).column("group"))
+    def _group_target(ctx: StageContext) -> dict[str, float] | None:
+        """π_g: each group's share of the trusted validation set (V rows, read once in the driver); None (with a
+        warning: the kept rows keep their clusters' weights) when the validation set has no groups to balance to."""
+        validation = ctx.input_manifests["embed"].get("outputs", {}).get("validation")
+        names = set(storage.schema(ctx.input_path("embed", "validation")).names) if validation else set()
+        groups = []
+        if "group" in names:
+            groups = _strings(storage.read_table(ctx.input_path("embed", "validation"), columns=["group"]).column("group"))
         known = pd.Series([g for g in groups if g is not None], dtype=object)
         if known.empty:
-            raise InputDataError("curate.group_balance=validation: every validation row's group is empty; fill the "
-                                 "sensitive attribute, or set curate.group_balance=none")
+            log.warning("curate: the trusted validation set has no group column, or every row's group is empty: no "
+                        "target mix to balance the kept rows to, so no group balance (add the sensitive attribute to "
+                        "the validation data; curate.group_balance=none silences this)")
+            return None
         shares = known.value_counts(normalize=True).sort_index()
         log.info("curate: group balance toward the validation shares %s",
                  ", ".join(f"{g} {share:.3f}" for g, share in shares.items()))

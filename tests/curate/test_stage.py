@@ -6,7 +6,6 @@ import pytest
 from influencespace import storage
 from influencespace.curate import policy
 from influencespace.curate.stage import CurateStage
-from influencespace.errors import InputDataError
 from influencespace.stages import run_stage
 
 
@@ -126,12 +125,22 @@ def test_influence_row_order_without_a_row_pass_is_a_clear_error(make_config, tm
     assert outcome.status == "ran"
 
 
-def test_group_balance_without_a_group_column_is_a_clear_error(make_config, tmp_path):
+@pytest.mark.parametrize("without", ["pool", "validation"])
+def test_group_balance_without_a_group_column_warns_and_keeps_the_clusters_weights(make_config, tmp_path, caplog, without):
     upstream = _upstream(tmp_path)
-    pool = f"{tmp_path}/embed/pool/part-00000.parquet"
-    storage.write_table(storage.read_table(pool).drop_columns(["group"]), pool)  # a pool without the sensitive attribute
-    with pytest.raises(InputDataError, match=r"embedded pool has no group column .* or set curate.group_balance=none"):
-        run_stage(make_config("curate.group_balance=validation"), CurateStage(), upstream=upstream)
+    part = f"{tmp_path}/embed/{without}/part-00000.parquet"
+    storage.write_table(storage.read_table(part).drop_columns(["group"]), part)  # no sensitive attribute there
+    config = make_config("curate.group_balance=validation")
+    with caplog.at_level("WARNING", logger="influencespace.curate.stage"):
+        outcome = run_stage(config, CurateStage(), upstream=upstream)
+    assert outcome.manifest["extra"]["thresholds"]["group_balance"] is False
+    assert "no group balance" in caplog.text and "group column" in caplog.text
+    summary = storage.read_json(f"{config.run_dir}/curate/summary.json")["influencespace"]
+    assert "group_balance" not in summary
+    plain = make_config("curate.group_balance=none", run_dir=str(tmp_path / "plain"))
+    run_stage(plain, CurateStage(), upstream=upstream)
+    read = lambda c: storage.read_table(f"{c.run_dir}/curate/manifest").to_pandas().sort_values("id").reset_index(drop=True)  # noqa: E731
+    pd.testing.assert_frame_equal(read(config), read(plain))
 
 
 def test_group_balance_records_the_shares_it_moved(make_config, tmp_path):
