@@ -18,7 +18,8 @@ keep fractions 0.8, 0.6 and 0.4 (20/40/60 % removed) and each trained with every
   near-duplicate tier, rows by their own influence), ``fixed_thresholds`` (the tiers' thresholds as
   fixed numbers, not fitted on the validation set), ``floors_protect_flagged`` (the clusters' thinning
   floors keep flagged mismatches and near-duplicates too, where by default they protect clean rows only),
-  ``group_balanced`` (the same rows, their weights balanced toward the validation set's group shares);
+  ``unbalanced`` (the same rows, the clusters' weights only: no balance toward the validation set's group
+  shares; ``group_balanced`` adds that balance when ``group_balance: none`` is configured);
 - the comparison policies (``curate.comparison_policies``): ``random``, ``dedup`` (SemDeDup),
   ``clipscore``, ``clipscore_dedup`` (both, as a practitioner runs them);
 - ``baseline``: the full pool, the same training seeds.
