@@ -468,16 +468,34 @@ def influence_policy(assignments: pd.DataFrame, scores: pd.DataFrame, params: Po
     weight = None
     if group_target is not None:
         kept_groups = np.asarray(groups, dtype=object)[keep]
-        names = group_names(group_target, known_groups(pd.unique(kept_groups)))  # the stage's axis: its kept rows' groups
-        kept = np.zeros((len(decisions), len(names)), dtype=np.int64)
-        np.add.at(kept, (position[keep], group_codes(names, kept_groups)), 1)
-        cells = group_balanced_weights(decisions["weight"].to_numpy(), kept, target_shares(names, group_target),
-                                       params.min_weight, params.max_weight)
+        names, cells, _ = balance_cells(decisions["weight"].to_numpy(), count_groups(position[keep], kept_groups),
+                                        group_target, params.min_weight, params.max_weight)
         weight = np.zeros(len(keep))
         weight[keep] = cells[position[keep], group_codes(names, kept_groups)]
     manifest = manifest_rows(assignments["id"].to_numpy(), assignments["cluster"].to_numpy(), keep, reason,
                              decisions, position, weight)
     return manifest, decisions
+
+
+def count_groups(position: np.ndarray, groups: np.ndarray) -> dict[tuple[int, Any], int]:
+    """Kept rows per (cluster position, group), a missing group as None: at most k × G entries."""
+    kept = pd.DataFrame({"position": position, "group": pd.Series(groups, dtype=object)})
+    counts = kept.value_counts(dropna=False)
+    names = known_groups(g for _, g in counts.index)
+    return {(int(p), g): int(n) for ((p, _), n), g in zip(counts.items(), names, strict=True)}
+
+
+def balance_cells(cluster_weight: np.ndarray, counts: Mapping[tuple[int, Any], int], target: Mapping[str, float],
+                  low: float, high: float) -> tuple[list[Any], np.ndarray, np.ndarray]:
+    """(group axis, (k, G) balanced cell weights, (k, G) kept counts) from the kept rows' :func:`count_groups`
+    (summed over shards, in the curate stage) and the validation set's shares ``target``."""
+    names = group_names(target, [g for _, g in counts])
+    column = {g: i for i, g in enumerate(names)}
+    kept = np.zeros((len(cluster_weight), len(names)), dtype=np.int64)
+    for (position, group), n in counts.items():
+        kept[position, column[group]] += n
+    cells = group_balanced_weights(cluster_weight, kept, target_shares(names, target), low, high)
+    return names, cells, kept
 
 
 def known_groups(groups: Any) -> list[Any]:

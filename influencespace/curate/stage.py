@@ -496,10 +496,7 @@ def _decide_shard(selection: policy.Selection, cut: select.Cut, shard: Shard,
 def count_kept_groups(selection: policy.Selection, cut: select.Cut, shard: Shard) -> dict[tuple[int, Any], int]:
     """Kept rows of one shard per (cluster position, group): what the group balance is computed from (k × G)."""
     rows, keep, _, position = _decide_shard(selection, cut, shard, ("group",))
-    kept = pd.DataFrame({"position": position[keep], "group": pd.Series(rows["group"].to_numpy()[keep], dtype=object)})
-    counts = kept.value_counts(dropna=False)  # at most k × G entries
-    groups = policy.known_groups(g for _, g in counts.index)
-    return {(int(p), g): int(n) for ((p, _), n), g in zip(counts.items(), groups, strict=True)}
+    return policy.count_groups(position[keep], rows["group"].to_numpy()[keep])
 
 
 @dataclass(frozen=True)
@@ -909,14 +906,8 @@ class CurateStage(Stage):
         for part in passes.map(functools.partial(count_kept_groups, selection, cut), "counting kept rows per group"):
             for key, n in part.items():
                 counts[key] = counts.get(key, 0) + n
-        names = policy.group_names(target, [g for _, g in counts])
-        column = {g: i for i, g in enumerate(names)}
-        kept = np.zeros((len(decisions), len(names)), dtype=np.int64)
-        for (position, group), n in counts.items():
-            kept[position, column[group]] += n
         cluster_weight = decisions["weight"].to_numpy()
-        cells = policy.group_balanced_weights(cluster_weight, kept, policy.target_shares(names, target),
-                                              params.min_weight, params.max_weight)
+        names, cells, kept = policy.balance_cells(cluster_weight, counts, target, params.min_weight, params.max_weight)
 
         def shares(mass: np.ndarray) -> dict[str, float]:
             return {str(g): float(m / max(mass.sum(), 1e-300)) for g, m in zip(names, mass, strict=True)}
